@@ -1,0 +1,143 @@
+"""A diffusion transformer as four pure functions, the shape a cache plan can split.
+
+jaxcache never calls a model's ``__call__``. It needs the forward pass cut where caching
+happens: a step-independent condition path, a per-step embedding, a stack of identical layers
+(the part that is cached), and a final projection. ``Network`` holds those four pure functions;
+``NetworkParams`` holds their parameters, with the layers' parameters stacked on a leading axis.
+
+A Flax NNX model becomes a ``Network`` through :func:`from_nnx`; a Linen model, or any pure JAX
+code, builds a ``Network`` directly from its ``apply`` functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+from flax import nnx
+
+PyTree = Any
+
+__all__ = ["Network", "NetworkParams", "from_nnx", "num_layers"]
+
+
+class NetworkParams(NamedTuple):
+    """Parameters of a :class:`Network`, one entry per piece.
+
+    Attributes:
+      condition: parameters of the condition path (caption / text encoder head).
+      embed: parameters of the per-step embedding (patches, timestep).
+      layers: parameters of the layer stack; every leaf has a leading axis of length
+        ``num_layers``.
+      final: parameters of the final projection.
+    """
+
+    condition: PyTree
+    embed: PyTree
+    layers: PyTree
+    final: PyTree
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Network:
+    """A diffusion transformer cut into the pieces a cache plan needs.
+
+    All four functions are pure. A hidden state ``h`` is one array for a single-stream model, or
+    a pair ``(image, text)`` for a dual-stream model (the pair goes to the two slot streams of a
+    :class:`~jaxcache.StepCache`).
+
+    Attributes:
+      condition: ``condition(params.condition, cond) -> constant``. Step-independent (a caption
+        or class embedding after its refiners); computed once per guidance branch and kept in the
+        cache's constant slot.
+      embed: ``embed(params.embed, x, t, constant) -> (h, ctx)``. Runs every step; ``t`` is a
+        ``[batch]`` float array in ``[0, 1]``; ``ctx`` carries what every layer reads (the
+        timestep conditioning vector, masks).
+      layer: ``layer(layer_params, h, ctx) -> h``. One block; ``layer_params`` is one slice of
+        ``params.layers`` along its leading axis.
+      final: ``final(params.final, h, ctx) -> prediction`` with the shape of ``x``.
+      dual_stream: whether ``h`` is an ``(image, text)`` pair (cached in slot streams 1 and 2).
+    """
+
+    condition: Callable[[PyTree, PyTree], PyTree]
+    embed: Callable[[PyTree, jax.Array, jax.Array, PyTree], tuple[PyTree, PyTree]]
+    layer: Callable[[PyTree, PyTree, PyTree], PyTree]
+    final: Callable[[PyTree, PyTree, PyTree], jax.Array]
+    dual_stream: bool = False
+
+    def __call__(self, params: NetworkParams, x: jax.Array, t: jax.Array, cond: PyTree):
+        """The plain, uncached forward pass (for checks and training)."""
+        constant = self.condition(params.condition, cond)
+        h, ctx = self.embed(params.embed, x, t, constant)
+
+        def body(h, layer_params):
+            return self.layer(layer_params, h, ctx), None
+
+        h, _ = jax.lax.scan(body, h, params.layers)
+        return self.final(params.final, h, ctx)
+
+
+def num_layers(params: NetworkParams) -> int:
+    """The number of stacked layers in ``params`` (the leading axis of ``params.layers``)."""
+    leaves = jax.tree.leaves(params.layers)
+    if not leaves:
+        raise ValueError("params.layers holds no arrays; a network needs at least one layer")
+    return int(leaves[0].shape[0])
+
+
+def _pure(module: nnx.Module) -> tuple[Callable[..., Any], PyTree]:
+    """Splits an NNX module into a pure ``apply(state, *args)`` and its state."""
+    graphdef, state = nnx.split(module)
+
+    def apply(state, *args):
+        return nnx.merge(graphdef, state)(*args)
+
+    return apply, state
+
+
+def from_nnx(model: nnx.Module) -> tuple[Network, NetworkParams]:
+    """Turns a Flax NNX diffusion transformer into a :class:`Network` and its parameters.
+
+    The model exposes its pieces as four submodules (the reference models in
+    :mod:`jaxcache.models` do):
+
+    * ``model.condition_encoder(cond) -> constant``
+    * ``model.embedder(x, t, constant) -> (h, ctx)``
+    * ``model.blocks(h, ctx) -> h``: one block whose parameters carry a leading layer axis
+      (built with ``nnx.vmap`` over the block constructor); called on one slice at a time.
+    * ``model.final_layer(h, ctx) -> prediction``
+
+    and a boolean attribute ``dual_stream`` when ``h`` is an ``(image, text)`` pair.
+
+    Args:
+      model: the NNX model.
+
+    Returns:
+      ``(network, params)``. The parameters are the model's current state, so call this again
+      after training to pick up new weights.
+
+    Raises:
+      TypeError: if a piece is missing.
+    """
+    pieces = ("condition_encoder", "embedder", "blocks", "final_layer")
+    missing = [p for p in pieces if not isinstance(getattr(model, p, None), nnx.Module)]
+    if missing:
+        raise TypeError(
+            f"from_nnx needs the NNX submodules {pieces}; {type(model).__name__} lacks {missing}"
+        )
+    condition, condition_state = _pure(model.condition_encoder)
+    embed, embed_state = _pure(model.embedder)
+    layer, layers_state = _pure(model.blocks)
+    final, final_state = _pure(model.final_layer)
+    network = Network(
+        condition=condition,
+        embed=embed,
+        layer=layer,
+        final=final,
+        dual_stream=bool(getattr(model, "dual_stream", False)),
+    )
+    params = NetworkParams(
+        condition=condition_state, embed=embed_state, layers=layers_state, final=final_state
+    )
+    return network, params

@@ -1,0 +1,106 @@
+"""Refresh policies: when the cached layers are recomputed.
+
+A policy is pure data (a frozen, hashable dataclass, so it can be a static argument of ``jit``)
+with two pure functions:
+
+* ``init(num_steps) -> state``: the policy's state before the first step (validated against the
+  number of steps at trace time).
+* ``decide(state, step, signal) -> (refresh, state)``: ``refresh`` is a boolean array, never a
+  Python bool, so the decision stays inside the compiled program. ``signal`` is what the plan's
+  head produced this step (static policies ignore it).
+
+Static policies (the reference's interval, explicit step masks) ignore the signal; dynamic
+policies read it.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcache.step_cache import _check_interval
+
+PyTree = Any
+
+__all__ = ["RefreshPolicy", "IntervalPolicy", "StepMaskPolicy"]
+
+
+class RefreshPolicy(abc.ABC):
+    """Decides, on the device, whether a step recomputes the cached layers."""
+
+    @abc.abstractmethod
+    def init(self, num_steps: int) -> PyTree:
+        """The state before step 0.
+
+        Args:
+          num_steps: the number of denoising steps (static).
+        """
+
+    @abc.abstractmethod
+    def decide(self, state: PyTree, step: jax.Array, signal: PyTree) -> tuple[jax.Array, PyTree]:
+        """Whether to refresh at ``step``.
+
+        Args:
+          state: the policy state.
+          step: the step index, an int32 scalar array.
+          signal: the head's signal for this step, or None.
+
+        Returns:
+          ``(refresh, new_state)`` with ``refresh`` a boolean scalar array.
+        """
+
+
+@dataclasses.dataclass(frozen=True)
+class IntervalPolicy(RefreshPolicy):
+    """The reference policy: refresh when ``step % interval == 0``.
+
+    Step 0 always refreshes; ``interval=1`` refreshes every step (the cached loop then equals
+    the uncached loop).
+
+    Attributes:
+      interval: the refresh interval, a positive int.
+    """
+
+    interval: int
+
+    def __post_init__(self):
+        _check_interval(self.interval)
+
+    def init(self, num_steps: int) -> tuple[()]:
+        return ()
+
+    def decide(self, state, step, signal):
+        return jnp.asarray(step) % self.interval == 0, state
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMaskPolicy(RefreshPolicy):
+    """Refresh exactly at the steps marked True (non-uniform or learned schedules).
+
+    Attributes:
+      mask: one bool per step, as a tuple (static and hashable).
+    """
+
+    mask: tuple[bool, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "mask", tuple(bool(m) for m in self.mask))
+        if not self.mask:
+            raise ValueError("StepMaskPolicy.mask must hold one bool per step; got an empty mask")
+
+    def init(self, num_steps: int) -> tuple[()]:
+        if num_steps != len(self.mask):
+            raise ValueError(
+                f"StepMaskPolicy.mask has {len(self.mask)} entries but num_steps={num_steps}"
+            )
+        return ()
+
+    def decide(self, state, step, signal):
+        # A numpy constant, so the table is baked into the program (no host transfer).
+        table = jnp.asarray(np.asarray(self.mask, dtype=bool))
+        return table[step], state

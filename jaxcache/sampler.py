@@ -1,0 +1,225 @@
+"""The cached sampling loop, compiled whole.
+
+``sample`` runs every denoising step as one ``lax.scan`` inside ``jax.jit``. The scan carries the
+sample, the :class:`~jaxcache.StepCache` and the policy state; on each step the policy decides on
+the device whether the cached layers run, and ``lax.switch`` picks between running them (and
+storing their outputs), reusing the stored outputs, or running them without storing (a
+non-refresh step before anything was stored), exactly as the reference's per-layer loop did.
+
+Classifier-free guidance runs both branches as one batch of ``2B`` rows. The cache keeps every
+row's values apart, so each branch has its own slots and its own constant (the reference shared
+one cache, and the negative pass reused the positive caption): branch state cannot mix.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcache.plan import CachePlan, SegmentParams
+from jaxcache.policies import RefreshPolicy
+from jaxcache.solvers import Solver
+from jaxcache.step_cache import StepCache
+
+PyTree = Any
+
+__all__ = ["SampleResult", "sample"]
+
+# Branch indices of the per-step switch.
+_REUSE, _RUN_AND_STORE, _RUN = 0, 1, 2
+
+
+class SampleResult(NamedTuple):
+    """What :func:`sample` returns.
+
+    Attributes:
+      sample: the final sample, shaped like the noise.
+      refreshed: ``[num_steps]`` bool, the steps whose cached layers ran.
+      layers_computed: ``[num_steps, num_layers]`` bool, which layer ran at which step.
+      caches: the final cache of each guidance branch (conditional first, then unconditional),
+        or None when sampling uncached.
+    """
+
+    sample: jax.Array
+    refreshed: jax.Array
+    layers_computed: jax.Array
+    caches: tuple[StepCache, ...] | None
+
+    @property
+    def layer_evaluations(self) -> jax.Array:
+        """The number of layer evaluations per sample (a guided step counts once)."""
+        return jnp.sum(self.layers_computed, dtype=jnp.int32)
+
+
+def sample(
+    plan: CachePlan,
+    params: SegmentParams,
+    noise: jax.Array,
+    cond: PyTree,
+    *,
+    solver: Solver,
+    num_steps: int,
+    policy: RefreshPolicy | None = None,
+    uncond: PyTree = None,
+    guidance_scale: float | None = None,
+) -> SampleResult:
+    """Samples with the cached layers of ``plan`` reused between refreshes, in one program.
+
+    Args:
+      plan: the network and how many of its first layers are cached.
+      params: parameters split by ``plan.split`` (once, before sampling).
+      noise: the initial sample, ``[batch, ...]``.
+      cond: the condition (e.g. caption token ids), batch-major.
+      solver: the solver step (:class:`~jaxcache.FlowMatchEuler`, :class:`~jaxcache.DDIM`).
+      num_steps: the number of denoising steps (the scan length; static).
+      policy: when the cached layers run; None samples uncached (every layer, every step).
+      uncond: the negative condition for classifier-free guidance.
+      guidance_scale: the guidance scale; None turns guidance off. Static.
+
+    Returns:
+      A :class:`SampleResult`.
+
+    Example:
+      >>> plan = jaxcache.CachePlan(network, cached_layers=15)          # doctest: +SKIP
+      >>> out = jaxcache.sample(plan, plan.split(params), noise, cond,  # doctest: +SKIP
+      ...                       solver=jaxcache.FlowMatchEuler(), num_steps=9,
+      ...                       policy=jaxcache.IntervalPolicy(3))
+    """
+    _check_arguments(plan, params, noise, cond, solver, num_steps, policy, uncond, guidance_scale)
+    return _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, guidance_scale)
+
+
+def _check_arguments(plan, params, noise, cond, solver, num_steps, policy, uncond, scale):
+    if not isinstance(plan, CachePlan):
+        raise TypeError(f"plan must be a CachePlan, got {type(plan).__name__}")
+    plan.check(params)
+    if not isinstance(solver, Solver):
+        raise TypeError(f"solver must be a jaxcache Solver, got {type(solver).__name__}")
+    if policy is not None and not isinstance(policy, RefreshPolicy):
+        raise TypeError(f"policy must be a RefreshPolicy or None, got {type(policy).__name__}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
+        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    if num_steps <= 0:
+        raise ValueError(f"num_steps must be a positive int, got {num_steps}")
+    if np.ndim(noise) < 1:
+        raise ValueError("noise must have a leading batch axis")
+    if (scale is None) != (uncond is None):
+        raise ValueError("classifier-free guidance needs both uncond and guidance_scale")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise ValueError(f"guidance_scale must be a Python number (static), got {scale!r}")
+    batch = noise.shape[0]
+    for name, tree in (("cond", cond), ("uncond", uncond)):
+        for leaf in jax.tree.leaves(tree):
+            if np.ndim(leaf) < 1 or leaf.shape[0] != batch:
+                raise ValueError(
+                    f"{name} leaves need a leading batch axis of {batch} (the noise's), "
+                    f"got shape {np.shape(leaf)}"
+                )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
+def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, guidance_scale):
+    net = plan.network
+    guided = guidance_scale is not None
+    batch = noise.shape[0]
+    n = plan.cached_layers
+    total = plan.total_layers(params)
+    caching = policy is not None and n > 0
+
+    # Step-independent work happens once per guidance branch, before the loop.
+    cond_rows = _concat(cond, uncond) if guided else cond
+    constant = net.condition(params.condition, cond_rows)
+
+    def embed(x, t, constant):
+        rows = jnp.concatenate([x, x]) if guided else x
+        t_rows = jnp.full((rows.shape[0],), t, jnp.float32)
+        return net.embed(params.embed, rows, t_rows, constant)
+
+    def finish(h, ctx):
+        h = plan.run_layers(params.tail, h, ctx, collect=False)
+        prediction = net.final(params.final, h, ctx)
+        if guided:
+            positive, negative = jnp.split(prediction, 2)
+            prediction = negative + guidance_scale * (positive - negative)
+        return prediction
+
+    times, next_times = solver.times(num_steps)
+    xs = (jnp.arange(num_steps, dtype=jnp.int32), jnp.asarray(times), jnp.asarray(next_times))
+
+    if not caching:
+
+        def plain_step(x, step_t):
+            _, t, t_next = step_t
+            h, ctx = embed(x, t, constant)
+            h = plan.run_layers(params.body, h, ctx, collect=False)
+            return solver.step(x, finish(h, ctx), t, t_next), None
+
+        x, _ = jax.lax.scan(plain_step, noise, xs)
+        computed = jnp.ones((num_steps, total), bool)
+        return SampleResult(x, jnp.ones((num_steps,), bool), computed, None)
+
+    cache = _empty_cache(plan, params, embed, noise, constant).set_constant(constant)
+
+    def cached_step(carry, step_t):
+        x, cache, policy_state = carry
+        step, t, t_next = step_t
+        h, ctx = embed(x, t, cache.get_constant())
+        refresh, policy_state = policy.decide(policy_state, step, None)
+        filled = cache.has(n - 1)  # the sampler fills all slots at once
+        branch = jnp.where(refresh, _RUN_AND_STORE, jnp.where(filled, _REUSE, _RUN))
+        h, cache = jax.lax.switch(
+            branch, [_reuse(plan), _run(plan, store=True), _run(plan, store=False)],
+            h, ctx, cache, params.body,
+        )
+        x = solver.step(x, finish(h, ctx), t, t_next)
+        return (x, cache, policy_state), refresh | ~filled
+
+    carry = (noise, cache, policy.init(num_steps))
+    (x, cache, _), body_ran = jax.lax.scan(cached_step, carry, xs)
+    computed = jnp.concatenate(
+        [jnp.broadcast_to(body_ran[:, None], (num_steps, n)), jnp.ones((num_steps, total - n), bool)],
+        axis=1,
+    )
+    caches = (cache.select_rows(0, batch), cache.select_rows(batch, 2 * batch)) if guided else (
+        cache,
+    )
+    return SampleResult(x, body_ran, computed, caches)
+
+
+def _reuse(plan: CachePlan):
+    def reuse(h, ctx, cache, body_params):
+        last = plan.cached_layers - 1
+        stored = plan.join(cache.get(last), cache.get2(last) if cache.has_stream2 else None)
+        return stored, cache
+
+    return reuse
+
+
+def _run(plan: CachePlan, *, store: bool):
+    def run(h, ctx, cache, body_params):
+        h, outs = plan.run_layers(body_params, h, ctx, collect=True)
+        if store:
+            cache = cache.set_all(*plan.streams(outs))
+        return h, cache
+
+    return run
+
+
+def _empty_cache(plan, params, embed, noise, constant) -> StepCache:
+    """An empty cache whose slots have the shape of one cached layer's output (no compute)."""
+
+    def slot_shapes(x, constant):
+        h, ctx = embed(x, jnp.zeros((), jnp.float32), constant)
+        _, outs = plan.run_layers(params.body, h, ctx, collect=True)
+        return jax.tree.map(lambda a: a[0], outs)
+
+    layer, layer2 = plan.streams(jax.eval_shape(slot_shapes, noise, constant))
+    return StepCache.create(plan.cached_layers, layer=layer, layer2=layer2, constant=constant)
+
+
+def _concat(a: PyTree, b: PyTree) -> PyTree:
+    return jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
