@@ -27,7 +27,7 @@ from jaxcache.step_cache import StepCache
 
 PyTree = Any
 
-__all__ = ["SampleResult", "sample"]
+__all__ = ["SampleResult", "lower", "sample"]
 
 # Branch indices of the per-step switch.
 _REUSE, _RUN_AND_STORE, _RUN = 0, 1, 2
@@ -91,6 +91,28 @@ def sample(
     """
     _check_arguments(plan, params, noise, cond, solver, num_steps, policy, uncond, guidance_scale)
     return _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, guidance_scale)
+
+
+def lower(
+    plan: CachePlan,
+    params: SegmentParams,
+    noise: jax.Array,
+    cond: PyTree,
+    *,
+    solver: Solver,
+    num_steps: int,
+    policy: RefreshPolicy | None = None,
+    uncond: PyTree = None,
+    guidance_scale: float | None = None,
+) -> jax.stages.Lowered:
+    """The lowered (not yet compiled) program of :func:`sample` for these arguments.
+
+    ``lower(...).compile()`` compiles it: benchmarks use this to time compilation on its own.
+    """
+    _check_arguments(plan, params, noise, cond, solver, num_steps, policy, uncond, guidance_scale)
+    return _sample.lower(
+        plan, params, noise, cond, uncond, solver, num_steps, policy, guidance_scale
+    )
 
 
 def _check_arguments(plan, params, noise, cond, solver, num_steps, policy, uncond, scale):

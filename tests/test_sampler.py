@@ -1,0 +1,230 @@
+"""The compiled cached sampling loop against the uncached loop and the reference's Python loop."""
+
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxcache as jc
+from jaxcache import sampler as sampler_module
+
+import toy_networks
+from reference import reference_sample
+
+NETWORKS = {
+    "single": toy_networks.single_stream,
+    "dual": toy_networks.dual_stream,
+    "linen": toy_networks.linen,
+}
+SOLVERS = {"euler": jc.FlowMatchEuler(shift=3.0), "ddim": jc.DDIM()}
+
+
+def run(network, params, n, policy, steps=12, solver=None, guided=False, batch=3):
+    noise, cond, uncond = toy_networks.inputs(batch)
+    plan = jc.CachePlan(network, n)
+    kwargs = dict(uncond=uncond, guidance_scale=4.0) if guided else {}
+    return jc.sample(
+        plan, plan.split(params), noise, cond,
+        solver=solver or SOLVERS["euler"], num_steps=steps, policy=policy, **kwargs,
+    )
+
+
+# ------------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+@pytest.mark.parametrize("solver", sorted(SOLVERS))
+@pytest.mark.parametrize("guided", [False, True])
+def test_interval_one_equals_uncached_bitwise(name, solver, guided):
+    network, params = NETWORKS[name]()
+    uncached = run(network, params, 0, None, solver=SOLVERS[solver], guided=guided)
+    cached = run(network, params, 3, jc.IntervalPolicy(1), solver=SOLVERS[solver], guided=guided)
+    np.testing.assert_array_equal(np.asarray(cached.sample), np.asarray(uncached.sample))
+    assert bool(jnp.all(cached.refreshed))
+    assert int(cached.layer_evaluations) == 12 * toy_networks.LAYERS
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+@pytest.mark.parametrize("n, interval", [(3, 3), (6, 2), (1, 4), (5, 5)])
+def test_interval_matches_reference_python_loop(name, n, interval):
+    network, params = NETWORKS[name]()
+    noise, cond, _ = toy_networks.inputs()
+    cached = run(network, params, n, jc.IntervalPolicy(interval))
+    want, _ = reference_sample(
+        network, params, noise, cond, solver=SOLVERS["euler"], num_steps=12, cached_layers=n,
+        refresh_at=lambda s: s % interval == 0,
+    )
+    np.testing.assert_allclose(cached.sample, want, rtol=1e-5, atol=1e-5)
+    uncached = run(network, params, 0, None)
+    assert float(jnp.max(jnp.abs(cached.sample - uncached.sample))) > 1e-4  # caching did act
+    np.testing.assert_array_equal(cached.refreshed, np.arange(12) % interval == 0)
+    expected = np.ones((12, toy_networks.LAYERS), bool)
+    expected[np.arange(12) % interval != 0, :n] = False
+    np.testing.assert_array_equal(cached.layers_computed, expected)
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.booleans(), min_size=6, max_size=6), st.integers(1, 6))
+def test_step_masks_match_reference_including_late_first_refresh(mask, n):
+    # A mask whose step 0 is False runs the cached layers without storing until the first
+    # refresh, as the reference's per-layer loop did with empty slots.
+    network, params = toy_networks.single_stream()
+    noise, cond, _ = toy_networks.inputs()
+    got = run(network, params, n, jc.StepMaskPolicy(tuple(mask)), steps=6)
+    want, _ = reference_sample(
+        network, params, noise, cond, solver=SOLVERS["euler"], num_steps=6, cached_layers=n,
+        refresh_at=lambda s: mask[s],
+    )
+    np.testing.assert_allclose(got.sample, want, rtol=1e-5, atol=1e-5)
+    ran = np.logical_or(mask, ~np.cumsum(mask).astype(bool))  # refresh, or nothing stored yet
+    np.testing.assert_array_equal(got.refreshed, ran)
+
+
+# ------------------------------------------------------------------------------- guidance
+@pytest.mark.parametrize("name", ["single", "dual"])
+def test_guidance_keeps_separate_cache_per_branch(name):
+    network, params = NETWORKS[name]()
+    noise, cond, uncond = toy_networks.inputs()
+    got = run(network, params, 3, jc.IntervalPolicy(3), guided=True)
+    kwargs = dict(
+        solver=SOLVERS["euler"], num_steps=12, cached_layers=3, refresh_at=lambda s: s % 3 == 0,
+        uncond=uncond, guidance_scale=4.0,
+    )
+    separate, ref_caches = reference_sample(network, params, noise, cond, **kwargs)
+    shared, _ = reference_sample(network, params, noise, cond, shared_cache=True, **kwargs)
+    np.testing.assert_allclose(got.sample, separate, rtol=1e-5, atol=1e-5)
+    # The reference's shared cache gives a different (wrong) result; ours cannot produce it.
+    assert float(jnp.max(jnp.abs(got.sample - shared))) > 1e-3
+
+    cond_cache, uncond_cache = got.caches
+    chex.assert_trees_all_close(
+        cond_cache.get_constant(), network.condition(params.condition, cond), rtol=1e-6
+    )
+    chex.assert_trees_all_close(
+        uncond_cache.get_constant(), network.condition(params.condition, uncond), rtol=1e-6
+    )
+    for branch, ref in zip(got.caches, ref_caches):
+        for i in range(3):
+            want = (ref.get(i), ref.get2(i)) if network.dual_stream else ref.get(i)
+            have = (branch.get(i), branch.get2(i)) if network.dual_stream else branch.get(i)
+            chex.assert_trees_all_close(have, want, rtol=1e-5, atol=1e-5)
+
+
+def test_unguided_returns_one_cache_with_all_slots():
+    network, params = toy_networks.single_stream()
+    got = run(network, params, 4, jc.IntervalPolicy(2))
+    (cache,) = got.caches
+    assert cache.num_layers == 4 and all(bool(cache.has(i)) for i in range(4))
+    assert got.caches is not None and run(network, params, 0, None).caches is None
+
+
+def test_no_state_leaks_between_runs():
+    network, params = toy_networks.single_stream()
+    first = run(network, params, 3, jc.IntervalPolicy(3))
+    second = run(network, params, 3, jc.IntervalPolicy(3))
+    np.testing.assert_array_equal(first.sample, second.sample)
+
+
+# ------------------------------------------------------------------------------- compilation
+def _lower(steps, counted_layer=None):
+    network, params = toy_networks.single_stream()
+    if counted_layer is not None:
+        network = jc.Network(network.condition, network.embed, counted_layer, network.final)
+    noise, cond, _ = toy_networks.inputs()
+    plan = jc.CachePlan(network, 3)
+    return sampler_module.lower(
+        plan, plan.split(params), noise, cond,
+        solver=jc.FlowMatchEuler(), num_steps=steps, policy=jc.IntervalPolicy(3),
+    )
+
+
+def test_traces_do_not_grow_with_steps():
+    network, _ = toy_networks.single_stream()
+    counts = {}
+    for steps in (10, 100):
+        calls = []
+
+        def layer(p, h, t, calls=calls):
+            calls.append(1)
+            return network.layer(p, h, t)
+
+        _lower(steps, layer)
+        counts[steps] = len(calls)
+    assert counts[10] == counts[100] > 0
+
+
+def test_compile_time_independent_of_steps():
+    def compile_seconds(steps):
+        lowered = _lower(steps)
+        start = time.perf_counter()
+        lowered.compile()
+        return time.perf_counter() - start
+
+    compile_seconds(7)  # warm the compiler
+    t10 = min(compile_seconds(10) for _ in range(3))
+    t100 = min(compile_seconds(100) for _ in range(3))
+    assert t100 <= 1.5 * t10 + 0.05, (t10, t100)
+
+
+def test_repeated_calls_do_not_retrace():
+    network, params = toy_networks.single_stream()
+    traces = []
+    base_embed = network.embed
+
+    def embed(*args):
+        traces.append(1)
+        return base_embed(*args)
+
+    network = jc.Network(network.condition, embed, network.layer, network.final)
+    counts = []
+    for seed in range(3):
+        noise, cond, _ = toy_networks.inputs(seed=seed)
+        plan = jc.CachePlan(network, 3)  # an equal plan: the compiled program is reused
+        jc.sample(plan, plan.split(params), noise, cond, solver=jc.FlowMatchEuler(),
+                  num_steps=8, policy=jc.IntervalPolicy(3))
+        counts.append(len(traces))
+    assert counts[0] > 0 and counts[0] == counts[1] == counts[2]
+
+
+def test_no_host_transfer_inside_the_loop():
+    network, params = toy_networks.single_stream()
+    noise, cond, uncond = toy_networks.inputs()
+    plan = jc.CachePlan(network, 3)
+    seg, noise, cond, uncond = jax.device_put((plan.split(params), noise, cond, uncond))
+    with jax.transfer_guard("disallow"):
+        for policy in (jc.IntervalPolicy(3), jc.StepMaskPolicy((True, False) * 5), None):
+            out = jc.sample(plan, seg, noise, cond, solver=jc.DDIM(), num_steps=10,
+                            policy=policy, uncond=uncond, guidance_scale=3.0)
+            out.sample.block_until_ready()
+
+
+# ------------------------------------------------------------------------------- bad input
+def test_bad_arguments_raise_clear_errors():
+    network, params = toy_networks.single_stream()
+    noise, cond, uncond = toy_networks.inputs()
+    plan = jc.CachePlan(network, 3)
+    seg = plan.split(params)
+    ok = dict(solver=jc.FlowMatchEuler(), num_steps=4, policy=jc.IntervalPolicy(2))
+    with pytest.raises(ValueError, match="num_steps"):
+        jc.sample(plan, seg, noise, cond, **{**ok, "num_steps": 0})
+    with pytest.raises(ValueError, match="interval"):
+        jc.IntervalPolicy(0)
+    with pytest.raises(ValueError, match="cached_layers"):
+        jc.CachePlan(network, -1)
+    with pytest.raises(ValueError, match="exceeds"):
+        jc.CachePlan(network, 7).split(params)
+    with pytest.raises(ValueError, match="split with 3 cached layers"):
+        jc.sample(jc.CachePlan(network, 2), seg, noise, cond, **ok)
+    with pytest.raises(TypeError, match="SegmentParams"):
+        jc.sample(plan, params, noise, cond, **ok)
+    with pytest.raises(ValueError, match="both uncond and guidance_scale"):
+        jc.sample(plan, seg, noise, cond, uncond=uncond, **ok)
+    with pytest.raises(ValueError, match="cond leaves need a leading batch axis of 3"):
+        jc.sample(plan, seg, noise, cond[:2], **ok)
+    with pytest.raises(ValueError, match="mask has 3 entries but num_steps=4"):
+        jc.sample(plan, seg, noise, cond, **{**ok, "policy": jc.StepMaskPolicy((1, 0, 1))})
+    with pytest.raises(TypeError, match="policy"):
+        jc.sample(plan, seg, noise, cond, **{**ok, "policy": 3})

@@ -1,0 +1,117 @@
+"""Small networks for sampler tests: pure functions, a dual-stream pair, and a Flax Linen model."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import jaxcache as jc
+
+D = 8
+LAYERS = 6
+VOCAB = 10
+
+
+def single_stream():
+    """A single-stream network of plain functions; the caption goes to the constant slot."""
+
+    def condition(p, cond):
+        return p[cond]  # [B, D]
+
+    def embed(p, x, t, c):
+        return x @ p + c + t[:, None], t
+
+    def layer(p, h, t):
+        return h + jnp.tanh(h @ p["w"] + t[:, None] * p["b"])
+
+    def final(p, h, t):
+        return h @ p
+
+    k = jax.random.split(jax.random.key(0), 5)
+    params = jc.NetworkParams(
+        condition=jax.random.normal(k[0], (VOCAB, D)),
+        embed=jax.random.normal(k[1], (D, D)) / 3,
+        layers={
+            "w": jax.random.normal(k[2], (LAYERS, D, D)) / 3,
+            "b": jax.random.normal(k[3], (LAYERS, D)),
+        },
+        final=jax.random.normal(k[4], (D, D)) / 3,
+    )
+    return jc.Network(condition, embed, layer, final), params
+
+
+def dual_stream():
+    """A dual-stream network: image and text states exchange information in every layer."""
+
+    def condition(p, cond):
+        return p[cond]  # [B, 3, D] text states
+
+    def embed(p, x, t, c):
+        return (x @ p + t[:, None], c), t
+
+    def layer(p, h, t):
+        img, txt = h
+        mix = jnp.mean(txt, axis=1)
+        img = img + jnp.tanh(img @ p["wi"] + mix + t[:, None])
+        txt = txt + jnp.tanh(txt @ p["wt"] + img[:, None, :])
+        return img, txt
+
+    def final(p, h, t):
+        return h[0] @ p
+
+    k = jax.random.split(jax.random.key(1), 5)
+    params = jc.NetworkParams(
+        condition=jax.random.normal(k[0], (VOCAB, 3, D)),
+        embed=jax.random.normal(k[1], (D, D)) / 3,
+        layers={
+            "wi": jax.random.normal(k[2], (LAYERS, D, D)) / 3,
+            "wt": jax.random.normal(k[3], (LAYERS, D, D)) / 3,
+        },
+        final=jax.random.normal(k[4], (D, D)) / 3,
+    )
+    return jc.Network(condition, embed, layer, final, dual_stream=True), params
+
+
+class _Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, t):
+        mod = nn.Dense(D)(jax.nn.silu(t[:, None] * jnp.ones((1, D))))
+        return h + nn.Dense(D)(nn.gelu(nn.LayerNorm()(h) + mod))
+
+
+class _Embed(nn.Module):
+    @nn.compact
+    def __call__(self, x, t, c):
+        return nn.Dense(D)(x) + c, t
+
+
+def linen():
+    """A Flax Linen model wired into a Network through ``apply``."""
+    block, emb = _Block(), _Embed()
+    cond_table = nn.Embed(VOCAB, D)
+    out = nn.Dense(D)
+    h0, t0 = jnp.zeros((2, D)), jnp.zeros((2,))
+    keys = jax.random.split(jax.random.key(2), LAYERS + 3)
+    layers = jax.vmap(lambda k: block.init(k, h0, t0))(keys[:LAYERS])
+    params = jc.NetworkParams(
+        condition=cond_table.init(keys[-3], jnp.zeros((2,), jnp.int32)),
+        embed=emb.init(keys[-2], h0, t0, h0),
+        layers=layers,
+        final=out.init(keys[-1], h0),
+    )
+    network = jc.Network(
+        condition=lambda p, cond: cond_table.apply(p, cond),
+        embed=emb.apply,
+        layer=block.apply,
+        final=lambda p, h, t: out.apply(p, h),
+    )
+    return network, params
+
+
+def inputs(batch=3, seed=3):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    noise = jax.random.normal(k1, (batch, D))
+    cond = jax.random.randint(k2, (batch,), 1, VOCAB)
+    uncond = jnp.zeros((batch,), jnp.int32)
+    return noise, cond, uncond
