@@ -2,7 +2,7 @@
 
 ``sample`` runs every denoising step as one ``lax.scan`` inside ``jax.jit``. The scan carries the
 sample, the :class:`~jaxcache.StepCache` and the policy state; on each step the policy decides on
-the device whether the cached layers run, and ``lax.switch`` picks between running them (and
+the device whether the cached layers run, and ``lax.cond`` picks between running them (and
 storing their outputs), reusing the stored outputs, or running them without storing (a
 non-refresh step before anything was stored), exactly as the reference's per-layer loop did.
 
@@ -28,10 +28,6 @@ from jaxcache.step_cache import StepCache
 PyTree = Any
 
 __all__ = ["SampleResult", "lower", "sample"]
-
-# Branch indices of the per-step switch.
-_REUSE, _RUN_AND_STORE, _RUN = 0, 1, 2
-
 
 class SampleResult(NamedTuple):
     """What :func:`sample` returns.
@@ -192,10 +188,16 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, guidan
         h, ctx = embed(x, t, cache.get_constant())
         refresh, policy_state = policy.decide(policy_state, step, None)
         filled = cache.has(n - 1)  # the sampler fills all slots at once
-        branch = jnp.where(refresh, _RUN_AND_STORE, jnp.where(filled, _REUSE, _RUN))
-        h, cache = jax.lax.switch(
-            branch, [_reuse(plan), _run(plan, store=True), _run(plan, store=False)],
-            h, ctx, cache, params.body,
+
+        def not_refreshing(h, ctx, cache, body_params):
+            return jax.lax.cond(
+                filled, _reuse(plan), _run(plan, store=False), h, ctx, cache, body_params
+            )
+
+        # Nested two-way conds, not one three-way switch: XLA then passes the cache buffers
+        # through the reuse branch in place instead of copying them every step.
+        h, cache = jax.lax.cond(
+            refresh, _run(plan, store=True), not_refreshing, h, ctx, cache, params.body
         )
         x = solver.step(x, finish(h, ctx), t, t_next)
         return (x, cache, policy_state), refresh | ~filled

@@ -1,0 +1,164 @@
+"""Sizes of the reference diffusion transformers.
+
+``ModelConfig`` holds every hyperparameter; named sizes go from a CPU-test toy (``tiny``) to
+DiT-XL/2 and a FLUX / Qwen-Image-scale model (``flux``). Both architectures share the sizes.
+
+Example:
+  >>> from jaxcache.models import get_config
+  >>> cfg = get_config("dit", "dit-xl")
+  >>> cfg.width, cfg.depth, cfg.num_image_tokens
+  (1152, 28, 256)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+__all__ = ["ARCHS", "CONFIGS", "SIZES", "ModelConfig", "get_config"]
+
+ARCHS: tuple[str, ...] = ("dit", "mmdit")
+SIZES: tuple[str, ...] = ("tiny", "small", "dit-xl", "flux")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of a reference diffusion transformer.
+
+    Attributes:
+      width: hidden size ``D``.
+      depth: number of main (cached) transformer blocks.
+      heads: attention heads; ``width`` must be divisible by it.
+      mlp_ratio: MLP hidden size over ``width``.
+      image_size: side of the square input latent ``[B, image_size, image_size, channels]``.
+      channels: latent channels.
+      patch_size: side of a square patch; ``image_size`` must be divisible by it.
+      caption_len: nominal caption / text length ``L`` (any length is accepted at call time).
+      vocab_size: size of the caption token vocabulary.
+      caption_refiners: unmodulated blocks refining the caption before it meets the image.
+      dtype: compute dtype (activations); ``bfloat16`` for speed.
+      param_dtype: parameter storage dtype.
+      qk_norm: RMSNorm on attention queries and keys.
+      attn_implementation: ``None`` (XLA) or ``"cudnn"`` for ``jax.nn.dot_product_attention``.
+    """
+
+    width: int
+    depth: int
+    heads: int
+    mlp_ratio: float = 4.0
+    image_size: int = 32
+    channels: int = 4
+    patch_size: int = 2
+    caption_len: int = 8
+    vocab_size: int = 1024
+    caption_refiners: int = 2
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    qk_norm: bool = True
+    attn_implementation: str | None = None
+
+    def __post_init__(self):
+        # Canonical numpy dtypes: hashable and comparable, so configs compare equal whether
+        # given jnp.bfloat16 or "bfloat16".
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+        positive = ("width", "depth", "heads", "image_size", "channels", "patch_size",
+                    "caption_len", "vocab_size")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.caption_refiners < 0:
+            raise ValueError(f"caption_refiners must be >= 0, got {self.caption_refiners}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.width % 4:
+            # The 2D sin-cos position embedding splits the width in four.
+            raise ValueError(f"width must be divisible by 4, got {self.width}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}"
+            )
+        if self.attn_implementation not in (None, "xla", "cudnn"):
+            raise ValueError(
+                f"attn_implementation must be None, 'xla' or 'cudnn', "
+                f"got {self.attn_implementation!r}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        """Size of one attention head."""
+        return self.width // self.heads
+
+    @property
+    def grid_size(self) -> int:
+        """Patches along one side of the image."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens per sample, ``(image_size / patch_size) ** 2``."""
+        return self.grid_size**2
+
+    @property
+    def patch_dim(self) -> int:
+        """Size of a flattened patch, ``patch_size**2 * channels``."""
+        return self.patch_size**2 * self.channels
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """Shape of one input latent, ``(H, W, C)``."""
+        return (self.image_size, self.image_size, self.channels)
+
+
+_SIZES: dict[str, ModelConfig] = {
+    # CPU tests: a forward pass takes milliseconds.
+    "tiny": ModelConfig(
+        width=32, depth=4, heads=2, image_size=8, channels=4, patch_size=2, caption_len=4,
+        vocab_size=16, caption_refiners=1,
+    ),
+    "small": ModelConfig(
+        width=256, depth=12, heads=4, image_size=16, channels=4, patch_size=2, caption_len=8,
+        vocab_size=64, caption_refiners=2,
+    ),
+    # DiT-XL/2 at 256 px (32x32x4 latent).
+    "dit-xl": ModelConfig(
+        width=1152, depth=28, heads=16, image_size=32, channels=4, patch_size=2, caption_len=8,
+        vocab_size=1024, caption_refiners=2,
+    ),
+    # FLUX / Qwen-Image width and depth: 3072 wide, 60 blocks, 1024 image tokens (64x64x16).
+    "flux": ModelConfig(
+        width=3072, depth=60, heads=24, image_size=64, channels=16, patch_size=2, caption_len=512,
+        vocab_size=1024, caption_refiners=1,
+    ),
+}
+
+CONFIGS: Mapping[str, Mapping[str, ModelConfig]] = types.MappingProxyType(
+    {arch: types.MappingProxyType(dict(_SIZES)) for arch in ARCHS}
+)
+"""Named configs, ``CONFIGS[arch][size]``."""
+
+
+def get_config(arch: str, size: str) -> ModelConfig:
+    """The named config of a reference model.
+
+    Args:
+      arch: ``"dit"`` (single stream, Z-Image style) or ``"mmdit"`` (dual stream, FLUX style).
+      size: ``"tiny"``, ``"small"``, ``"dit-xl"`` or ``"flux"``.
+
+    Returns:
+      The config (frozen; derive variants with ``dataclasses.replace``).
+
+    Raises:
+      ValueError: for an unknown architecture or size.
+    """
+    if arch not in CONFIGS:
+        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(CONFIGS)}")
+    sizes = CONFIGS[arch]
+    if size not in sizes:
+        raise ValueError(f"unknown size {size!r} for {arch!r}; valid: {', '.join(sizes)}")
+    return sizes[size]

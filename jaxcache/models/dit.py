@@ -1,0 +1,216 @@
+"""Single-stream diffusion transformer in the style of Z-Image.
+
+Caption tokens are refined once (step-independent: the cache's constant slot), then appended to
+the image tokens; every main block is an adaLN DiT block over the joint sequence, modulated by
+the timestep embedding. The model exposes the four pieces :func:`jaxcache.network.from_nnx`
+needs: ``condition_encoder``, ``embedder``, ``blocks`` (stacked) and ``final_layer``.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from flax import nnx
+  >>> from jaxcache.models import DiT, get_config
+  >>> cfg = get_config("dit", "tiny")
+  >>> model = DiT(cfg, rngs=nnx.Rngs(0))
+  >>> x = jnp.zeros((2, *cfg.image_shape))
+  >>> cond = jnp.zeros((2, cfg.caption_len), jnp.int32)
+  >>> model(x, jnp.array([0.5, 0.5]), cond).shape
+  (2, 8, 8, 4)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxcache.models import layers
+from jaxcache.models.configs import ModelConfig
+
+__all__ = ["DiT", "DiTBlock", "DiTCaptionEncoder", "DiTEmbedder", "DiTFinalLayer"]
+
+
+class DiTCaptionEncoder(nnx.Module):
+    """Caption token ids to caption states: embedding, 1D position embedding, refiners.
+
+    Args:
+      config: model config.
+      rngs: random number streams for initialisation.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.width = config.width
+        self.dtype = config.dtype
+        self.embed = nnx.Embed(
+            config.vocab_size, config.width, dtype=config.dtype, param_dtype=config.param_dtype,
+            rngs=rngs,
+        )
+        self.refiners = nnx.List([
+            layers.TransformerBlock(
+                config.width, config.heads, mlp_ratio=config.mlp_ratio, qk_norm=config.qk_norm,
+                attn_implementation=config.attn_implementation, dtype=config.dtype,
+                param_dtype=config.param_dtype, rngs=rngs,
+            )
+            for _ in range(config.caption_refiners)
+        ])
+
+    def __call__(self, cond: jax.Array) -> jax.Array:
+        """Maps int caption ids ``[B, L]`` to caption states ``[B, L, D]`` in the compute dtype."""
+        layers.check_token_ids(cond)
+        pos = jnp.asarray(layers.sincos_1d(self.width, cond.shape[1]), self.dtype)
+        h = self.embed(cond) + pos[None]
+        for block in self.refiners:
+            h = block(h)
+        return h
+
+
+class DiTEmbedder(nnx.Module):
+    """Per-step embedding: image patches plus 2D positions, the timestep vector, the caption.
+
+    Args:
+      config: model config.
+      rngs: random number streams for initialisation.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.patch_embed = nnx.Linear(
+            config.patch_dim, config.width, kernel_init=layers.INPUT_INIT, dtype=config.dtype,
+            param_dtype=config.param_dtype, rngs=rngs,
+        )
+        self.t_embed = layers.TimestepEmbedder(
+            config.width, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs
+        )
+
+    def __call__(
+        self, x: jax.Array, t: jax.Array, constant: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """Embeds one denoising step's input.
+
+        Args:
+          x: latents ``[B, H, W, C]``.
+          t: ``[B]`` (or scalar) times in ``[0, 1]``.
+          constant: caption states ``[B, L, D]`` from the caption encoder.
+
+        Returns:
+          ``(h, c)``: tokens ``[B, T_img + L, D]`` (image first, then caption) and the
+          conditioning vector ``[B, D]``, both in the compute dtype.
+        """
+        cfg = self.config
+        layers.check_image(x, cfg.image_shape)
+        tokens = self.patch_embed(layers.patchify(x.astype(cfg.dtype), cfg.patch_size))
+        pos = layers.sincos_2d(cfg.width, cfg.grid_size, cfg.grid_size)
+        tokens = tokens + jnp.asarray(pos, cfg.dtype)[None]
+        c = self.t_embed(layers.broadcast_times(t, x.shape[0]))
+        h = jnp.concatenate([tokens, constant.astype(cfg.dtype)], axis=1)
+        return h, c
+
+
+class DiTBlock(nnx.Module):
+    """One adaLN DiT block over the joint image + caption sequence.
+
+    Shift, scale and gate for the attention and the MLP branch come from the conditioning
+    vector (SiLU + Linear to ``6 * D``).
+
+    Args:
+      config: model config.
+      rngs: random number streams for initialisation.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        kw = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+        self.attn_implementation = config.attn_implementation
+        self.adaln = layers.AdaLNModulation(config.width, 6, **kw)
+        self.qkv = layers.QKVProjection(
+            config.width, config.heads, qk_norm=config.qk_norm, **kw
+        )
+        self.proj = nnx.Linear(config.width, config.width, kernel_init=layers.XAVIER_INIT, **kw)
+        self.mlp = layers.Mlp(config.width, int(config.width * config.mlp_ratio), **kw)
+
+    def __call__(self, h: jax.Array, c: jax.Array) -> jax.Array:
+        """``[B, T, D]`` tokens and ``[B, D]`` conditioning to ``[B, T, D]`` tokens."""
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaln(c)
+        q, k, v = self.qkv(layers.modulate(layers.layer_norm(h), shift_a, scale_a))
+        a = layers.attention(q, k, v, implementation=self.attn_implementation)
+        h = h + gate_a[:, None] * self.proj(layers.merge_heads(a))
+        m = self.mlp(layers.modulate(layers.layer_norm(h), shift_m, scale_m))
+        return h + gate_m[:, None] * m
+
+
+class DiTFinalLayer(nnx.Module):
+    """adaLN final layer: image tokens back to a prediction with the shape of the input.
+
+    Args:
+      config: model config.
+      rngs: random number streams for initialisation.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        kw = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+        self.adaln = layers.AdaLNModulation(config.width, 2, **kw)
+        self.linear = nnx.Linear(
+            config.width, config.patch_dim, kernel_init=layers.XAVIER_INIT, **kw
+        )
+
+    def __call__(self, h: jax.Array, c: jax.Array) -> jax.Array:
+        """Maps tokens ``[B, T_img + L, D]`` to a float32 prediction ``[B, H, W, C]``."""
+        cfg = self.config
+        shift, scale = self.adaln(c)
+        img = h[:, : cfg.num_image_tokens]
+        out = self.linear(layers.modulate(layers.layer_norm(img), shift, scale))
+        # float32 out: the solver state is float32 and an exact upcast costs nothing.
+        out = out.astype(jnp.float32)
+        return layers.unpatchify(out, cfg.patch_size, cfg.image_size, cfg.image_size)
+
+
+class DiT(nnx.Module):
+    """Single-stream diffusion transformer (Z-Image style) with stacked main blocks.
+
+    Pieces (the :func:`jaxcache.network.from_nnx` protocol):
+
+    * ``condition_encoder(cond) -> constant``: int32 caption ids ``[B, L]`` to ``[B, L, D]``.
+    * ``embedder(x, t, constant) -> (h, c)``: ``h`` is ``[B, T_img + L, D]``, ``c`` is ``[B, D]``.
+    * ``blocks(h, c) -> h``: one :class:`DiTBlock`; parameters stacked on a leading axis of
+      length ``num_layers``, so call it on one slice at a time.
+    * ``final_layer(h, c) -> prediction``: float32 ``[B, H, W, C]``.
+
+    Args:
+      config: model config.
+      rngs: random number streams for initialisation.
+
+    Attributes:
+      config: the model config.
+      num_layers: number of stacked main blocks (``config.depth``).
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.num_layers = config.depth
+        self.condition_encoder = DiTCaptionEncoder(config, rngs=rngs)
+        self.embedder = DiTEmbedder(config, rngs=rngs)
+        self.blocks = layers.stack_blocks(
+            functools.partial(_make_block, config), config.depth, rngs
+        )
+        self.final_layer = DiTFinalLayer(config, rngs=rngs)
+
+    def __call__(self, x: jax.Array, t: jax.Array, cond: jax.Array) -> jax.Array:
+        """The full, uncached forward pass.
+
+        Args:
+          x: latents ``[B, H, W, C]``.
+          t: ``[B]`` (or scalar) times in ``[0, 1]``.
+          cond: int caption token ids ``[B, L]``.
+
+        Returns:
+          Float32 prediction ``[B, H, W, C]``.
+        """
+        constant = self.condition_encoder(cond)
+        h, c = self.embedder(x, t, constant)
+        h = layers.scan_blocks(self.blocks, h, c)
+        return self.final_layer(h, c)
+
+
+def _make_block(config: ModelConfig, rngs: nnx.Rngs) -> DiTBlock:
+    return DiTBlock(config, rngs=rngs)

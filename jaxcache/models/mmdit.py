@@ -1,0 +1,240 @@
+"""Dual-stream diffusion transformer (MMDiT) in the style of FLUX, SD3 and Qwen-Image.
+
+Image and text tokens keep separate weights (modulation, projections, MLPs) and meet only in a
+joint attention over ``concat(text, image)``. The hidden state is the pair ``(image, text)``,
+which maps onto the two slot streams of a step cache. The model exposes the four pieces
+:func:`jaxcache.network.from_nnx` needs.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from flax import nnx
+  >>> from jaxcache.models import MMDiT, get_config
+  >>> cfg = get_config("mmdit", "tiny")
+  >>> model = MMDiT(cfg, rngs=nnx.Rngs(0))
+  >>> x = jnp.zeros((2, *cfg.image_shape))
+  >>> cond = jnp.zeros((2, cfg.caption_len), jnp.int32)
+  >>> model(x, jnp.array([0.5, 0.5]), cond).shape
+  (2, 8, 8, 4)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxcache.models import layers
+from jaxcache.models.configs import ModelConfig
+
+__all__ = ["MMDiT", "MMDiTBlock", "MMDiTEmbedder", "MMDiTFinalLayer", "MMDiTTextEncoder"]
+
+
+class MMDiTTextEncoder(nnx.Module):
+    """Text token ids to text states: embedding, 1D positions, a linear map, refiners.
+
+    Args:
+      config: model config.
+      rngs: random number streams for initialisation.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.width = config.width
+        self.dtype = config.dtype
+        kw = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+        self.embed = nnx.Embed(config.vocab_size, config.width, **kw)
+        # Stands in for the context embedder that maps a text encoder's states to model width.
+        self.context_embed = nnx.Linear(
+            config.width, config.width, kernel_init=layers.INPUT_INIT, **kw
+        )
+        self.refiners = nnx.List([
+            layers.TransformerBlock(
+                config.width, config.heads, mlp_ratio=config.mlp_ratio, qk_norm=config.qk_norm,
+                attn_implementation=config.attn_implementation, **kw,
+            )
+            for _ in range(config.caption_refiners)
+        ])
+
+    def __call__(self, cond: jax.Array) -> jax.Array:
+        """Maps int text ids ``[B, L]`` to text states ``[B, L, D]`` in the compute dtype."""
+        layers.check_token_ids(cond)
+        pos = jnp.asarray(layers.sincos_1d(self.width, cond.shape[1]), self.dtype)
+        h = self.context_embed(self.embed(cond) + pos[None])
+        for block in self.refiners:
+            h = block(h)
+        return h
+
+
+class MMDiTEmbedder(nnx.Module):
+    """Per-step embedding: image patches plus 2D positions, and the timestep vector.
+
+    Args:
+      config: model config.
+      rngs: random number streams for initialisation.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.patch_embed = nnx.Linear(
+            config.patch_dim, config.width, kernel_init=layers.INPUT_INIT, dtype=config.dtype,
+            param_dtype=config.param_dtype, rngs=rngs,
+        )
+        self.t_embed = layers.TimestepEmbedder(
+            config.width, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs
+        )
+
+    def __call__(
+        self, x: jax.Array, t: jax.Array, constant: jax.Array
+    ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+        """Embeds one denoising step's input.
+
+        Args:
+          x: latents ``[B, H, W, C]``.
+          t: ``[B]`` (or scalar) times in ``[0, 1]``.
+          constant: text states ``[B, L, D]`` from the text encoder.
+
+        Returns:
+          ``((image, text), c)``: image tokens ``[B, T_img, D]``, text tokens ``[B, L, D]`` and
+          the conditioning vector ``[B, D]``, all in the compute dtype.
+        """
+        cfg = self.config
+        layers.check_image(x, cfg.image_shape)
+        img = self.patch_embed(layers.patchify(x.astype(cfg.dtype), cfg.patch_size))
+        pos = layers.sincos_2d(cfg.width, cfg.grid_size, cfg.grid_size)
+        img = img + jnp.asarray(pos, cfg.dtype)[None]
+        c = self.t_embed(layers.broadcast_times(t, x.shape[0]))
+        return (img, constant.astype(cfg.dtype)), c
+
+
+class _Stream(nnx.Module):
+    """The per-stream weights of a dual-stream block."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        kw = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+        self.adaln = layers.AdaLNModulation(config.width, 6, **kw)
+        self.qkv = layers.QKVProjection(
+            config.width, config.heads, qk_norm=config.qk_norm, **kw
+        )
+        self.proj = nnx.Linear(config.width, config.width, kernel_init=layers.XAVIER_INIT, **kw)
+        self.mlp = layers.Mlp(config.width, int(config.width * config.mlp_ratio), **kw)
+
+
+class MMDiTBlock(nnx.Module):
+    """One dual-stream block: per-stream adaLN, projections and MLPs; joint attention.
+
+    Args:
+      config: model config.
+      rngs: random number streams for initialisation.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_implementation = config.attn_implementation
+        self.img = _Stream(config, rngs=rngs)
+        self.txt = _Stream(config, rngs=rngs)
+
+    def __call__(
+        self, h: tuple[jax.Array, jax.Array], c: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """``((image [B, T, D], text [B, L, D]), c [B, D]) -> (image, text)``."""
+        img, txt = h
+        img_mod = self.img.adaln(c)
+        txt_mod = self.txt.adaln(c)
+        qi, ki, vi = self.img.qkv(layers.modulate(layers.layer_norm(img), *img_mod[:2]))
+        qt, kt, vt = self.txt.qkv(layers.modulate(layers.layer_norm(txt), *txt_mod[:2]))
+        # Joint attention over text then image tokens, as in FLUX / SD3.
+        q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((qt, qi), (kt, ki), (vt, vi)))
+        a = layers.merge_heads(
+            layers.attention(q, k, v, implementation=self.attn_implementation)
+        )
+        n_txt = txt.shape[1]
+        txt_a, img_a = a[:, :n_txt], a[:, n_txt:]
+        img = self._residual(self.img, img, img_a, img_mod)
+        txt = self._residual(self.txt, txt, txt_a, txt_mod)
+        return img, txt
+
+    @staticmethod
+    def _residual(
+        stream: _Stream, x: jax.Array, attn_out: jax.Array, mod: tuple[jax.Array, ...]
+    ) -> jax.Array:
+        _, _, gate_a, shift_m, scale_m, gate_m = mod
+        x = x + gate_a[:, None] * stream.proj(attn_out)
+        m = stream.mlp(layers.modulate(layers.layer_norm(x), shift_m, scale_m))
+        return x + gate_m[:, None] * m
+
+
+class MMDiTFinalLayer(nnx.Module):
+    """adaLN final layer on the image stream.
+
+    Args:
+      config: model config.
+      rngs: random number streams for initialisation.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        kw = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+        self.adaln = layers.AdaLNModulation(config.width, 2, **kw)
+        self.linear = nnx.Linear(
+            config.width, config.patch_dim, kernel_init=layers.XAVIER_INIT, **kw
+        )
+
+    def __call__(self, h: tuple[jax.Array, jax.Array], c: jax.Array) -> jax.Array:
+        """Maps ``(image, text)`` tokens to a float32 prediction ``[B, H, W, C]``."""
+        cfg = self.config
+        img, _ = h
+        shift, scale = self.adaln(c)
+        out = self.linear(layers.modulate(layers.layer_norm(img), shift, scale)).astype(jnp.float32)
+        return layers.unpatchify(out, cfg.patch_size, cfg.image_size, cfg.image_size)
+
+
+class MMDiT(nnx.Module):
+    """Dual-stream diffusion transformer (FLUX / SD3 / Qwen-Image style) with stacked blocks.
+
+    Pieces (the :func:`jaxcache.network.from_nnx` protocol):
+
+    * ``condition_encoder(cond) -> constant``: int32 text ids ``[B, L]`` to ``[B, L, D]``.
+    * ``embedder(x, t, constant) -> ((image, text), c)``: image ``[B, T_img, D]``, text
+      ``[B, L, D]``, conditioning ``[B, D]``.
+    * ``blocks((image, text), c) -> (image, text)``: one :class:`MMDiTBlock`; parameters
+      stacked on a leading axis of length ``num_layers``.
+    * ``final_layer((image, text), c) -> prediction``: float32 ``[B, H, W, C]``.
+
+    Args:
+      config: model config.
+      rngs: random number streams for initialisation.
+
+    Attributes:
+      config: the model config.
+      num_layers: number of stacked blocks (``config.depth``).
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.num_layers = config.depth
+        self.condition_encoder = MMDiTTextEncoder(config, rngs=rngs)
+        self.embedder = MMDiTEmbedder(config, rngs=rngs)
+        self.blocks = layers.stack_blocks(
+            functools.partial(_make_block, config), config.depth, rngs
+        )
+        self.final_layer = MMDiTFinalLayer(config, rngs=rngs)
+
+    def __call__(self, x: jax.Array, t: jax.Array, cond: jax.Array) -> jax.Array:
+        """The full, uncached forward pass.
+
+        Args:
+          x: latents ``[B, H, W, C]``.
+          t: ``[B]`` (or scalar) times in ``[0, 1]``.
+          cond: int text token ids ``[B, L]``.
+
+        Returns:
+          Float32 prediction ``[B, H, W, C]``.
+        """
+        constant = self.condition_encoder(cond)
+        h, c = self.embedder(x, t, constant)
+        h = layers.scan_blocks(self.blocks, h, c)
+        return self.final_layer(h, c)
+
+
+def _make_block(config: ModelConfig, rngs: nnx.Rngs) -> MMDiTBlock:
+    return MMDiTBlock(config, rngs=rngs)
