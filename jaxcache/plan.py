@@ -69,10 +69,16 @@ class CachePlan:
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"cached_layers must be a non-negative int, got {n!r}")
 
-    def split(self, params: NetworkParams) -> SegmentParams:
+    def split(self, params: NetworkParams, *, donate: bool = False) -> SegmentParams:
         """Splits stacked layer parameters into body ``[0, n)`` and tail ``[n, N)``.
 
         Call it once, eagerly, and pass the result to the sampler.
+
+        Args:
+          params: the network's parameters.
+          donate: delete each stacked layer array as soon as it is split, so peak memory is the
+            parameters plus one array rather than twice the layers (for models that fill the
+            device). ``params.layers`` (and any model sharing its arrays) is unusable after.
 
         Raises:
           ValueError: if ``cached_layers`` exceeds the network's number of layers.
@@ -81,11 +87,18 @@ class CachePlan:
         n = self.cached_layers
         if n > total:
             raise ValueError(f"cached_layers={n} exceeds the network's {total} layers")
+        leaves, treedef = jax.tree.flatten(params.layers)
+        body, tail = [], []
+        for leaf in leaves:
+            body.append(leaf[:n])
+            tail.append(leaf[n:])
+            if donate and isinstance(leaf, jax.Array):
+                leaf.delete()
         return SegmentParams(
             condition=params.condition,
             embed=params.embed,
-            body=jax.tree.map(lambda a: a[:n], params.layers),
-            tail=jax.tree.map(lambda a: a[n:], params.layers),
+            body=jax.tree.unflatten(treedef, body),
+            tail=jax.tree.unflatten(treedef, tail),
             final=params.final,
         )
 

@@ -228,3 +228,56 @@ def test_bad_arguments_raise_clear_errors():
         jc.sample(plan, seg, noise, cond, **{**ok, "policy": jc.StepMaskPolicy((1, 0, 1))})
     with pytest.raises(TypeError, match="policy"):
         jc.sample(plan, seg, noise, cond, **{**ok, "policy": 3})
+
+
+# ------------------------------------------------------------------------------- reference models
+@pytest.fixture(scope="module", params=["dit", "mmdit"])
+def tiny_model(request):
+    from flax import nnx
+
+    from jaxcache.models import create_model
+
+    model = create_model(request.param, "tiny", rngs=nnx.Rngs(0))
+    network, params = jc.from_nnx(model)
+    config = model.config
+    k1, k2 = jax.random.split(jax.random.key(7))
+    noise = jax.random.normal(k1, (2, *config.image_shape))
+    cond = jax.random.randint(k2, (2, config.caption_len), 1, config.vocab_size)
+    return network, params, noise, cond
+
+
+def test_reference_models_interval_one_bitwise(tiny_model):
+    network, params, noise, cond = tiny_model
+    plan = jc.CachePlan(network, 2)
+    seg = plan.split(params)
+    kw = dict(solver=jc.FlowMatchEuler(), num_steps=6, uncond=jnp.zeros_like(cond),
+              guidance_scale=3.0)
+    uncached = jc.sample(plan, seg, noise, cond, policy=None, **kw)
+    cached = jc.sample(plan, seg, noise, cond, policy=jc.IntervalPolicy(1), **kw)
+    np.testing.assert_array_equal(np.asarray(cached.sample), np.asarray(uncached.sample))
+
+
+def test_reference_models_match_reference_loop(tiny_model):
+    network, params, noise, cond = tiny_model
+    plan = jc.CachePlan(network, 2)
+    uncond = jnp.zeros_like(cond)
+    got = jc.sample(plan, plan.split(params), noise, cond, solver=jc.FlowMatchEuler(),
+                    num_steps=6, policy=jc.IntervalPolicy(3), uncond=uncond, guidance_scale=3.0)
+    want, ref_caches = reference_sample(
+        network, params, noise, cond, solver=jc.FlowMatchEuler(), num_steps=6, cached_layers=2,
+        refresh_at=lambda s: s % 3 == 0, uncond=uncond, guidance_scale=3.0,
+    )
+    np.testing.assert_allclose(got.sample, want, rtol=1e-4, atol=1e-4)
+    # Each branch kept its own caption constant (the reference's Z-Image shared one).
+    for branch, ref in zip(got.caches, ref_caches):
+        chex.assert_trees_all_close(branch.get_constant(), ref.constant, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got.caches[0].get_constant(), got.caches[1].get_constant())
+
+
+def test_split_with_donation_frees_the_stacked_layers():
+    network, params = toy_networks.single_stream()
+    layers = params.layers
+    seg = jc.CachePlan(network, 2).split(params, donate=True)
+    assert all(a.is_deleted() for a in jax.tree.leaves(layers))
+    assert jax.tree.leaves(seg.body)[0].shape[0] == 2
+    assert jax.tree.leaves(seg.tail)[0].shape[0] == toy_networks.LAYERS - 2
