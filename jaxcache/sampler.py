@@ -188,16 +188,10 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, guidan
         h, ctx = embed(x, t, cache.get_constant())
         refresh, policy_state = policy.decide(policy_state, step, None)
         filled = cache.has(n - 1)  # the sampler fills all slots at once
-
-        def not_refreshing(h, ctx, cache, body_params):
-            return jax.lax.cond(
-                filled, _reuse(plan), _run(plan, store=False), h, ctx, cache, body_params
-            )
-
-        # Nested two-way conds, not one three-way switch: XLA then passes the cache buffers
-        # through the reuse branch in place instead of copying them every step.
+        # One two-way cond per step: XLA passes the cache buffers through the reuse branch in
+        # place (a three-way switch, or nested conds, cost copies or extra host round trips).
         h, cache = jax.lax.cond(
-            refresh, _run(plan, store=True), not_refreshing, h, ctx, cache, params.body
+            refresh | ~filled, _run(plan), _reuse(plan), h, ctx, cache, params.body, refresh
         )
         x = solver.step(x, finish(h, ctx), t, t_next)
         return (x, cache, policy_state), refresh | ~filled
@@ -215,7 +209,7 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, guidan
 
 
 def _reuse(plan: CachePlan):
-    def reuse(h, ctx, cache, body_params):
+    def reuse(h, ctx, cache, body_params, refresh):
         last = plan.cached_layers - 1
         stored = plan.join(cache.get(last), cache.get2(last) if cache.has_stream2 else None)
         return stored, cache
@@ -223,12 +217,25 @@ def _reuse(plan: CachePlan):
     return reuse
 
 
-def _run(plan: CachePlan, *, store: bool):
-    def run(h, ctx, cache, body_params):
-        h, outs = plan.run_layers(body_params, h, ctx, collect=True)
-        if store:
-            cache = cache.set_all(*plan.streams(outs))
-        return h, cache
+def _run(plan: CachePlan):
+    """Runs the cached layers, writing each output into its slot in place.
+
+    On a refresh step the slots are then marked filled. A non-refresh step that runs because
+    nothing is stored yet (the reference's per-layer loop with empty slots) stores nothing.
+    """
+    layer = plan.network.layer
+
+    def run(h, ctx, cache, body_params, refresh):
+        def one_layer(carry, xs):
+            h, cache = carry
+            i, layer_params = xs
+            h = layer(layer_params, h, ctx)
+            cache = cache.write_layer(i, *plan.streams(h), keep=~refresh)
+            return (h, cache), None
+
+        xs = (jnp.arange(plan.cached_layers, dtype=jnp.int32), body_params)
+        (h, cache), _ = jax.lax.scan(one_layer, (h, cache), xs)
+        return h, cache.mark_filled(refresh)
 
     return run
 

@@ -367,6 +367,41 @@ class StepCache:
             constant_spec=spec(constant, 0),
         )
 
+    def write_layer(
+        self, i: jax.Array, value: PyTree, value2: PyTree = None, *, keep: jax.Array
+    ) -> "StepCache":
+        """Writes slot ``i`` in place inside a scan over layers, without marking it filled.
+
+        For loops that fill every slot and then mark them all at once with :meth:`mark_filled`.
+        ``i`` must lie in ``[0, num_layers)`` (unchecked: it is traced). Where ``keep`` is True
+        the slot keeps its old value, so a pass that must not store leaves the cache as it was.
+        The write is a ``dynamic_update_slice``, which XLA performs in place in a loop carry.
+        """
+
+        def write(slots, new):
+            def one(buf, v):
+                old = jax.lax.dynamic_index_in_dim(buf, i, 0, keepdims=False)
+                return jax.lax.dynamic_update_index_in_dim(buf, jnp.where(keep, old, v), i, 0)
+
+            return jax.tree.map(one, slots, new)
+
+        out = dataclasses.replace(
+            self, stream1=_Stream(write(self.stream1.slots, value), self.stream1.filled)
+        )
+        if self.stream2 is not None:
+            out = dataclasses.replace(
+                out, stream2=_Stream(write(self.stream2.slots, value2), self.stream2.filled)
+            )
+        return out
+
+    def mark_filled(self, flag: jax.Array) -> "StepCache":
+        """Marks every slot of both streams filled where ``flag`` is True (else unchanged)."""
+
+        def mark(stream):
+            return None if stream is None else _Stream(stream.slots, stream.filled | flag)
+
+        return dataclasses.replace(self, stream1=mark(self.stream1), stream2=mark(self.stream2))
+
     # ----------------------------------------------------------------------------- internals
     def _stream2(self, method: str) -> _Stream:
         if self.stream2 is None:
