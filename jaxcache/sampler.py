@@ -2,9 +2,11 @@
 
 ``sample`` runs every denoising step as one ``lax.scan`` inside ``jax.jit``. The scan carries the
 sample, the :class:`~jaxcache.StepCache` and the policy state; on each step the policy decides on
-the device whether the cached layers run, and ``lax.cond`` picks between running them (and
-storing their outputs), reusing the stored outputs, or running them without storing (a
-non-refresh step before anything was stored), exactly as the reference's per-layer loop did.
+the device whether the cached layers run; the program then runs them (storing their outputs on a
+refresh step) or reuses the stored outputs, exactly as the reference's per-layer loop did (a
+non-refresh step before anything was stored runs the layers without storing them). The choice
+is device-side control flow, a loop of zero or one trips that keeps the cache buffers in place
+(see ``_body_or_reuse`` for why not ``lax.cond``), never a Python branch.
 
 Classifier-free guidance runs both branches as one batch of ``2B`` rows. The cache keeps every
 row's values apart, so each branch has its own slots and its own constant (the reference shared
@@ -188,11 +190,7 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, guidan
         h, ctx = embed(x, t, cache.get_constant())
         refresh, policy_state = policy.decide(policy_state, step, None)
         filled = cache.has(n - 1)  # the sampler fills all slots at once
-        # One two-way cond per step: XLA passes the cache buffers through the reuse branch in
-        # place (a three-way switch, or nested conds, cost copies or extra host round trips).
-        h, cache = jax.lax.cond(
-            refresh | ~filled, _run(plan), _reuse(plan), h, ctx, cache, params.body, refresh
-        )
+        h, cache = _body_or_reuse(plan, refresh | ~filled, refresh, h, ctx, cache, params.body)
         x = solver.step(x, finish(h, ctx), t, t_next)
         return (x, cache, policy_state), refresh | ~filled
 
@@ -208,36 +206,38 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, guidan
     return SampleResult(x, body_ran, computed, caches)
 
 
-def _reuse(plan: CachePlan):
-    def reuse(h, ctx, cache, body_params, refresh):
-        last = plan.cached_layers - 1
-        stored = plan.join(cache.get(last), cache.get2(last) if cache.has_stream2 else None)
-        return stored, cache
+def _body_or_reuse(plan, compute, refresh, h, ctx, cache, body_params):
+    """Runs the cached layers when ``compute``, else takes the stored output of the last one.
 
-    return reuse
-
-
-def _run(plan: CachePlan):
-    """Runs the cached layers, writing each output into its slot in place.
-
-    On a refresh step the slots are then marked filled. A non-refresh step that runs because
-    nothing is stored yet (the reference's per-layer loop with empty slots) stores nothing.
+    The choice is a ``while_loop`` of zero or one trips rather than a ``lax.cond``: XLA's GPU
+    pipeline copies every buffer that passes through a conditional (twice per step, measured:
+    the slots of DiT-XL at batch 8 are 68 MB), while a loop updates its carry in place. Layers
+    write their outputs into the slots in place; a refresh step then marks them filled, and a
+    non-refresh step that runs because nothing is stored yet stores nothing (the reference's
+    per-layer loop with empty slots).
     """
     layer = plan.network.layer
+    last = plan.cached_layers - 1
+    layer_ids = jnp.arange(plan.cached_layers, dtype=jnp.int32)
 
-    def run(h, ctx, cache, body_params, refresh):
+    def run(carry):
+        trips, h, cache = carry
+
         def one_layer(carry, xs):
             h, cache = carry
             i, layer_params = xs
             h = layer(layer_params, h, ctx)
-            cache = cache.write_layer(i, *plan.streams(h), keep=~refresh)
-            return (h, cache), None
+            return (h, cache.write_layer(i, *plan.streams(h), keep=~refresh)), None
 
-        xs = (jnp.arange(plan.cached_layers, dtype=jnp.int32), body_params)
-        (h, cache), _ = jax.lax.scan(one_layer, (h, cache), xs)
-        return h, cache.mark_filled(refresh)
+        (h, cache), _ = jax.lax.scan(one_layer, (h, cache), (layer_ids, body_params))
+        return trips - 1, h, cache
 
-    return run
+    _, ran, cache = jax.lax.while_loop(
+        lambda carry: carry[0] > 0, run, (compute.astype(jnp.int32), h, cache)
+    )
+    stored = plan.join(cache.get(last), cache.get2(last) if cache.has_stream2 else None)
+    h = jax.tree.map(lambda a, b: jnp.where(compute, a, b), ran, stored)
+    return h, cache.mark_filled(refresh)
 
 
 def _empty_cache(plan, params, embed, noise, constant) -> StepCache:
