@@ -31,7 +31,7 @@ from jaxcache.flops import matmul_flops
 from jaxcache.models import ARCHS, SIZES, create_model, get_config
 from jaxcache.network import from_nnx
 from jaxcache.plan import CachePlan
-from jaxcache.policies import IntervalPolicy
+from jaxcache.policies import IntervalPolicy, OnDevice
 from jaxcache.solvers import DDIM, FlowMatchEuler
 
 __all__ = ["main", "run_benchmark"]
@@ -70,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", choices=sorted(_SOLVERS), default="euler")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (off by default)")
+    p.add_argument(
+        "--decide", choices=["static", "device"], default="static",
+        help="static: the interval schedule compiles to a loop with no decision in it; "
+        "device: decide every step on the device, as signal-driven policies must",
+    )
     p.add_argument("--repeats", type=_positive("repeats"), default=5, help="timed runs each")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -92,6 +97,7 @@ def run_benchmark(
     dtype: str = "float32",
     solver: str = "euler",
     guidance: float | None = None,
+    decide: str = "static",
     repeats: int = 5,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -121,7 +127,7 @@ def run_benchmark(
     if guidance is not None:
         guided = dict(uncond=jnp.zeros_like(cond), guidance_scale=float(guidance))
     common = dict(solver=_SOLVERS[solver](), num_steps=steps, **guided)
-    policy = IntervalPolicy(interval)
+    policy = IntervalPolicy(interval) if decide == "static" else OnDevice(IntervalPolicy(interval))
 
     # Compile both programs, timed on their own.
     compiled, compile_s = {}, {}
@@ -158,6 +164,7 @@ def run_benchmark(
         "cached_layers": n,
         "depth": depth,
         "guidance": guidance,
+        "decide": decide,
         "layer_evaluations": evaluations,
         "uncached_layer_evaluations": steps * depth,
         "uncached_s": uncached_s,
@@ -197,7 +204,7 @@ def _table(r: dict[str, Any]) -> str:
     head = (
         f"jaxcache bench · {r['model']}/{r['size']} · {r['dtype']} · batch {r['batch']} · "
         f"{r['steps']} steps · cached layers {r['cached_layers']}/{r['depth']} · "
-        f"interval {r['interval']} · {r['device']}"
+        f"interval {r['interval']} ({r['decide']} decisions) · {r['device']}"
     )
     rows = [
         ("", "time (s)", "compile (s)", "layer evals"),
@@ -223,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_benchmark(
             model=args.model, size=args.size, steps=args.steps, interval=args.interval,
             cached_layers=args.cached_layers, batch=args.batch, dtype=args.dtype,
-            solver=args.solver, guidance=args.guidance, repeats=args.repeats, seed=args.seed,
+            solver=args.solver, guidance=args.guidance, decide=args.decide, repeats=args.repeats,
+            seed=args.seed,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -27,7 +27,7 @@ from jaxcache.step_cache import _check_interval
 
 PyTree = Any
 
-__all__ = ["RefreshPolicy", "IntervalPolicy", "StepMaskPolicy"]
+__all__ = ["RefreshPolicy", "IntervalPolicy", "OnDevice", "StepMaskPolicy"]
 
 
 class RefreshPolicy(abc.ABC):
@@ -40,6 +40,14 @@ class RefreshPolicy(abc.ABC):
         Args:
           num_steps: the number of denoising steps (static).
         """
+
+    def static_schedule(self, num_steps: int) -> np.ndarray | None:
+        """The refresh decision of every step, if it is known before sampling; else None.
+
+        The sampler compiles a known periodic schedule (refresh when ``step % k == 0``) to a
+        loop with no decision in it; policies that read signals or state return None.
+        """
+        return None
 
     @abc.abstractmethod
     def decide(self, state: PyTree, step: jax.Array, signal: PyTree) -> tuple[jax.Array, PyTree]:
@@ -74,6 +82,9 @@ class IntervalPolicy(RefreshPolicy):
     def init(self, num_steps: int) -> tuple[()]:
         return ()
 
+    def static_schedule(self, num_steps: int) -> np.ndarray:
+        return np.arange(num_steps) % self.interval == 0
+
     def decide(self, state, step, signal):
         return jnp.asarray(step) % self.interval == 0, state
 
@@ -100,7 +111,32 @@ class StepMaskPolicy(RefreshPolicy):
             )
         return ()
 
+    def static_schedule(self, num_steps: int) -> np.ndarray:
+        self.init(num_steps)
+        return np.asarray(self.mask, bool)
+
     def decide(self, state, step, signal):
         # A numpy constant, so the table is baked into the program (no host transfer).
         table = jnp.asarray(np.asarray(self.mask, dtype=bool))
         return table[step], state
+
+
+@dataclasses.dataclass(frozen=True)
+class OnDevice(RefreshPolicy):
+    """``policy`` with its schedule hidden, so every decision is made on the device each step.
+
+    Static schedules normally compile to a loop with no decision in it; this wrapper forces the
+    per-step device-side decision that signal-driven policies need (to measure its cost, or to
+    test that path).
+
+    Attributes:
+      policy: the wrapped policy.
+    """
+
+    policy: RefreshPolicy
+
+    def init(self, num_steps: int) -> PyTree:
+        return self.policy.init(num_steps)
+
+    def decide(self, state, step, signal):
+        return self.policy.decide(state, step, signal)

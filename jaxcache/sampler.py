@@ -184,18 +184,58 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, guidan
 
     cache = _empty_cache(plan, params, embed, noise, constant).set_constant(constant)
 
-    def cached_step(carry, step_t):
-        x, cache, policy_state = carry
-        step, t, t_next = step_t
+    def step_with(body, x, cache, step_t):
+        """One step whose cached segment is ``body(h, ctx, cache) -> (h, cache)``."""
+        _, t, t_next = step_t
         h, ctx = embed(x, t, cache.get_constant())
-        refresh, policy_state = policy.decide(policy_state, step, None)
-        filled = cache.has(n - 1)  # the sampler fills all slots at once
-        h, cache = _body_or_reuse(plan, refresh | ~filled, refresh, h, ctx, cache, params.body)
-        x = solver.step(x, finish(h, ctx), t, t_next)
-        return (x, cache, policy_state), refresh | ~filled
+        h, cache = body(h, ctx, cache)
+        return solver.step(x, finish(h, ctx), t, t_next), cache
 
-    carry = (noise, cache, policy.init(num_steps))
-    (x, cache, _), body_ran = jax.lax.scan(cached_step, carry, xs)
+    period = _static_period(policy, num_steps)
+    if period is not None:
+        # A schedule known at trace time needs no decision in the loop: scan over groups of
+        # one refresh step and (period - 1) reuse steps. No control flow waits on the device.
+        def refresh(h, ctx, cache):
+            return _run_body(plan, h, ctx, cache, params.body, keep=False)
+
+        def reuse(h, ctx, cache):
+            return _stored(plan, cache), cache
+
+        def group(carry, group_xs):
+            x, cache = step_with(refresh, *carry, jax.tree.map(lambda a: a[0], group_xs))
+            if period > 1:
+                rest = jax.tree.map(lambda a: a[1:], group_xs)
+                (x, cache), _ = jax.lax.scan(
+                    lambda c, st: (step_with(reuse, *c, st), None), (x, cache), rest
+                )
+            return (x, cache), None
+
+        groups, rem = divmod(num_steps, period)
+        carry = (noise, cache)
+        if groups:
+            grouped = jax.tree.map(lambda a: a[: groups * period].reshape(groups, period), xs)
+            carry, _ = jax.lax.scan(group, carry, grouped)
+        if rem:
+            carry, _ = group(carry, jax.tree.map(lambda a: a[groups * period :], xs))
+        x, cache = carry
+        body_ran = jnp.asarray(np.arange(num_steps) % period == 0)
+    else:
+
+        def cached_step(carry, step_t):
+            x, cache, policy_state = carry
+            refresh, policy_state = policy.decide(policy_state, step_t[0], None)
+            filled = cache.has(n - 1)  # the sampler fills all slots at once
+            compute = refresh | ~filled
+
+            def body(h, ctx, cache):
+                return _body_or_reuse(plan, compute, refresh, h, ctx, cache, params.body)
+
+            x, cache = step_with(body, x, cache, step_t)
+            return (x, cache, policy_state), compute
+
+        carry = (noise, cache, policy.init(num_steps))
+        (x, cache, _), body_ran = jax.lax.scan(cached_step, carry, xs)
+
     computed = jnp.concatenate(
         [jnp.broadcast_to(body_ran[:, None], (num_steps, n)), jnp.ones((num_steps, total - n), bool)],
         axis=1,
@@ -206,38 +246,60 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, guidan
     return SampleResult(x, body_ran, computed, caches)
 
 
+def _static_period(policy: RefreshPolicy, num_steps: int) -> int | None:
+    """``k`` if the policy's schedule is known now and refreshes exactly when ``step % k == 0``."""
+    schedule = policy.static_schedule(num_steps)
+    if schedule is None:
+        return None
+    schedule = np.asarray(schedule, bool)
+    if schedule.shape != (num_steps,) or not schedule[0]:
+        return None
+    refreshes = np.flatnonzero(schedule)
+    period = int(refreshes[1]) if len(refreshes) > 1 else num_steps
+    return period if np.array_equal(schedule, np.arange(num_steps) % period == 0) else None
+
+
+def _stored(plan: CachePlan, cache: StepCache) -> PyTree:
+    """The stored output of the last cached layer, as a hidden state."""
+    last = plan.cached_layers - 1
+    return plan.join(cache.get(last), cache.get2(last) if cache.has_stream2 else None)
+
+
+def _run_body(plan, h, ctx, cache, body_params, keep):
+    """Runs the cached layers, writing each output into its slot in place (unless ``keep``)."""
+    layer = plan.network.layer
+    layer_ids = jnp.arange(plan.cached_layers, dtype=jnp.int32)
+
+    def one_layer(carry, xs):
+        h, cache = carry
+        i, layer_params = xs
+        h = layer(layer_params, h, ctx)
+        return (h, cache.write_layer(i, *plan.streams(h), keep=keep)), None
+
+    (h, cache), _ = jax.lax.scan(one_layer, (h, cache), (layer_ids, body_params))
+    return h, cache.mark_filled(jnp.logical_not(keep))
+
+
 def _body_or_reuse(plan, compute, refresh, h, ctx, cache, body_params):
     """Runs the cached layers when ``compute``, else takes the stored output of the last one.
 
     The choice is a ``while_loop`` of zero or one trips rather than a ``lax.cond``: XLA's GPU
     pipeline copies every buffer that passes through a conditional (twice per step, measured:
-    the slots of DiT-XL at batch 8 are 68 MB), while a loop updates its carry in place. Layers
-    write their outputs into the slots in place; a refresh step then marks them filled, and a
-    non-refresh step that runs because nothing is stored yet stores nothing (the reference's
-    per-layer loop with empty slots).
+    the slots of DiT-XL at batch 8 are 68 MB), while a loop updates its carry in place. On a
+    refresh step the outputs are stored; a non-refresh step that runs because nothing is stored
+    yet stores nothing (the reference's per-layer loop with empty slots).
     """
-    layer = plan.network.layer
-    last = plan.cached_layers - 1
-    layer_ids = jnp.arange(plan.cached_layers, dtype=jnp.int32)
 
     def run(carry):
         trips, h, cache = carry
-
-        def one_layer(carry, xs):
-            h, cache = carry
-            i, layer_params = xs
-            h = layer(layer_params, h, ctx)
-            return (h, cache.write_layer(i, *plan.streams(h), keep=~refresh)), None
-
-        (h, cache), _ = jax.lax.scan(one_layer, (h, cache), (layer_ids, body_params))
+        h, cache = _run_body(plan, h, ctx, cache, body_params, keep=~refresh)
         return trips - 1, h, cache
 
     _, ran, cache = jax.lax.while_loop(
         lambda carry: carry[0] > 0, run, (compute.astype(jnp.int32), h, cache)
     )
-    stored = plan.join(cache.get(last), cache.get2(last) if cache.has_stream2 else None)
-    h = jax.tree.map(lambda a, b: jnp.where(compute, a, b), ran, stored)
-    return h, cache.mark_filled(refresh)
+    h = jax.tree.map(lambda a, b: jnp.where(compute, a, b), ran, _stored(plan, cache))
+    return h, cache
 
 
 def _empty_cache(plan, params, embed, noise, constant) -> StepCache:

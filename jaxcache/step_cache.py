@@ -368,7 +368,7 @@ class StepCache:
         )
 
     def write_layer(
-        self, i: jax.Array, value: PyTree, value2: PyTree = None, *, keep: jax.Array
+        self, i: jax.Array, value: PyTree, value2: PyTree = None, *, keep: jax.Array | bool
     ) -> "StepCache":
         """Writes slot ``i`` in place inside a scan over layers, without marking it filled.
 
@@ -380,8 +380,10 @@ class StepCache:
 
         def write(slots, new):
             def one(buf, v):
-                old = jax.lax.dynamic_index_in_dim(buf, i, 0, keepdims=False)
-                return jax.lax.dynamic_update_index_in_dim(buf, jnp.where(keep, old, v), i, 0)
+                if keep is not False:  # a static False needs no read of the old value
+                    old = jax.lax.dynamic_index_in_dim(buf, i, 0, keepdims=False)
+                    v = jnp.where(keep, old, v)
+                return jax.lax.dynamic_update_index_in_dim(buf, v, i, 0)
 
             return jax.tree.map(one, slots, new)
 

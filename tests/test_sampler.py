@@ -83,6 +83,24 @@ def test_step_masks_match_reference_including_late_first_refresh(mask, n):
     np.testing.assert_array_equal(got.refreshed, ran)
 
 
+def DeviceInterval(interval):
+    """The interval rule decided on the device each step (no static schedule)."""
+    return jc.OnDevice(jc.IntervalPolicy(interval))
+
+
+@pytest.mark.parametrize("name", ["single", "dual"])
+@pytest.mark.parametrize("interval", [1, 3, 5])
+def test_static_schedule_path_equals_device_decisions(name, interval):
+    network, params = NETWORKS[name]()
+    static = run(network, params, 3, jc.IntervalPolicy(interval), steps=11, guided=True)
+    dynamic = run(network, params, 3, DeviceInterval(interval), steps=11, guided=True)
+    np.testing.assert_allclose(static.sample, dynamic.sample, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(static.refreshed, dynamic.refreshed)
+    np.testing.assert_array_equal(static.layers_computed, dynamic.layers_computed)
+    for a, b in zip(static.caches, dynamic.caches):
+        chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------- guidance
 @pytest.mark.parametrize("name", ["single", "dual"])
 def test_guidance_keeps_separate_cache_per_branch(name):
@@ -129,7 +147,10 @@ def test_no_state_leaks_between_runs():
 
 
 # ------------------------------------------------------------------------------- compilation
-def _lower(steps, counted_layer=None):
+POLICIES = {"static": jc.IntervalPolicy(3), "device": DeviceInterval(3)}
+
+
+def _lower(steps, policy, counted_layer=None):
     network, params = toy_networks.single_stream()
     if counted_layer is not None:
         network = jc.Network(network.condition, network.embed, counted_layer, network.final)
@@ -137,28 +158,30 @@ def _lower(steps, counted_layer=None):
     plan = jc.CachePlan(network, 3)
     return sampler_module.lower(
         plan, plan.split(params), noise, cond,
-        solver=jc.FlowMatchEuler(), num_steps=steps, policy=jc.IntervalPolicy(3),
+        solver=jc.FlowMatchEuler(), num_steps=steps, policy=POLICIES[policy],
     )
 
 
-def test_traces_do_not_grow_with_steps():
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_traces_do_not_grow_with_steps(policy):
     network, _ = toy_networks.single_stream()
     counts = {}
-    for steps in (10, 100):
+    for steps in (10, 100, 101):
         calls = []
 
         def layer(p, h, t, calls=calls):
             calls.append(1)
             return network.layer(p, h, t)
 
-        _lower(steps, layer)
+        _lower(steps, policy, layer)
         counts[steps] = len(calls)
-    assert counts[10] == counts[100] > 0
+    assert 0 < counts[10] == counts[100] and counts[101] <= counts[10] + 2, counts
 
 
-def test_compile_time_independent_of_steps():
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_compile_time_independent_of_steps(policy):
     def compile_seconds(steps):
-        lowered = _lower(steps)
+        lowered = _lower(steps, policy)
         start = time.perf_counter()
         lowered.compile()
         return time.perf_counter() - start
