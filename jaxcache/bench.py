@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jaxcache import sampler
-from jaxcache.flops import matmul_flops
+from jaxcache.flops import ideal_speedup
 from jaxcache.models import ARCHS, SIZES, create_model, get_config
 from jaxcache.network import from_nnx
 from jaxcache.plan import CachePlan
@@ -149,7 +149,10 @@ def run_benchmark(
 
     evaluations = int(outputs["cached"].layer_evaluations)
     depth = config.depth
-    ideal = _ideal_speedup(network, seg, plan, noise, cond, guided, steps, evaluations)
+    ideal = ideal_speedup(
+        network, seg, noise, cond, uncond=guided.get("uncond"), num_steps=steps,
+        layer_evaluations=evaluations,
+    )
     speedup = uncached_s / cached_s
     diff = jnp.abs(outputs["cached"].sample - outputs["uncached"].sample)
     return {
@@ -178,26 +181,6 @@ def run_benchmark(
         "mean_abs_diff": float(jnp.mean(diff)),
         "repeats": repeats,
     }
-
-
-def _ideal_speedup(network, seg, plan, noise, cond, guided, steps, evaluations) -> float:
-    """Uncached over cached compute, from matrix FLOPs of each piece and the evaluations made."""
-    rows = noise if not guided else jnp.concatenate([noise, noise])
-    cond_rows = cond if not guided else jnp.concatenate([cond, guided["uncond"]])
-    t = jnp.zeros((rows.shape[0],), jnp.float32)
-    first = jax.tree.map(lambda a: a[0], seg.body)
-
-    constant = jax.eval_shape(network.condition, seg.condition, cond_rows)
-    head = jax.eval_shape(network.embed, seg.embed, rows, t, constant)
-    f_condition = matmul_flops(network.condition, seg.condition, cond_rows)
-    f_embed = matmul_flops(network.embed, seg.embed, rows, t, constant)
-    f_layer = matmul_flops(network.layer, first, *head)
-    f_final = matmul_flops(network.final, seg.final, *head)
-    depth = plan.total_layers(seg)
-    per_step = f_embed + f_final
-    uncached = f_condition + steps * (per_step + depth * f_layer)
-    cached = f_condition + steps * per_step + evaluations * f_layer
-    return uncached / cached
 
 
 def _table(r: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-__all__ = ["matmul_flops", "jaxpr_flops"]
+__all__ = ["ideal_speedup", "jaxpr_flops", "matmul_flops"]
 
 
 def matmul_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
@@ -32,6 +32,52 @@ def matmul_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
       ValueError: if it contains a ``while`` loop, whose trip count is unknown.
     """
     return jaxpr_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
+
+
+def ideal_speedup(
+    network,
+    params,
+    noise: jax.Array,
+    cond: Any,
+    *,
+    num_steps: int,
+    layer_evaluations: int,
+    uncond: Any = None,
+) -> float:
+    """Compute of uncached over cached sampling: what a perfect implementation would gain.
+
+    Weighs the pieces of one step by their matrix FLOPs: the condition path runs once, the
+    embedding and final projection every step, and the layers as often as they were evaluated.
+
+    Args:
+      network: the :class:`~jaxcache.Network`.
+      params: its :class:`~jaxcache.SegmentParams`.
+      noise: the initial sample (shapes only).
+      cond: the condition (shapes only).
+      num_steps: the number of steps.
+      layer_evaluations: the layer evaluations of the cached run (``SampleResult``'s).
+      uncond: the negative condition when sampling with guidance (doubles the rows).
+
+    Returns:
+      The ratio of FLOPs, uncached over cached.
+    """
+    guided = uncond is not None
+    rows = jax.numpy.concatenate([noise, noise]) if guided else noise
+    cond_rows = jax.tree.map(lambda a, b: jax.numpy.concatenate([a, b]), cond, uncond) if guided else cond
+    t = jax.ShapeDtypeStruct((rows.shape[0],), np.float32)
+    first = jax.tree.map(lambda a: a[0], params.body if jax.tree.leaves(params.body) else params.tail)
+    constant = jax.eval_shape(network.condition, params.condition, cond_rows)
+    head = jax.eval_shape(network.embed, params.embed, rows, t, constant)
+    f_condition = matmul_flops(network.condition, params.condition, cond_rows)
+    f_step = matmul_flops(network.embed, params.embed, rows, t, constant)
+    f_step += matmul_flops(network.final, params.final, *head)
+    f_layer = matmul_flops(network.layer, first, *head)
+    depth = sum(
+        int(jax.tree.leaves(p)[0].shape[0]) for p in (params.body, params.tail) if jax.tree.leaves(p)
+    )
+    uncached = f_condition + num_steps * (f_step + depth * f_layer)
+    cached = f_condition + num_steps * f_step + layer_evaluations * f_layer
+    return uncached / cached
 
 
 def _dot_flops(eqn) -> int:
