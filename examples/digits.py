@@ -1,0 +1,201 @@
+"""The main job: cached vs full-compute sampling of digits on the shipped trained models.
+
+Samples a grid of digits (every class, several samples each) with and without caching on the
+shipped class-conditional flow-matching models (single-stream DiT and dual-stream MMDiT), prints
+a table per setting (cached layers, interval: layer evaluations, speedups, PSNR, SSIM, class
+accuracy, Frechet distance) and saves a side-by-side PNG grid (full | cached).
+
+    python examples/digits.py                          # both models, 4 cached layers, interval 3
+    python examples/digits.py --arch dit --cached-layers 6 --interval 2
+    python examples/digits.py --sweep                  # intervals 1-5 x cached layers 2,4,6,8
+    python examples/digits.py --checkpoint my.msgpack  # a model trained with train_digits.py
+
+Outputs go to --out (default ``out/``): ``digits_<arch>.png``, ``results.json`` and, with
+--sweep, ``sweep.png`` (PSNR against ideal speedup). Nothing is written when an argument is bad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from jaxcache import pretrained
+from jaxcache.quality import SettingReport, evaluate_settings
+
+SWEEP_INTERVALS = (1, 2, 3, 4, 5)
+SWEEP_LAYERS = (2, 4, 6, 8)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", choices=["dit", "mmdit", "both"], default="both")
+    p.add_argument("--checkpoint", help="a checkpoint file instead of the shipped model")
+    p.add_argument("--cached-layers", type=int, default=4, help="layers [0, n) cached")
+    p.add_argument("--interval", type=int, default=3, help="refresh every this many steps")
+    p.add_argument("--sweep", action="store_true",
+                   help=f"intervals {SWEEP_INTERVALS} x cached layers {SWEEP_LAYERS}")
+    p.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9", help="comma-separated classes")
+    p.add_argument("--per-class", type=int, default=8, help="samples per class")
+    p.add_argument("--steps", type=int, default=pretrained.DEFAULT_STEPS)
+    p.add_argument("--guidance", type=float, default=pretrained.DEFAULT_GUIDANCE,
+                   help="classifier-free guidance scale (0 turns it off)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per setting")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out", help="output folder")
+    return p
+
+
+def _check(args) -> list[int]:
+    """Validates everything before any work or any write; returns the class list."""
+    try:
+        classes = [int(c) for c in args.classes.split(",") if c.strip()]
+    except ValueError:
+        raise ValueError(f"--classes must be comma-separated integers, got {args.classes!r}")
+    if not classes:
+        raise ValueError("--classes is empty")
+    pretrained.class_condition(classes)  # raises for a class outside 0..9
+    if args.interval < 1:
+        raise ValueError(f"--interval must be a positive integer, got {args.interval}")
+    for name in ("per_class", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    return classes
+
+
+def _grid(images: np.ndarray, rows: int) -> np.ndarray:
+    """``[rows * cols, H, W, 1]`` in [-1, 1] -> one grey image with 1-pixel gaps."""
+    n, h, w, _ = images.shape
+    cols = n // rows
+    out = np.ones((rows * (h + 1) + 1, cols * (w + 1) + 1), np.float32)
+    for k in range(n):
+        r, c = divmod(k, cols)
+        out[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = (
+            images[k, :, :, 0] + 1.0
+        ) / 2.0
+    return out
+
+
+def _save_side_by_side(path: Path, full: np.ndarray, cached: np.ndarray, rows: int, scale=6):
+    from matplotlib import image as mpimg
+
+    left, right = _grid(full, rows), _grid(cached, rows)
+    gap = np.ones((left.shape[0], 4), np.float32)
+    both = np.concatenate([left, gap, right], axis=1)
+    both = np.kron(both, np.ones((scale, scale), np.float32))  # nearest-neighbour upscale
+    mpimg.imsave(path, both, cmap="gray", vmin=0.0, vmax=1.0)
+
+
+def _save_sweep_plot(path: Path, sweeps: dict[str, list[SettingReport]]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(5.5 * len(sweeps), 4.2), squeeze=False)
+    for ax, (arch, reports) in zip(axes[0], sweeps.items()):
+        for n in sorted({r.cached_layers for r in reports}):
+            rs = sorted((r for r in reports if r.cached_layers == n), key=lambda r: r.interval)
+            finite = [r for r in rs if np.isfinite(r.psnr)]
+            ax.plot([r.ideal_speedup for r in finite], [r.psnr for r in finite], "o-",
+                    label=f"{n} cached layers")
+            for r in finite:
+                ax.annotate(str(r.interval), (r.ideal_speedup, r.psnr), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("ideal speedup (matrix FLOPs, uncached / cached)")
+        ax.set_ylabel("PSNR vs full compute (dB)")
+        ax.set_title(f"{arch}: speed vs quality (labels: interval)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _table(arch: str, full: SettingReport, reports: list[SettingReport]) -> str:
+    head = ("layers", "interval", "layer evals", "ideal x", "speedup x", "PSNR dB", "SSIM",
+            "rel L1", "class acc", "Frechet")
+    rows = [head]
+    for r in [full, *reports]:
+        rows.append((
+            "full" if r.cached_layers == 0 else str(r.cached_layers),
+            "-" if r.cached_layers == 0 else str(r.interval),
+            str(r.layer_evaluations), f"{r.ideal_speedup:.2f}", f"{r.speedup:.2f}",
+            "inf" if np.isinf(r.psnr) else f"{r.psnr:.1f}", f"{r.ssim:.4f}",
+            f"{r.relative_l1:.4f}", f"{r.accuracy:.3f}", f"{r.frechet:.2f}",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [f"{arch}: full compute vs cached (same noise, same classes)"]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Runs the job; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        classes = _check(args)
+        archs = ["dit", "mmdit"] if args.arch == "both" else [args.arch]
+        models = {}
+        if args.checkpoint:
+            model = pretrained.load_checkpoint(args.checkpoint).model
+            models[type(model).__name__.lower()] = model
+        else:
+            models = {arch: pretrained.load_digits_model(arch) for arch in archs}
+        for model in models.values():
+            if not 1 <= args.cached_layers <= model.config.depth:
+                raise ValueError(
+                    f"--cached-layers must be in [1, {model.config.depth}], got {args.cached_layers}"
+                )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    labels = [c for c in classes for _ in range(args.per_class)]
+    guidance = args.guidance if args.guidance else None
+    main_setting = (args.cached_layers, args.interval)
+    results, texts, images, sweeps = {}, [], {}, {}
+    for arch, model in models.items():
+        settings = [main_setting]
+        if args.sweep:
+            depth = model.config.depth
+            settings += [
+                (n, k) for n in SWEEP_LAYERS if n <= depth for k in SWEEP_INTERVALS
+                if (n, k) != main_setting
+            ]
+        start = time.perf_counter()
+        full, reports, imgs = evaluate_settings(
+            model, labels, settings, seed=args.seed, num_steps=args.steps,
+            guidance_scale=guidance, repeats=args.repeats,
+        )
+        texts.append(_table(arch, full, reports) + f"\n({time.perf_counter() - start:.1f} s)")
+        print(texts[-1], flush=True)
+        images[arch] = (imgs[(0, 1)], imgs[main_setting])
+        results[arch] = [vars(full)] + [vars(r) for r in reports]
+        sweeps[arch] = reports
+
+    out = Path(args.out)
+    os.makedirs(out, exist_ok=True)
+    for arch, (full_imgs, cached_imgs) in images.items():
+        _save_side_by_side(out / f"digits_{arch}.png", full_imgs, cached_imgs, rows=len(classes))
+    payload = dict(
+        settings=dict(vars(args)), labels=labels,
+        results={a: [{k: (None if isinstance(v, float) and np.isinf(v) else v)
+                      for k, v in r.items()} for r in rs] for a, rs in results.items()},
+    )
+    (out / "results.json").write_text(json.dumps(payload, indent=1))
+    if args.sweep:
+        _save_sweep_plot(out / "sweep.png", sweeps)
+    print(f"\nwrote {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())))
+    print("left half of each PNG: full compute; right half: cached "
+          f"({args.cached_layers} layers, interval {args.interval})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""What caching costs: cache settings measured against full compute on a trained digit model.
+
+For each setting (cached layers, interval) the cached sampler runs on the same noise and classes
+as the full-compute sampler. Reported per setting: layer evaluations, ideal speedup (matrix
+FLOPs), measured speedup (medians of interleaved timed runs, after compilation), PSNR, SSIM and
+relative L1 of the cached images against the full-compute images, and the data-side scores of
+the cached images: the digit classifier's accuracy against the requested class and the Frechet
+distance of its features to the real held-out digits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcache import metrics, pretrained, sampler
+from jaxcache.classifier import DigitClassifier, default_classifier, extract_features
+from jaxcache.digits import load_digits_images
+from jaxcache.flops import ideal_speedup
+from jaxcache.network import from_nnx
+from jaxcache.plan import CachePlan
+from jaxcache.policies import IntervalPolicy
+from jaxcache.solvers import FlowMatchEuler
+
+__all__ = ["SettingReport", "evaluate_settings"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SettingReport:
+    """The figures of one cache setting (``cached_layers = 0`` is full compute).
+
+    Attributes:
+      cached_layers: layers ``[0, n)`` cached.
+      interval: refresh interval.
+      layer_evaluations: layer evaluations per sample.
+      ideal_speedup: uncached over cached matrix FLOPs.
+      speedup: measured uncached over cached wall time.
+      seconds: median wall time of one batch.
+      psnr: mean PSNR (dB) against full compute (``inf`` when identical).
+      ssim: mean SSIM against full compute.
+      relative_l1: mean relative L1 against full compute.
+      accuracy: classifier accuracy against the requested classes.
+      frechet: Frechet distance of classifier features to the real held-out digits.
+    """
+
+    cached_layers: int
+    interval: int
+    layer_evaluations: int
+    ideal_speedup: float
+    speedup: float
+    seconds: float
+    psnr: float
+    ssim: float
+    relative_l1: float
+    accuracy: float
+    frechet: float
+
+
+def _median_seconds(fn, args, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def evaluate_settings(
+    model,
+    labels: Sequence[int],
+    settings: Sequence[tuple[int, int]],
+    *,
+    seed: int = 0,
+    num_steps: int = pretrained.DEFAULT_STEPS,
+    guidance_scale: float | None = pretrained.DEFAULT_GUIDANCE,
+    repeats: int = 3,
+    classifier: DigitClassifier | None = None,
+    real_images: Any = None,
+) -> tuple[SettingReport, list[SettingReport], dict[tuple[int, int], np.ndarray]]:
+    """Samples the digits in ``labels`` under each cache setting and scores them.
+
+    Args:
+      model: a digit model (:func:`jaxcache.pretrained.load_digits_model`).
+      labels: the requested classes, one sample each.
+      settings: ``(cached_layers, interval)`` pairs; ``cached_layers`` in ``[1, depth]``.
+      seed: seed of the shared initial noise.
+      num_steps: Euler steps.
+      guidance_scale: classifier-free guidance scale (None: off).
+      repeats: timed runs per setting (medians are reported).
+      classifier: the digit classifier (default: the shipped one).
+      real_images: real digits for the Frechet distance (default: the held-out split).
+
+    Returns:
+      ``(full, reports, images)``: the full-compute report, one report per setting, and the
+      images of every setting keyed by ``(cached_layers, interval)`` (``(0, 1)``: full).
+
+    Raises:
+      ValueError: for a setting outside the model's depth or an interval below 1.
+    """
+    depth = model.config.depth
+    for n, interval in settings:
+        if not 1 <= n <= depth:
+            raise ValueError(f"cached layers must be in [1, {depth}], got {n}")
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"interval must be a positive int, got {interval!r}")
+    cond = pretrained.class_condition(labels)
+    classifier = classifier or default_classifier()
+    if real_images is None:
+        real_images, _ = load_digits_images(model.config.image_size, "test")
+    real_features = np.asarray(extract_features(classifier, real_images))
+
+    network, params = from_nnx(model)
+    noise = jax.random.normal(jax.random.key(seed), (cond.shape[0], *model.config.image_shape))
+    uncond = None if guidance_scale is None else jnp.full_like(cond, pretrained.NULL_CLASS)
+    common = dict(
+        solver=FlowMatchEuler(), num_steps=num_steps, uncond=uncond, guidance_scale=guidance_scale
+    )
+
+    # Compile everything first, so timing sees only execution.
+    programs = {}
+    for n, interval in [(0, 1), *settings]:
+        plan = CachePlan(network, n)
+        seg = plan.split(params)
+        policy = None if n == 0 else IntervalPolicy(interval)
+        compiled = sampler.lower(plan, seg, noise, cond, policy=policy, **common).compile()
+        programs[(n, interval)] = (compiled, (seg, noise, cond, uncond))
+    outputs = {key: fn(*args) for key, (fn, args) in programs.items()}
+    seconds = {key: [] for key in programs}
+    for _ in range(repeats):  # interleaved, so drifts hit every setting alike
+        for key, (fn, args) in programs.items():
+            seconds[key].append(_median_seconds(fn, args, 1))
+
+    full = jnp.clip(outputs[(0, 1)].sample, -1.0, 1.0)
+    full_seconds = statistics.median(seconds[(0, 1)])
+
+    def report(key) -> SettingReport:
+        n, interval = key
+        out = outputs[key]
+        images = jnp.clip(out.sample, -1.0, 1.0)
+        evaluations = int(out.layer_evaluations)
+        med = statistics.median(seconds[key])
+        feats = np.asarray(extract_features(classifier, images))
+        return SettingReport(
+            cached_layers=n,
+            interval=interval,
+            layer_evaluations=evaluations,
+            ideal_speedup=ideal_speedup(
+                network, programs[key][1][0], noise, cond, uncond=uncond,
+                num_steps=num_steps, layer_evaluations=evaluations,
+            ),
+            speedup=full_seconds / med,
+            seconds=med,
+            psnr=float(jnp.mean(metrics.psnr(images, full))),
+            ssim=float(jnp.mean(metrics.ssim(images, full))),
+            relative_l1=float(jnp.mean(metrics.relative_l1(images, full))),
+            accuracy=metrics.class_accuracy(classifier, images, jnp.asarray(labels)),
+            frechet=metrics.frechet_distance(feats, real_features),
+        )
+
+    reports = {key: report(key) for key in programs}
+    images = {key: np.asarray(jnp.clip(outputs[key].sample, -1, 1)) for key in programs}
+    return reports[(0, 1)], [reports[key] for key in [tuple(s) for s in settings]], images
