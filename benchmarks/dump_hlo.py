@@ -6,7 +6,6 @@ Usage: python benchmarks/dump_hlo.py OUTDIR [--model dit --size dit-xl --batch 8
 import argparse
 import pathlib
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

@@ -149,8 +149,9 @@ def main(argv=None) -> int:
             models = {arch: pretrained.load_digits_model(arch) for arch in archs}
         for model in models.values():
             if not 1 <= args.cached_layers <= model.config.depth:
+                depth = model.config.depth
                 raise ValueError(
-                    f"--cached-layers must be in [1, {model.config.depth}], got {args.cached_layers}"
+                    f"--cached-layers must be in [1, {depth}], got {args.cached_layers}"
                 )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

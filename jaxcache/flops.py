@@ -9,7 +9,8 @@ derivative wrappers. Element-wise work is not counted.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -62,19 +63,20 @@ def ideal_speedup(
       The ratio of FLOPs, uncached over cached.
     """
     guided = uncond is not None
-    rows = jax.numpy.concatenate([noise, noise]) if guided else noise
-    cond_rows = jax.tree.map(lambda a, b: jax.numpy.concatenate([a, b]), cond, uncond) if guided else cond
+    rows, cond_rows = noise, cond
+    if guided:
+        rows = jax.numpy.concatenate([noise, noise])
+        cond_rows = jax.tree.map(lambda a, b: jax.numpy.concatenate([a, b]), cond, uncond)
     t = jax.ShapeDtypeStruct((rows.shape[0],), np.float32)
-    first = jax.tree.map(lambda a: a[0], params.body if jax.tree.leaves(params.body) else params.tail)
+    stacks = [p for p in (params.body, params.tail) if jax.tree.leaves(p)]
+    first = jax.tree.map(lambda a: a[0], stacks[0])
     constant = jax.eval_shape(network.condition, params.condition, cond_rows)
     head = jax.eval_shape(network.embed, params.embed, rows, t, constant)
     f_condition = matmul_flops(network.condition, params.condition, cond_rows)
     f_step = matmul_flops(network.embed, params.embed, rows, t, constant)
     f_step += matmul_flops(network.final, params.final, *head)
     f_layer = matmul_flops(network.layer, first, *head)
-    depth = sum(
-        int(jax.tree.leaves(p)[0].shape[0]) for p in (params.body, params.tail) if jax.tree.leaves(p)
-    )
+    depth = sum(int(jax.tree.leaves(p)[0].shape[0]) for p in stacks)
     uncached = f_condition + num_steps * (f_step + depth * f_layer)
     cached = f_condition + num_steps * f_step + layer_evaluations * f_layer
     return uncached / cached

@@ -12,7 +12,8 @@ code, builds a ``Network`` directly from its ``apply`` functions.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 from flax import nnx

@@ -236,10 +236,8 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, guidan
         carry = (noise, cache, policy.init(num_steps))
         (x, cache, _), body_ran = jax.lax.scan(cached_step, carry, xs)
 
-    computed = jnp.concatenate(
-        [jnp.broadcast_to(body_ran[:, None], (num_steps, n)), jnp.ones((num_steps, total - n), bool)],
-        axis=1,
-    )
+    body_cols = jnp.broadcast_to(body_ran[:, None], (num_steps, n))
+    computed = jnp.concatenate([body_cols, jnp.ones((num_steps, total - n), bool)], axis=1)
     caches = (cache.select_rows(0, batch), cache.select_rows(batch, 2 * batch)) if guided else (
         cache,
     )

@@ -429,7 +429,9 @@ class StepCache:
             return static, None
         i = jnp.asarray(i)
         if not jnp.issubdtype(i.dtype, jnp.integer) or i.shape != ():
-            raise TypeError(f"a traced layer index must be a scalar integer, got {i.dtype}{i.shape}")
+            raise TypeError(
+                f"a traced layer index must be a scalar integer, got {i.dtype}{i.shape}"
+            )
         # Negative traced indices would wrap around in numpy indexing; send them past the end.
         return None, jnp.where(i < 0, self.num_layers, i)
 

@@ -20,8 +20,8 @@ from jaxcache.models import (
     ModelConfig,
     create_model,
     get_config,
+    layers,
 )
-from jaxcache.models import layers
 from jaxcache.network import from_nnx, num_layers
 
 ARCHS = ("dit", "mmdit")
