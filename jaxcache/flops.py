@@ -68,7 +68,10 @@ def ideal_speedup(
         rows = jax.numpy.concatenate([noise, noise])
         cond_rows = jax.tree.map(lambda a, b: jax.numpy.concatenate([a, b]), cond, uncond)
     t = jax.ShapeDtypeStruct((rows.shape[0],), np.float32)
-    stacks = [p for p in (params.body, params.tail) if jax.tree.leaves(p)]
+    stacks = [
+        p for p in (params.body, params.tail)
+        if jax.tree.leaves(p) and jax.tree.leaves(p)[0].shape[0] > 0
+    ]
     first = jax.tree.map(lambda a: a[0], stacks[0])
     constant = jax.eval_shape(network.condition, params.condition, cond_rows)
     head = jax.eval_shape(network.embed, params.embed, rows, t, constant)
