@@ -2,7 +2,7 @@
 
 For each setting (cached layers, interval) the cached sampler runs on the same noise and classes
 as the full-compute sampler. Reported per setting: layer evaluations, ideal speedup (matrix
-FLOPs), measured speedup (medians of interleaved timed runs, after compilation), PSNR, SSIM and
+FLOPs), measured speedup (medians of back-to-back timed runs, after compilation), PSNR, SSIM and
 relative L1 of the cached images against the full-compute images, and the data-side scores of
 the cached images: the digit classifier's accuracy against the requested class and the Frechet
 distance of its features to the real held-out digits.
@@ -132,10 +132,12 @@ def evaluate_settings(
         compiled = sampler.lower(plan, seg, noise, cond, policy=policy, **common).compile()
         programs[(n, interval)] = (compiled, (seg, noise, cond, uncond))
     outputs = {key: fn(*args) for key, (fn, args) in programs.items()}
-    seconds = {key: [] for key in programs}
-    for _ in range(repeats):  # interleaved, so drifts hit every setting alike
-        for key, (fn, args) in programs.items():
-            seconds[key].append(_median_seconds(fn, args, 1))
+    # Each program back to back after a warm call: on small CPU workloads the first call after
+    # switching programs runs slower, which would bias an interleaved comparison.
+    seconds = {}
+    for key, (fn, args) in programs.items():
+        jax.block_until_ready(fn(*args))
+        seconds[key] = [_median_seconds(fn, args, repeats)]
 
     full = jnp.clip(outputs[(0, 1)].sample, -1.0, 1.0)
     full_seconds = statistics.median(seconds[(0, 1)])
