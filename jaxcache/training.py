@@ -10,6 +10,9 @@ The pieces a training script needs, kept in the library so they are tested:
 * :func:`make_train_step`: one jitted step (buffers donated). Every random draw of step ``i``
   comes from ``jax.random.fold_in(key, i)``, so a run is reproducible and resumes bit-exactly
   from a checkpoint of its state and step.
+* :func:`save_train_state`, :func:`restore_train_state`: a :class:`TrainState` in a
+  :mod:`jaxcache.pretrained` checkpoint file (the EMA weights as the model, so the file is also
+  a model to sample from).
 
 The class label is the caption: ``caption_len`` copies of the class id, with a reserved
 ``null_class`` id for the unconditional branch of classifier-free guidance.
@@ -18,12 +21,15 @@ The class label is the caption: ``caption_len`` copies of the class id, with a r
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+from flax import nnx, serialization
+
+from jaxcache import pretrained
 
 PyTree = Any
 
@@ -35,7 +41,9 @@ __all__ = [
     "make_optimizer",
     "make_train_step",
     "random_shift",
+    "restore_train_state",
     "sample_times",
+    "save_train_state",
 ]
 
 _TIME_SAMPLINGS = ("uniform", "logit_normal")
@@ -246,3 +254,54 @@ def make_train_step(
         return TrainState(params, opt_state, ema), loss
 
     return step
+
+
+def save_train_state(
+    path: str,
+    model: nnx.Module,
+    state: TrainState,
+    step: int,
+    *,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Writes ``state`` as a checkpoint whose model holds the EMA weights.
+
+    The raw weights go to ``extra["train_params"]`` and the optimizer state to the checkpoint's
+    ``opt_state``, so :func:`restore_train_state` gets back the exact state.
+
+    Args:
+      path: destination file (written atomically, see :func:`jaxcache.pretrained.save_checkpoint`).
+      model: a model of the architecture being trained (only its structure is used; it is not
+        modified).
+      state: the training state.
+      step: the number of steps taken.
+      extra: more metadata to store (string keys; ``"train_params"`` is reserved).
+    """
+    extra = dict(extra or {})
+    if "train_params" in extra:
+        raise ValueError('extra["train_params"] is reserved for the raw weights')
+    extra["train_params"] = serialization.to_state_dict(jax.device_get(state.params))
+    ema_model = nnx.merge(nnx.graphdef(model), state.ema)
+    pretrained.save_checkpoint(path, ema_model, step=step, opt_state=state.opt_state, extra=extra)
+
+
+def restore_train_state(
+    checkpoint: pretrained.Checkpoint, optimizer: optax.GradientTransformation
+) -> TrainState:
+    """The :class:`TrainState` stored by :func:`save_train_state`, bit-exact.
+
+    Args:
+      checkpoint: the loaded checkpoint (:func:`jaxcache.pretrained.load_checkpoint`).
+      optimizer: the run's optimizer (gives the structure of its state).
+
+    Raises:
+      ValueError: if the checkpoint holds no training state.
+    """
+    extra = checkpoint.extra
+    if checkpoint.opt_state is None or not isinstance(extra, dict) or "train_params" not in extra:
+        raise ValueError("the checkpoint holds no training state (saved without save_train_state)")
+    ema = nnx.to_pure_dict(nnx.state(checkpoint.model, nnx.Param))
+    params = serialization.from_state_dict(ema, extra["train_params"])
+    opt_state = serialization.from_state_dict(optimizer.init(params), checkpoint.opt_state)
+    # Fresh device arrays: the train step donates its state.
+    return jax.tree.map(jnp.array, TrainState(params, opt_state, ema))

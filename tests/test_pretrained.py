@@ -1,0 +1,263 @@
+"""Tests for the training pieces, checkpoint files and the shipped digit models."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx, serialization
+
+from jaxcache import classifier, digits, pretrained, training
+from jaxcache.models import create_model
+
+# Tiny settings: 8x8 digits, a 2-block model; every test here runs in seconds.
+_TINY = dict(channels=1, vocab_size=11, caption_len=1, depth=2)
+_BATCH = 16
+
+
+def _tiny(arch: str = "dit", seed: int = 0) -> nnx.Module:
+    return create_model(arch, "tiny", rngs=nnx.Rngs(seed), **_TINY)
+
+
+@pytest.fixture(scope="module")
+def data():
+    images, labels = digits.load_digits_images(8, "train")
+    return jnp.asarray(images[:256]), jnp.asarray(labels[:256])
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    """One optimizer and one compiled step for every training test (compiling dominates)."""
+    optimizer = training.make_optimizer(3e-3, 40, warmup_steps=2)
+    step = training.make_train_step(
+        nnx.graphdef(_tiny()), optimizer, key=jax.random.key(1), batch_size=_BATCH,
+        caption_len=1, null_class=pretrained.NULL_CLASS, ema_decay=0.9,
+    )
+    return optimizer, step
+
+
+def _run(step, state, data, start, stop):
+    for i in range(start, stop):
+        state, _ = step(state, *data, jnp.int32(i))
+    return state
+
+
+def _assert_trees_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(la, lb):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes()  # bit for bit, not allclose
+
+
+def _pure(model):
+    return nnx.to_pure_dict(nnx.state(model))
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def test_loss_goes_down(data, trainer):
+    model = _tiny()
+    optimizer, step = trainer
+    state = training.init_train_state(model, optimizer)
+    graphdef = nnx.graphdef(model)
+    x, y = data[0][:64], data[1][:64]
+    cond = training.class_tokens(y, 1)
+    key = jax.random.key(123)  # the same t and noise before and after: a fair comparison
+
+    @jax.jit
+    def eval_loss(params):
+        return training.flow_matching_loss(nnx.merge(graphdef, params), x, cond, key)
+
+    before = float(eval_loss(state.params))
+    state = _run(step, state, data, 0, 40)
+    after = float(eval_loss(state.params))
+    assert np.isfinite(after)
+    assert after < 0.8 * before
+
+
+def test_flow_matching_loss_is_zero_for_the_exact_velocity():
+    images = jnp.linspace(-1.0, 1.0, 2 * 8 * 8).reshape(2, 8, 8, 1)
+    key = jax.random.key(0)
+    k_t, k_noise = jax.random.split(key)
+    t = training.sample_times(k_t, 2)
+    noise = jax.random.normal(k_noise, images.shape)
+
+    def oracle(x_t, t_in, cond):
+        # Recovers noise - data from x_t, given the same draws as the loss.
+        np.testing.assert_allclose(t_in, t)
+        return noise - images
+
+    loss = training.flow_matching_loss(oracle, images, jnp.zeros((2, 1), jnp.int32), key)
+    assert float(loss) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_resume_is_bit_identical(tmp_path, data, trainer):
+    total, split = 6, 3
+    optimizer, step = trainer
+    model = _tiny()
+    straight = _run(step, training.init_train_state(model, optimizer), data, 0, total)
+
+    model = _tiny()
+    first = _run(step, training.init_train_state(model, optimizer), data, 0, split)
+    path = tmp_path / "run.msgpack"
+    training.save_train_state(path, model, first, split, extra={"seed": 0})
+    ckpt = pretrained.load_checkpoint(path)
+    assert ckpt.step == split and ckpt.extra["seed"] == 0
+    _assert_trees_equal(_pure(ckpt.model), jax.device_get(first.ema))
+    resumed = training.restore_train_state(ckpt, optimizer)
+    resumed = _run(step, resumed, data, split, total)
+    _assert_trees_equal(resumed, straight)
+
+
+def test_restore_needs_training_state(tmp_path):
+    path = tmp_path / "model.msgpack"
+    pretrained.save_checkpoint(path, _tiny())
+    optimizer = training.make_optimizer(1e-3, 10)
+    with pytest.raises(ValueError, match="no training state"):
+        training.restore_train_state(pretrained.load_checkpoint(path), optimizer)
+
+
+def test_random_shift_keeps_pixels_and_fills_background():
+    img = jnp.full((1, 8, 8, 1), -1.0).at[0, 4, 4, 0].set(1.0)
+    shifted = training.random_shift(jax.random.key(0), jnp.repeat(img, 32, 0), 1)
+    assert shifted.shape == (32, 8, 8, 1)
+    np.testing.assert_array_equal(jnp.sum(shifted > 0, axis=(1, 2, 3)), 1)
+    assert set(np.unique(np.asarray(shifted))) <= {-1.0, 1.0}
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint files
+
+
+@pytest.mark.parametrize("arch", ["dit", "mmdit"])
+def test_checkpoint_round_trip_is_exact(tmp_path, data, arch):
+    model = _tiny(arch)
+    optimizer = training.make_optimizer(1e-3, 10)
+    params = nnx.to_pure_dict(nnx.state(model))
+    # One eager update: Adam moments and the step count become non-trivial.
+    grads = jax.tree.map(lambda p: jnp.sin(p) + 0.1, params)
+    _, opt_state = jax.jit(optimizer.update)(grads, optimizer.init(params), params)
+    extra = {"note": "x", "key": np.asarray(jax.random.key_data(jax.random.key(5)))}
+    path = tmp_path / "ckpt.msgpack"
+    pretrained.save_checkpoint(path, model, step=7, opt_state=opt_state, extra=extra)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.msgpack"]  # no temporary file left behind
+
+    ckpt = pretrained.load_checkpoint(path)
+    assert type(ckpt.model) is type(model) and ckpt.model.config == model.config
+    assert ckpt.step == 7
+    _assert_trees_equal(_pure(ckpt.model), _pure(model))
+    restored = serialization.from_state_dict(optimizer.init(params), ckpt.opt_state)
+    _assert_trees_equal(restored, jax.device_get(opt_state))
+    assert ckpt.extra["note"] == "x"
+    np.testing.assert_array_equal(ckpt.extra["key"], extra["key"])
+    # The loaded model computes what the saved one did.
+    x = data[0][:2]
+    cond = jnp.array([[1], [2]], jnp.int32)
+    t = jnp.array([0.3, 0.7])
+    forward = nnx.jit(lambda m, x, t, c: m(x, t, c))  # eager op-by-op dispatch is slow on CPU
+    np.testing.assert_array_equal(forward(ckpt.model, x, t, cond), forward(model, x, t, cond))
+
+
+def test_checkpoint_without_optimizer_state(tmp_path):
+    path = tmp_path / "m.msgpack"
+    pretrained.save_checkpoint(path, _tiny("mmdit"))
+    ckpt = pretrained.load_checkpoint(path)
+    assert ckpt.step == 0 and ckpt.opt_state is None and ckpt.extra is None
+
+
+def test_missing_checkpoint_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        pretrained.load_checkpoint(tmp_path / "absent.msgpack")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "wrong_format", "shape"])
+def test_corrupt_checkpoint_raises_value_error_and_is_left_alone(tmp_path, damage):
+    good = tmp_path / "good.msgpack"
+    pretrained.save_checkpoint(good, _tiny(), step=3)
+    raw = good.read_bytes()
+    if damage == "truncated":
+        bad_bytes = raw[: len(raw) // 2]
+    elif damage == "garbage":
+        bad_bytes = b"\x00not a checkpoint" * 10
+    elif damage == "empty":
+        bad_bytes = b""
+    elif damage == "wrong_format":
+        bad_bytes = serialization.msgpack_serialize({"format": "something/else", "params": {}})
+    else:  # a valid file whose config no longer matches its weights
+        payload = serialization.msgpack_restore(raw)
+        payload["config"]["width"] = 64
+        bad_bytes = serialization.msgpack_serialize(payload)
+    bad = tmp_path / "bad.msgpack"
+    bad.write_bytes(bad_bytes)
+    before = os.stat(bad)
+    with pytest.raises(ValueError):
+        pretrained.load_checkpoint(bad)
+    assert bad.read_bytes() == bad_bytes
+    assert os.stat(bad).st_mtime_ns == before.st_mtime_ns
+    assert sorted(os.listdir(tmp_path)) == ["bad.msgpack", "good.msgpack"]
+
+
+def test_failed_save_keeps_the_old_file(tmp_path):
+    path = tmp_path / "c.msgpack"
+    pretrained.save_checkpoint(path, _tiny(), step=1)
+    old = path.read_bytes()
+    with pytest.raises(TypeError):
+        pretrained.save_checkpoint(path, _tiny(), step=2, extra={"bad": object()})
+    assert path.read_bytes() == old
+    assert sorted(os.listdir(tmp_path)) == ["c.msgpack"]
+
+
+# --------------------------------------------------------------------------------------------
+# Class captions
+
+
+def test_class_condition():
+    np.testing.assert_array_equal(pretrained.class_condition([0, 9, 3]), [[0], [9], [3]])
+    assert pretrained.class_condition(4).shape == (1, pretrained.CAPTION_LEN)
+    assert pretrained.class_condition(np.arange(10)).dtype == jnp.int32
+    np.testing.assert_array_equal(
+        pretrained.class_condition([pretrained.NULL_CLASS], allow_null=True), [[10]]
+    )
+
+
+@pytest.mark.parametrize("bad", [-1, 10, 3.5, [1, 10], [2.0], True])
+def test_class_condition_rejects(bad):
+    with pytest.raises(ValueError, match="class must be in 0..9"):
+        pretrained.class_condition(bad)
+
+
+def test_class_condition_rejects_out_of_range_even_with_null():
+    with pytest.raises(ValueError, match="class must be in 0..10"):
+        pretrained.class_condition([11], allow_null=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped models
+
+
+def test_unknown_arch():
+    with pytest.raises(ValueError, match="unknown arch"):
+        pretrained.load_digits_model("unet")
+
+
+@pytest.mark.parametrize("arch", ["dit", "mmdit"])
+def test_shipped_model_draws_recognisable_digits(arch):
+    ref = os.path.join(os.path.dirname(pretrained.__file__), "assets", f"digits_{arch}.msgpack")
+    assert os.path.getsize(ref) < 2 * 1024 * 1024
+    model = pretrained.load_digits_model(arch)
+    assert model.config == pretrained.DIGITS_CONFIGS[arch]
+    assert model.num_layers == 8
+    labels = np.repeat(np.arange(10), 5)
+    out = pretrained.sample_digits(model, labels, seed=11)  # uncached, DEFAULT_STEPS
+    assert out.sample.shape == (50, 16, 16, 1)
+    acc = classifier.accuracy(
+        classifier.default_classifier(), jnp.clip(out.sample, -1.0, 1.0), labels
+    )
+    assert acc >= 0.9, f"{arch}: classifier accuracy {acc:.2f} on generated digits"
