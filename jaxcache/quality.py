@@ -63,13 +63,13 @@ class SettingReport:
     frechet: float
 
 
-def _median_seconds(fn, args, repeats: int) -> float:
+def _seconds(fn, args, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 def evaluate_settings(
@@ -131,13 +131,15 @@ def evaluate_settings(
         policy = None if n == 0 else IntervalPolicy(interval)
         compiled = sampler.lower(plan, seg, noise, cond, policy=policy, **common).compile()
         programs[(n, interval)] = (compiled, (seg, noise, cond, uncond))
-    outputs = {key: fn(*args) for key, (fn, args) in programs.items()}
+    outputs = jax.block_until_ready({key: fn(*args) for key, (fn, args) in programs.items()})
     # Each program back to back after a warm call: on small CPU workloads the first call after
-    # switching programs runs slower, which would bias an interleaved comparison.
+    # switching programs runs slower, which would bias an interleaved comparison. Full compute
+    # is timed first and again last, so a drift during the sweep shows in its spread.
     seconds = {}
-    for key, (fn, args) in programs.items():
+    for key in [*programs, (0, 1)]:
+        fn, args = programs[key]
         jax.block_until_ready(fn(*args))
-        seconds[key] = [_median_seconds(fn, args, repeats)]
+        seconds.setdefault(key, []).extend(_seconds(fn, args, repeats))
 
     full = jnp.clip(outputs[(0, 1)].sample, -1.0, 1.0)
     full_seconds = statistics.median(seconds[(0, 1)])
