@@ -121,28 +121,26 @@ class CachePlan:
             )
 
     # ------------------------------------------------------------------------ segments
-    def run_layers(self, stacked_params: PyTree, h: PyTree, ctx: PyTree, *, collect: bool):
+    def run_layers(self, stacked_params: PyTree, h: PyTree, ctx: PyTree) -> PyTree:
         """Runs a stack of layers with ``lax.scan``.
 
         Args:
-          stacked_params: layer parameters stacked on a leading axis.
+          stacked_params: layer parameters stacked on a leading axis (possibly empty).
           h: the hidden state (an array, or an ``(image, text)`` pair).
           ctx: per-step context every layer reads.
-          collect: also return every layer's output, stacked (the cache slots).
 
         Returns:
-          ``h`` after the stack, and the stacked outputs when ``collect``.
+          ``h`` after the stack.
         """
         if _stack_length(stacked_params) == 0:
-            return (h, None) if collect else h
+            return h
         layer = self.network.layer
 
         def body(h, layer_params):
-            h = layer(layer_params, h, ctx)
-            return h, (h if collect else None)
+            return layer(layer_params, h, ctx), None
 
-        h, outs = jax.lax.scan(body, h, stacked_params)
-        return (h, outs) if collect else h
+        h, _ = jax.lax.scan(body, h, stacked_params)
+        return h
 
     def streams(self, h: PyTree) -> tuple[PyTree, PyTree]:
         """``h`` as (stream-1 value, stream-2 value or None)."""

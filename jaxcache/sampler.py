@@ -160,7 +160,7 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, guidan
         return net.embed(params.embed, rows, t_rows, constant)
 
     def finish(h, ctx):
-        h = plan.run_layers(params.tail, h, ctx, collect=False)
+        h = plan.run_layers(params.tail, h, ctx)
         prediction = net.final(params.final, h, ctx)
         if guided:
             positive, negative = jnp.split(prediction, 2)
@@ -175,7 +175,7 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, guidan
         def plain_step(x, step_t):
             _, t, t_next = step_t
             h, ctx = embed(x, t, constant)
-            h = plan.run_layers(params.body, h, ctx, collect=False)
+            h = plan.run_layers(params.body, h, ctx)
             return solver.step(x, finish(h, ctx), t, t_next), None
 
         x, _ = jax.lax.scan(plain_step, noise, xs)
@@ -305,8 +305,7 @@ def _empty_cache(plan, params, embed, noise, constant) -> StepCache:
 
     def slot_shapes(x, constant):
         h, ctx = embed(x, jnp.zeros((), jnp.float32), constant)
-        _, outs = plan.run_layers(params.body, h, ctx, collect=True)
-        return jax.tree.map(lambda a: a[0], outs)
+        return plan.network.layer(jax.tree.map(lambda a: a[0], params.body), h, ctx)
 
     layer, layer2 = plan.streams(jax.eval_shape(slot_shapes, noise, constant))
     return StepCache.create(plan.cached_layers, layer=layer, layer2=layer2, constant=constant)

@@ -312,30 +312,7 @@ class StepCache:
         """Whether the cache was created with a constant slot."""
         return self.constant_spec is not None
 
-    # ----------------------------------------------------------------------------- bulk access
-    def set_all(self, values: PyTree, values2: PyTree = None) -> "StepCache":
-        """A cache with every slot of stream 1 (and 2) set at once.
-
-        Equivalent to ``set(i, values[i])`` (and ``set2``) for every ``i``; used by the sampler,
-        whose cached layer stack emits all slots as one stacked array.
-
-        Args:
-          values: leaves ``[num_layers, *slot_shape]``.
-          values2: the same for stream 2, required iff the cache has a second stream.
-        """
-        n = self.num_layers
-        self.layer_spec.check(values, "StepCache.set_all values", (n,))
-        filled = jnp.ones((n,), bool)
-        out = dataclasses.replace(self, stream1=_Stream(values, filled))
-        if self.stream2 is not None:
-            if values2 is None:
-                raise ValueError("set_all: this cache has a second stream; pass values2")
-            self.layer2_spec.check(values2, "StepCache.set_all values2", (n,))
-            out = dataclasses.replace(out, stream2=_Stream(values2, filled))
-        elif values2 is not None:
-            raise ValueError("set_all: values2 given, but the cache was created without layer2")
-        return out
-
+    # ----------------------------------------------------------------------------- rows, in-loop writes
     def select_rows(self, start: int, stop: int) -> "StepCache":
         """The cache restricted to batch rows ``[start, stop)``.
 

@@ -292,3 +292,17 @@ def test_matches_reference_on_random_op_sequences(sequence, traced):
     assert len(got) == len(want)
     for g, w in zip(got, want):
         chex.assert_trees_all_equal(g, w)
+
+
+def test_write_layer_and_mark_filled():
+    cache = make(3)
+    new = cache.write_layer(jnp.int32(1), value(4.0), jnp.full((5,), 4, jnp.int32), keep=False)
+    assert not bool(new.has(1))  # written but not yet marked
+    kept = new.write_layer(jnp.int32(1), value(9.0), jnp.zeros((5,), jnp.int32),
+                           keep=jnp.bool_(True))
+    chex.assert_trees_all_equal(kept.stream1.slots[1], value(4.0))
+    marked = kept.mark_filled(jnp.bool_(True))
+    assert all(bool(marked.has(i)) and bool(marked.has2(i)) for i in range(3))
+    chex.assert_trees_all_equal(marked.get(1), value(4.0))
+    unmarked = kept.mark_filled(jnp.bool_(False))
+    assert not any(bool(unmarked.has(i)) for i in range(3))
