@@ -312,7 +312,7 @@ class StepCache:
         """Whether the cache was created with a constant slot."""
         return self.constant_spec is not None
 
-    # ----------------------------------------------------------------------------- rows, in-loop writes
+    # ----------------------------------------------------------------------- rows, in-loop writes
     def select_rows(self, start: int, stop: int) -> "StepCache":
         """The cache restricted to batch rows ``[start, stop)``.
 
