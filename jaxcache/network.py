@@ -12,6 +12,7 @@ code, builds a ``Network`` directly from its ``apply`` functions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -87,14 +88,21 @@ def num_layers(params: NetworkParams) -> int:
     return int(leaves[0].shape[0])
 
 
-def _pure(module: nnx.Module) -> tuple[Callable[..., Any], PyTree]:
-    """Splits an NNX module into a pure ``apply(state, *args)`` and its state."""
-    graphdef, state = nnx.split(module)
+def _apply(graphdef: nnx.GraphDef) -> Callable[..., Any]:
+    """A pure ``apply(state, *args)`` that rebuilds the module from ``graphdef`` and calls it."""
 
     def apply(state, *args):
         return nnx.merge(graphdef, state)(*args)
 
-    return apply, state
+    return apply
+
+
+@functools.lru_cache(maxsize=128)
+def _network_for(graphdefs: tuple[nnx.GraphDef, ...], dual_stream: bool) -> "Network":
+    # One Network per model structure: the sampler compiles once per Network object, so models
+    # of the same structure (a reloaded checkpoint, new weights) reuse the compiled program.
+    condition, embed, layer, final = (_apply(g) for g in graphdefs)
+    return Network(condition, embed, layer, final, dual_stream=dual_stream)
 
 
 def from_nnx(model: nnx.Module) -> tuple[Network, NetworkParams]:
@@ -116,7 +124,8 @@ def from_nnx(model: nnx.Module) -> tuple[Network, NetworkParams]:
 
     Returns:
       ``(network, params)``. The parameters are the model's current state, so call this again
-      after training to pick up new weights.
+      after training to pick up new weights. Models of the same structure get the same
+      ``network``, so they share compiled sampling programs.
 
     Raises:
       TypeError: if a piece is missing.
@@ -127,18 +136,7 @@ def from_nnx(model: nnx.Module) -> tuple[Network, NetworkParams]:
         raise TypeError(
             f"from_nnx needs the NNX submodules {pieces}; {type(model).__name__} lacks {missing}"
         )
-    condition, condition_state = _pure(model.condition_encoder)
-    embed, embed_state = _pure(model.embedder)
-    layer, layers_state = _pure(model.blocks)
-    final, final_state = _pure(model.final_layer)
-    network = Network(
-        condition=condition,
-        embed=embed,
-        layer=layer,
-        final=final,
-        dual_stream=bool(getattr(model, "dual_stream", False)),
-    )
-    params = NetworkParams(
-        condition=condition_state, embed=embed_state, layers=layers_state, final=final_state
-    )
+    graphdefs, states = zip(*(nnx.split(getattr(model, p)) for p in pieces))
+    network = _network_for(tuple(graphdefs), bool(getattr(model, "dual_stream", False)))
+    params = NetworkParams(*states)
     return network, params

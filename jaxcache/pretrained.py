@@ -38,7 +38,7 @@ from flax import nnx, serialization
 
 from jaxcache.models import ModelConfig
 from jaxcache.models.factory import ARCHITECTURES
-from jaxcache.network import Network, from_nnx
+from jaxcache.network import from_nnx
 from jaxcache.plan import CachePlan
 from jaxcache.policies import RefreshPolicy
 from jaxcache.sampler import SampleResult, sample
@@ -163,28 +163,14 @@ def sample_digits(
       ``[-1, 1]`` (clip before display).
     """
     cond = class_condition(labels)
-    _, params = from_nnx(model)
-    plan = CachePlan(_network(nnx.graphdef(model), model), cached_layers)
+    network, params = from_nnx(model)
+    plan = CachePlan(network, cached_layers)
     noise = jax.random.normal(jax.random.key(seed), (cond.shape[0], *model.config.image_shape))
     uncond = None if guidance_scale is None else jnp.full_like(cond, NULL_CLASS)
     return sample(
         plan, plan.split(params), noise, cond, solver=FlowMatchEuler(), num_steps=num_steps,
         policy=policy, uncond=uncond, guidance_scale=guidance_scale,
     )
-
-
-_NETWORKS: dict[nnx.GraphDef, Network] = {}
-
-
-def _network(graphdef: nnx.GraphDef, model: nnx.Module) -> Network:
-    """One :class:`~jaxcache.Network` per model structure.
-
-    The sampler compiles once per network object; ``from_nnx`` builds a new one on each call, so
-    reusing it lets repeated :func:`sample_digits` calls (same settings) skip recompiling.
-    """
-    if graphdef not in _NETWORKS:
-        _NETWORKS[graphdef] = from_nnx(model)[0]
-    return _NETWORKS[graphdef]
 
 
 # --------------------------------------------------------------------------------------------

@@ -249,3 +249,18 @@ def test_position_embeddings():
     assert len({row.tobytes() for row in emb2}) == 16  # every position is distinct
     with pytest.raises(ValueError):
         emb2[0, 0] = 1.0  # cached and shared: read-only
+
+
+def test_from_nnx_shares_the_network_of_equal_structures():
+    a = create_model("dit", "tiny", rngs=nnx.Rngs(0))
+    b = create_model("dit", "tiny", rngs=nnx.Rngs(1))
+    c = create_model("mmdit", "tiny", rngs=nnx.Rngs(0))
+    net_a, params_a = from_nnx(a)
+    net_b, params_b = from_nnx(b)
+    assert net_a is net_b  # same structure: one compiled sampling program serves both
+    assert from_nnx(c)[0] is not net_a
+    # ... while each model keeps its own weights.
+    assert any(
+        not np.allclose(x, y)
+        for x, y in zip(jax.tree.leaves(params_a.layers), jax.tree.leaves(params_b.layers))
+    )
