@@ -183,6 +183,7 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, guidan
         return SampleResult(x, jnp.ones((num_steps,), bool), computed, None)
 
     cache = _empty_cache(plan, params, embed, noise, constant).set_constant(constant)
+    policy_state = policy.init(num_steps)  # validates the policy against the step count
 
     def step_with(body, x, cache, step_t):
         """One step whose cached segment is ``body(h, ctx, cache) -> (h, cache)``."""
@@ -233,7 +234,7 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, guidan
             x, cache = step_with(body, x, cache, step_t)
             return (x, cache, policy_state), compute
 
-        carry = (noise, cache, policy.init(num_steps))
+        carry = (noise, cache, policy_state)
         (x, cache, _), body_ran = jax.lax.scan(cached_step, carry, xs)
 
     body_cols = jnp.broadcast_to(body_ran[:, None], (num_steps, n))
