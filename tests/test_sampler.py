@@ -304,3 +304,19 @@ def test_split_with_donation_frees_the_stacked_layers():
     assert all(a.is_deleted() for a in jax.tree.leaves(layers))
     assert jax.tree.leaves(seg.body)[0].shape[0] == 2
     assert jax.tree.leaves(seg.tail)[0].shape[0] == toy_networks.LAYERS - 2
+
+
+def test_reference_models_use_the_cache_streams(tiny_model):
+    network, params, noise, cond = tiny_model
+    plan = jc.CachePlan(network, 2)
+    out = jc.sample(plan, plan.split(params), noise, cond, solver=jc.FlowMatchEuler(),
+                    num_steps=3, policy=jc.IntervalPolicy(2))
+    (cache,) = out.caches
+    from jaxcache.models import get_config
+
+    width = get_config("dit", "tiny").width
+    if network.dual_stream:  # MMDiT: image states in stream 1, text states in stream 2
+        assert cache.has_stream2
+        assert cache.get(1).shape == (2, 16, width) and cache.get2(1).shape == (2, 4, width)
+    else:  # DiT: image + caption tokens in stream 1
+        assert not cache.has_stream2 and cache.get(1).shape == (2, 16 + 4, width)

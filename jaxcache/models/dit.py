@@ -183,7 +183,10 @@ class DiT(nnx.Module):
     Attributes:
       config: the model config.
       num_layers: number of stacked main blocks (``config.depth``).
+      dual_stream: False: one hidden state, cached in slot stream 1.
     """
+
+    dual_stream = False
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config

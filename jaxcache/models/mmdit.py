@@ -207,7 +207,11 @@ class MMDiT(nnx.Module):
     Attributes:
       config: the model config.
       num_layers: number of stacked blocks (``config.depth``).
+      dual_stream: True: the hidden state is ``(image, text)``; a cache keeps image states in
+        slot stream 1 and text states in stream 2.
     """
+
+    dual_stream = True
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
