@@ -25,13 +25,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxcache.models import layers
+from jaxcache.models import layers, pieces
 from jaxcache.models.configs import ModelConfig
 
 __all__ = ["DiT", "DiTBlock", "DiTCaptionEncoder", "DiTEmbedder", "DiTFinalLayer"]
 
 
-class DiTCaptionEncoder(nnx.Module):
+class DiTCaptionEncoder(pieces.CaptionEncoder):
     """Caption token ids to caption states: embedding, 1D position embedding, refiners.
 
     Args:
@@ -40,48 +40,16 @@ class DiTCaptionEncoder(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        self.width = config.width
-        self.dtype = config.dtype
-        self.embed = nnx.Embed(
-            config.vocab_size, config.width, dtype=config.dtype, param_dtype=config.param_dtype,
-            rngs=rngs,
-        )
-        self.refiners = nnx.List([
-            layers.TransformerBlock(
-                config.width, config.heads, mlp_ratio=config.mlp_ratio, qk_norm=config.qk_norm,
-                attn_implementation=config.attn_implementation, dtype=config.dtype,
-                param_dtype=config.param_dtype, rngs=rngs,
-            )
-            for _ in range(config.caption_refiners)
-        ])
-
-    def __call__(self, cond: jax.Array) -> jax.Array:
-        """Maps int caption ids ``[B, L]`` to caption states ``[B, L, D]`` in the compute dtype."""
-        layers.check_token_ids(cond)
-        pos = jnp.asarray(layers.sincos_1d(self.width, cond.shape[1]), self.dtype)
-        h = self.embed(cond) + pos[None]
-        for block in self.refiners:
-            h = block(h)
-        return h
+        super().__init__(config, project=False, rngs=rngs)
 
 
-class DiTEmbedder(nnx.Module):
+class DiTEmbedder(pieces.PatchTimestepEmbedder):
     """Per-step embedding: image patches plus 2D positions, the timestep vector, the caption.
 
     Args:
       config: model config.
       rngs: random number streams for initialisation.
     """
-
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        self.patch_embed = nnx.Linear(
-            config.patch_dim, config.width, kernel_init=layers.INPUT_INIT, dtype=config.dtype,
-            param_dtype=config.param_dtype, rngs=rngs,
-        )
-        self.t_embed = layers.TimestepEmbedder(
-            config.width, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs
-        )
 
     def __call__(
         self, x: jax.Array, t: jax.Array, constant: jax.Array
@@ -97,14 +65,8 @@ class DiTEmbedder(nnx.Module):
           ``(h, c)``: tokens ``[B, T_img + L, D]`` (image first, then caption) and the
           conditioning vector ``[B, D]``, both in the compute dtype.
         """
-        cfg = self.config
-        layers.check_image(x, cfg.image_shape)
-        tokens = self.patch_embed(layers.patchify(x.astype(cfg.dtype), cfg.patch_size))
-        pos = layers.sincos_2d(cfg.width, cfg.grid_size, cfg.grid_size)
-        tokens = tokens + jnp.asarray(pos, cfg.dtype)[None]
-        c = self.t_embed(layers.broadcast_times(t, x.shape[0]))
-        h = jnp.concatenate([tokens, constant.astype(cfg.dtype)], axis=1)
-        return h, c
+        tokens, c = self.image_and_time(x, t)
+        return jnp.concatenate([tokens, constant.astype(self.config.dtype)], axis=1), c
 
 
 class DiTBlock(nnx.Module):
@@ -138,31 +100,17 @@ class DiTBlock(nnx.Module):
         return h + gate_m[:, None] * m
 
 
-class DiTFinalLayer(nnx.Module):
-    """adaLN final layer: image tokens back to a prediction with the shape of the input.
+class DiTFinalLayer(pieces.FinalLayer):
+    """adaLN final layer on the image tokens of the joint sequence.
 
     Args:
       config: model config.
       rngs: random number streams for initialisation.
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        kw = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
-        self.adaln = layers.AdaLNModulation(config.width, 2, **kw)
-        self.linear = nnx.Linear(
-            config.width, config.patch_dim, kernel_init=layers.XAVIER_INIT, **kw
-        )
-
     def __call__(self, h: jax.Array, c: jax.Array) -> jax.Array:
         """Maps tokens ``[B, T_img + L, D]`` to a float32 prediction ``[B, H, W, C]``."""
-        cfg = self.config
-        shift, scale = self.adaln(c)
-        img = h[:, : cfg.num_image_tokens]
-        out = self.linear(layers.modulate(layers.layer_norm(img), shift, scale))
-        # float32 out: the solver state is float32 and an exact upcast costs nothing.
-        out = out.astype(jnp.float32)
-        return layers.unpatchify(out, cfg.patch_size, cfg.image_size, cfg.image_size)
+        return self.predict(h[:, : self.config.num_image_tokens], c)
 
 
 class DiT(nnx.Module):

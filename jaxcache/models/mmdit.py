@@ -25,13 +25,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxcache.models import layers
+from jaxcache.models import layers, pieces
 from jaxcache.models.configs import ModelConfig
 
 __all__ = ["MMDiT", "MMDiTBlock", "MMDiTEmbedder", "MMDiTFinalLayer", "MMDiTTextEncoder"]
 
 
-class MMDiTTextEncoder(nnx.Module):
+class MMDiTTextEncoder(pieces.CaptionEncoder):
     """Text token ids to text states: embedding, 1D positions, a linear map, refiners.
 
     Args:
@@ -40,49 +40,18 @@ class MMDiTTextEncoder(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        self.width = config.width
-        self.dtype = config.dtype
-        kw = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
-        self.embed = nnx.Embed(config.vocab_size, config.width, **kw)
-        # Stands in for the context embedder that maps a text encoder's states to model width.
-        self.context_embed = nnx.Linear(
-            config.width, config.width, kernel_init=layers.INPUT_INIT, **kw
-        )
-        self.refiners = nnx.List([
-            layers.TransformerBlock(
-                config.width, config.heads, mlp_ratio=config.mlp_ratio, qk_norm=config.qk_norm,
-                attn_implementation=config.attn_implementation, **kw,
-            )
-            for _ in range(config.caption_refiners)
-        ])
-
-    def __call__(self, cond: jax.Array) -> jax.Array:
-        """Maps int text ids ``[B, L]`` to text states ``[B, L, D]`` in the compute dtype."""
-        layers.check_token_ids(cond)
-        pos = jnp.asarray(layers.sincos_1d(self.width, cond.shape[1]), self.dtype)
-        h = self.context_embed(self.embed(cond) + pos[None])
-        for block in self.refiners:
-            h = block(h)
-        return h
+        # The linear map stands in for the context embedder that maps a text encoder's states
+        # to model width.
+        super().__init__(config, project=True, rngs=rngs)
 
 
-class MMDiTEmbedder(nnx.Module):
+class MMDiTEmbedder(pieces.PatchTimestepEmbedder):
     """Per-step embedding: image patches plus 2D positions, and the timestep vector.
 
     Args:
       config: model config.
       rngs: random number streams for initialisation.
     """
-
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        self.patch_embed = nnx.Linear(
-            config.patch_dim, config.width, kernel_init=layers.INPUT_INIT, dtype=config.dtype,
-            param_dtype=config.param_dtype, rngs=rngs,
-        )
-        self.t_embed = layers.TimestepEmbedder(
-            config.width, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs
-        )
 
     def __call__(
         self, x: jax.Array, t: jax.Array, constant: jax.Array
@@ -98,13 +67,8 @@ class MMDiTEmbedder(nnx.Module):
           ``((image, text), c)``: image tokens ``[B, T_img, D]``, text tokens ``[B, L, D]`` and
           the conditioning vector ``[B, D]``, all in the compute dtype.
         """
-        cfg = self.config
-        layers.check_image(x, cfg.image_shape)
-        img = self.patch_embed(layers.patchify(x.astype(cfg.dtype), cfg.patch_size))
-        pos = layers.sincos_2d(cfg.width, cfg.grid_size, cfg.grid_size)
-        img = img + jnp.asarray(pos, cfg.dtype)[None]
-        c = self.t_embed(layers.broadcast_times(t, x.shape[0]))
-        return (img, constant.astype(cfg.dtype)), c
+        img, c = self.image_and_time(x, t)
+        return (img, constant.astype(self.config.dtype)), c
 
 
 class _Stream(nnx.Module):
@@ -163,7 +127,7 @@ class MMDiTBlock(nnx.Module):
         return x + gate_m[:, None] * m
 
 
-class MMDiTFinalLayer(nnx.Module):
+class MMDiTFinalLayer(pieces.FinalLayer):
     """adaLN final layer on the image stream.
 
     Args:
@@ -171,21 +135,9 @@ class MMDiTFinalLayer(nnx.Module):
       rngs: random number streams for initialisation.
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        kw = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
-        self.adaln = layers.AdaLNModulation(config.width, 2, **kw)
-        self.linear = nnx.Linear(
-            config.width, config.patch_dim, kernel_init=layers.XAVIER_INIT, **kw
-        )
-
     def __call__(self, h: tuple[jax.Array, jax.Array], c: jax.Array) -> jax.Array:
         """Maps ``(image, text)`` tokens to a float32 prediction ``[B, H, W, C]``."""
-        cfg = self.config
-        img, _ = h
-        shift, scale = self.adaln(c)
-        out = self.linear(layers.modulate(layers.layer_norm(img), shift, scale)).astype(jnp.float32)
-        return layers.unpatchify(out, cfg.patch_size, cfg.image_size, cfg.image_size)
+        return self.predict(h[0], c)
 
 
 class MMDiT(nnx.Module):
