@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU targets of BENCHMARKS.md, in one call: each line is one `python -m jaxcache.bench` run.
+# The GPU targets of BENCHMARKS.md, in one call: each line is one `python -m jaxcache.evaluation.bench` run.
 # Usage (repo root, a CUDA machine with jax, flax, optax, chex): bash benchmarks/gpu_targets.sh [OUTDIR]
 set -uo pipefail
 out=${1:-${OUT:-/tmp}}
@@ -9,8 +9,8 @@ $py -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv 2>/dev/null
 run() {  # name, args...
   local name=$1; shift
-  echo "== $name: python -m jaxcache.bench $*"
-  $py -m jaxcache.bench "$@" --json | tee "$out/$name.json"
+  echo "== $name: python -m jaxcache.evaluation.bench $*"
+  $py -m jaxcache.evaluation.bench "$@" --json | tee "$out/$name.json"
 }
 run ditxl_bf16 --model dit --size dit-xl --batch 8 --steps 50 --cached-layers 14 --interval 3 --dtype bfloat16 --repeats 10
 run ditxl_f32 --model dit --size dit-xl --batch 8 --steps 50 --cached-layers 14 --interval 3 --dtype float32 --repeats 10

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxcache import pretrained
-from jaxcache.quality import SettingReport, evaluate_settings
+from jaxcache.digits import pretrained
+from jaxcache.digits.quality import SettingReport, evaluate_settings
 
 SWEEP_INTERVALS = (1, 2, 3, 4, 5)
 SWEEP_LAYERS = (2, 4, 6, 8)

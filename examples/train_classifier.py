@@ -20,7 +20,8 @@ import time
 import jax
 from flax import nnx
 
-from jaxcache import classifier, digits
+from jaxcache.digits import classifier
+from jaxcache.digits import data as digits
 
 _ASSET = os.path.join(os.path.dirname(classifier.__file__), "assets", "digit_classifier.npz")
 

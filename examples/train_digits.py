@@ -47,7 +47,8 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jaxcache import classifier, digits, pretrained, training
+from jaxcache.digits import classifier, pretrained, training
+from jaxcache.digits import data as digits
 from jaxcache.models.factory import ARCHITECTURES
 
 _HYPER = ("arch", "steps", "batch_size", "lr", "seed", "warmup", "ema_decay", "p_uncond")

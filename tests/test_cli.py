@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxcache import bench
+from jaxcache.evaluation import bench
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,8 @@ from flax import nnx
 
 pytest.importorskip("sklearn")
 
-from jaxcache import classifier as C  # noqa: E402
-from jaxcache import digits  # noqa: E402
+from jaxcache.digits import classifier as C  # noqa: E402
+from jaxcache.digits import data as digits  # noqa: E402
 
 N_ALL, N_TRAIN, N_TEST = 1797, 1438, 359
 

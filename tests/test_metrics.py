@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("dm_pix")
 
-from jaxcache import metrics as M  # noqa: E402
+from jaxcache.evaluation import metrics as M  # noqa: E402
 
 
 def _images(seed=0, shape=(4, 16, 16, 1)):
@@ -189,24 +189,26 @@ def test_frechet_validation():
 
 def test_digit_scores_on_real_and_noisy_digits():
     pytest.importorskip("sklearn")
-    from jaxcache import classifier, digits
+    from jaxcache.digits import classifier
+    from jaxcache.digits import data as digits
+    from jaxcache.digits.quality import digit_scores
 
     x_train, y_train = digits.load_digits_images(16, "train")
-    real = M.digit_scores(x_train, y_train)
+    real = digit_scores(x_train, y_train)
     assert set(real) == {"accuracy", "frechet"}
     assert real["accuracy"] >= 0.95
     noise = np.random.default_rng(0).normal(size=x_train.shape).astype(np.float32)
-    noisy = M.digit_scores(np.clip(x_train + 0.5 * noise, -1, 1), y_train)
+    noisy = digit_scores(np.clip(x_train + 0.5 * noise, -1, 1), y_train)
     assert noisy["frechet"] > 2 * real["frechet"]
     # Wrong labels are scored as wrong.
-    wrong = M.digit_scores(x_train, (y_train + 1) % 10)
+    wrong = digit_scores(x_train, (y_train + 1) % 10)
     assert wrong["accuracy"] < 0.05
 
     x_test, y_test = digits.load_digits_images(16, "test")
-    same = M.digit_scores(x_test, y_test, real_images=x_test)
+    same = digit_scores(x_test, y_test, real_images=x_test)
     assert same["frechet"] < 1e-6
-    assert M.class_accuracy(classifier.default_classifier(), x_test, y_test) >= 0.95
+    assert classifier.accuracy(classifier.default_classifier(), x_test, y_test) >= 0.95
 
     x8, y8 = digits.load_digits_images(8, "test")
     with pytest.raises(ValueError, match="16x16"):
-        M.digit_scores(x8, y8)
+        digit_scores(x8, y8)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx, serialization
 
-from jaxcache import classifier, digits, pretrained, training
+from jaxcache.digits import classifier, pretrained, training
+from jaxcache.digits import data as digits
 from jaxcache.models import create_model
 
 # Tiny settings: 8x8 digits, a 2-block model; every test here runs in seconds.

@@ -4,9 +4,8 @@ Two kinds of score:
 
 * **Fidelity to the full-compute output** (same model, seed and condition): :func:`psnr`,
   :func:`ssim` and :func:`relative_l1`, one value per image, ``b`` being the reference.
-* **Data-side scores** with the shipped digit classifier (:mod:`jaxcache.classifier`):
-  :func:`class_accuracy` (predicted class vs requested class) and :func:`frechet_distance`
-  between classifier features of generated and real digits; :func:`digit_scores` bundles both.
+* **Data-side scores**: :func:`frechet_distance` between two feature sets (e.g. a classifier's
+  features of generated and of real images; :func:`jaxcache.digits.quality.digit_scores`).
 
 Images are NHWC (``[N, H, W, C]``) in the model's ``[-1, 1]`` range unless a ``data_range``
 says otherwise. These functions run outside the sampling loop; the per-image metrics are
@@ -21,12 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcache import classifier as _classifier
-from jaxcache import digits as _digits
-
 __all__ = [
-    "class_accuracy",
-    "digit_scores",
     "frechet_distance",
     "psnr",
     "relative_l1",
@@ -214,58 +208,3 @@ def frechet_distance(feats_a: Any, feats_b: Any) -> float:
     diff = mu_a - mu_b
     fd = diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * cross
     return float(max(fd, 0.0))
-
-
-def class_accuracy(
-    classifier: _classifier.DigitClassifier, images: Any, labels: Any
-) -> float:
-    """Fraction of ``images`` the classifier assigns to the requested class ``labels``.
-
-    Args:
-      classifier: a :class:`~jaxcache.classifier.DigitClassifier`.
-      images: ``[N, S, S, 1]`` images in ``[-1, 1]``, ``S`` the classifier's image size.
-      labels: ``[N]`` requested classes in ``0..9``.
-
-    Returns:
-      Accuracy in ``[0, 1]``.
-
-    Raises:
-      ValueError: on mismatched shapes or labels out of range.
-    """
-    return _classifier.accuracy(classifier, images, labels)
-
-
-def digit_scores(
-    images: Any,
-    labels: Any,
-    classifier: _classifier.DigitClassifier | None = None,
-    real_images: Any | None = None,
-) -> dict[str, float]:
-    """Class accuracy and classifier-feature Frechet distance of generated digits.
-
-    Args:
-      images: ``[N, S, S, 1]`` generated images in ``[-1, 1]``, ``N >= 2``.
-      labels: ``[N]`` classes the images were conditioned on.
-      classifier: the scoring classifier; ``None`` loads the shipped one
-        (:func:`~jaxcache.classifier.default_classifier`, 16x16 images).
-      real_images: real images for the Frechet reference; ``None`` uses the held-out test split
-        of :func:`~jaxcache.digits.load_digits_images` (359 images) at size ``S``.
-
-    Returns:
-      ``{"accuracy": float, "frechet": float}``.
-
-    Raises:
-      ValueError: on malformed inputs, or images whose size the classifier does not take.
-    """
-    model = _classifier.default_classifier() if classifier is None else classifier
-    images = np.asarray(images, dtype=np.float32)
-    if images.ndim != 4:
-        raise ValueError(f"images must be an NHWC batch [N, H, W, 1], got shape {images.shape}")
-    if real_images is None:
-        real_images, _ = _digits.load_digits_images(size=images.shape[1], split="test")
-    acc = class_accuracy(model, images, labels)
-    fd = frechet_distance(
-        _classifier.extract_features(model, images),
-        _classifier.extract_features(model, real_images),
-    )
-    return {"accuracy": acc, "frechet": fd}

@@ -17,7 +17,7 @@ for resuming training, optionally the optimizer state, the step and extra metada
 stored raw, so a save/load round trip is bit-exact.
 
 Example:
-  >>> from jaxcache import pretrained
+  >>> from jaxcache.digits import pretrained
   >>> model = pretrained.load_digits_model("dit")                      # doctest: +SKIP
   >>> out = pretrained.sample_digits(model, [0, 1, 2, 3])              # doctest: +SKIP
   >>> out.sample.shape                                                 # doctest: +SKIP
@@ -334,6 +334,6 @@ def load_digits_model(arch: str = "dit") -> nnx.Module:
     """
     if arch not in DIGITS_CONFIGS:
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(DIGITS_CONFIGS)}")
-    ref = importlib.resources.files("jaxcache").joinpath("assets", f"digits_{arch}.msgpack")
+    ref = importlib.resources.files("jaxcache.digits").joinpath("assets", f"digits_{arch}.msgpack")
     with importlib.resources.as_file(ref) as path:
         return load_checkpoint(path).model

@@ -20,16 +20,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcache import metrics, pretrained, sampler
-from jaxcache.classifier import DigitClassifier, default_classifier, extract_features
-from jaxcache.digits import load_digits_images
-from jaxcache.flops import ideal_speedup
+from jaxcache import sampler
+from jaxcache.digits import pretrained
+from jaxcache.digits.classifier import (
+    DigitClassifier,
+    accuracy,
+    default_classifier,
+    extract_features,
+)
+from jaxcache.digits.data import load_digits_images
+from jaxcache.evaluation import metrics
+from jaxcache.evaluation.flops import ideal_speedup
 from jaxcache.network import from_nnx
 from jaxcache.plan import CachePlan
 from jaxcache.policies import IntervalPolicy
 from jaxcache.solvers import FlowMatchEuler
 
-__all__ = ["SettingReport", "evaluate_settings"]
+__all__ = ["SettingReport", "digit_scores", "evaluate_settings"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,10 +171,46 @@ def evaluate_settings(
             psnr=float(jnp.mean(metrics.psnr(images, full))),
             ssim=float(jnp.mean(metrics.ssim(images, full))),
             relative_l1=float(jnp.mean(metrics.relative_l1(images, full))),
-            accuracy=metrics.class_accuracy(classifier, images, jnp.asarray(labels)),
+            accuracy=accuracy(classifier, images, jnp.asarray(labels)),
             frechet=metrics.frechet_distance(feats, real_features),
         )
 
     reports = {key: report(key) for key in programs}
     images = {key: np.asarray(jnp.clip(outputs[key].sample, -1, 1)) for key in programs}
     return reports[(0, 1)], [reports[key] for key in [tuple(s) for s in settings]], images
+
+
+def digit_scores(
+    images: Any,
+    labels: Any,
+    classifier: DigitClassifier | None = None,
+    real_images: Any | None = None,
+) -> dict[str, float]:
+    """Class accuracy and classifier-feature Frechet distance of generated digits.
+
+    Args:
+      images: ``[N, S, S, 1]`` generated images in ``[-1, 1]``, ``N >= 2``.
+      labels: ``[N]`` classes the images were conditioned on.
+      classifier: the scoring classifier; ``None`` loads the shipped one
+        (:func:`~jaxcache.digits.classifier.default_classifier`, 16x16 images).
+      real_images: real images for the Frechet reference; ``None`` uses the held-out test split
+        of :func:`~jaxcache.digits.data.load_digits_images` (359 images) at size ``S``.
+
+    Returns:
+      ``{"accuracy": float, "frechet": float}``.
+
+    Raises:
+      ValueError: on malformed inputs, or images whose size the classifier does not take.
+    """
+    model = default_classifier() if classifier is None else classifier
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4:
+        raise ValueError(f"images must be an NHWC batch [N, H, W, 1], got shape {images.shape}")
+    if real_images is None:
+        real_images, _ = load_digits_images(size=images.shape[1], split="test")
+    acc = accuracy(model, images, labels)
+    fd = metrics.frechet_distance(
+        extract_features(model, images),
+        extract_features(model, real_images),
+    )
+    return {"accuracy": acc, "frechet": fd}

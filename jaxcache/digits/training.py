@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, serialization
 
-from jaxcache import pretrained
+from jaxcache.digits import pretrained
 
 PyTree = Any
 

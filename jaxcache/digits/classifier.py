@@ -366,6 +366,6 @@ def default_classifier() -> DigitClassifier:
     Returns:
       A fresh :class:`DigitClassifier`; each call loads its own copy.
     """
-    ref = importlib.resources.files("jaxcache").joinpath("assets", _ASSET)
+    ref = importlib.resources.files("jaxcache.digits").joinpath("assets", _ASSET)
     with importlib.resources.as_file(ref) as path:
         return load_classifier(path)

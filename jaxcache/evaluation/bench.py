@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m jaxcache.bench                       # small DiT on whatever device JAX sees
-    python -m jaxcache.bench --model mmdit --size flux --steps 50 --cached-layers 25 \\
+    python -m jaxcache.evaluation.bench                       # small DiT on whatever device JAX sees
+    python -m jaxcache.evaluation.bench --model mmdit --size flux --steps 50 --cached-layers 25 \\
         --interval 3 --batch 1 --dtype bfloat16 --json
 
 Both loops are compiled first (compile time reported on its own), warmed up, then timed over
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcache import sampler
-from jaxcache.flops import ideal_speedup
+from jaxcache.evaluation.flops import ideal_speedup
 from jaxcache.models import ARCHS, SIZES, create_model, get_config
 from jaxcache.network import from_nnx
 from jaxcache.plan import CachePlan
@@ -54,7 +54,7 @@ def _positive(name: str):
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m jaxcache.bench",
+        prog="python -m jaxcache.evaluation.bench",
         description="Time cached vs uncached sampling of a reference diffusion transformer.",
     )
     p.add_argument("--model", choices=ARCHS, default="dit", help="architecture (default: dit)")
