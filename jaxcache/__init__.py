@@ -1,40 +1,51 @@
 """jaxcache: step-level feature caching for diffusion transformers in JAX, compiled whole.
 
-The public API:
+The public API (the core; it imports nothing from :mod:`jaxcache.models`,
+:mod:`jaxcache.evaluation` or :mod:`jaxcache.digits`):
 
 * :class:`StepCache`, :func:`should_refresh`: the reference step cache, as an immutable pytree.
 * :class:`Network`, :class:`NetworkParams`, :func:`from_nnx`: a model cut into cacheable pieces.
-* :class:`CachePlan`, :class:`SegmentParams`: which layers are cached; parameters split per segment.
-* :class:`RefreshPolicy`, :class:`IntervalPolicy`, :class:`StepMaskPolicy`, :class:`OnDevice`:
-  when to recompute.
+* :class:`CachePlan`, :class:`SegmentParams`: head, cached body and tail; parameters split per
+  segment.
+* Policies, when the body is recomputed: :class:`RefreshPolicy`, :class:`IntervalPolicy`,
+  :class:`StepMaskPolicy`, :class:`OnDevice`.
+* Reuse modes, what a skipped step uses: :class:`ReuseMode`, :class:`OutputReuse`,
+  :class:`ResidualReuse`, :class:`TaylorForecast`, :class:`HermiteForecast`.
 * :class:`Solver`, :class:`FlowMatchEuler`, :class:`DDIM`: solver steps.
-* :func:`sample`, :class:`SampleResult`: the cached sampling loop, one compiled program.
+* :func:`sample`, :func:`lower`, :class:`SampleResult`: the cached sampling loop, one program.
 """
 
 from jaxcache.network import Network, NetworkParams, from_nnx
 from jaxcache.plan import CachePlan, SegmentParams
 from jaxcache.policies import IntervalPolicy, OnDevice, RefreshPolicy, StepMaskPolicy
-from jaxcache.sampler import SampleResult, sample
+from jaxcache.reuse import HermiteForecast, OutputReuse, ResidualReuse, ReuseMode, TaylorForecast
+from jaxcache.sampler import SampleResult, lower, sample
 from jaxcache.solvers import DDIM, FlowMatchEuler, Solver
 from jaxcache.step_cache import StepCache, should_refresh
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "CachePlan",
     "DDIM",
+    "CachePlan",
     "FlowMatchEuler",
+    "HermiteForecast",
     "IntervalPolicy",
     "Network",
     "NetworkParams",
     "OnDevice",
+    "OutputReuse",
     "RefreshPolicy",
+    "ResidualReuse",
+    "ReuseMode",
     "SampleResult",
     "SegmentParams",
     "Solver",
     "StepCache",
     "StepMaskPolicy",
+    "TaylorForecast",
     "from_nnx",
+    "lower",
     "sample",
     "should_refresh",
 ]

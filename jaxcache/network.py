@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 import jax
 from flax import nnx
 
+from jaxcache.stack import run_layers
+
 PyTree = Any
 
 __all__ = ["Network", "NetworkParams", "from_nnx", "num_layers"]
@@ -60,6 +62,10 @@ class Network:
         ``params.layers`` along its leading axis.
       final: ``final(params.final, h, ctx) -> prediction`` with the shape of ``x``.
       dual_stream: whether ``h`` is an ``(image, text)`` pair (cached in slot streams 1 and 2).
+      modulated_input: optional ``modulated_input(layer_params, h, ctx) -> array``: a layer's
+        input after its timestep modulation (adaLN shift and scale of the attention branch, on
+        the image stream). TeaCache reads it from the first layer; networks without it cannot
+        use TeaCache.
     """
 
     condition: Callable[[PyTree, PyTree], PyTree]
@@ -67,16 +73,13 @@ class Network:
     layer: Callable[[PyTree, PyTree, PyTree], PyTree]
     final: Callable[[PyTree, PyTree, PyTree], jax.Array]
     dual_stream: bool = False
+    modulated_input: Callable[[PyTree, PyTree, PyTree], jax.Array] | None = None
 
     def __call__(self, params: NetworkParams, x: jax.Array, t: jax.Array, cond: PyTree):
         """The plain, uncached forward pass (for checks and training)."""
         constant = self.condition(params.condition, cond)
         h, ctx = self.embed(params.embed, x, t, constant)
-
-        def body(h, layer_params):
-            return self.layer(layer_params, h, ctx), None
-
-        h, _ = jax.lax.scan(body, h, params.layers)
+        h = run_layers(self.layer, params.layers, h, ctx)
         return self.final(params.final, h, ctx)
 
 
@@ -88,21 +91,26 @@ def num_layers(params: NetworkParams) -> int:
     return int(leaves[0].shape[0])
 
 
-def _apply(graphdef: nnx.GraphDef) -> Callable[..., Any]:
+def _apply(graphdef: nnx.GraphDef, method: str = "__call__") -> Callable[..., Any]:
     """A pure ``apply(state, *args)`` that rebuilds the module from ``graphdef`` and calls it."""
 
     def apply(state, *args):
-        return nnx.merge(graphdef, state)(*args)
+        return getattr(nnx.merge(graphdef, state), method)(*args)
 
     return apply
 
 
 @functools.lru_cache(maxsize=128)
-def _network_for(graphdefs: tuple[nnx.GraphDef, ...], dual_stream: bool) -> "Network":
+def _network_for(
+    graphdefs: tuple[nnx.GraphDef, ...], dual_stream: bool, has_modulated_input: bool
+) -> "Network":
     # One Network per model structure: the sampler compiles once per Network object, so models
     # of the same structure (a reloaded checkpoint, new weights) reuse the compiled program.
     condition, embed, layer, final = (_apply(g) for g in graphdefs)
-    return Network(condition, embed, layer, final, dual_stream=dual_stream)
+    modulated = _apply(graphdefs[2], "modulated_input") if has_modulated_input else None
+    return Network(
+        condition, embed, layer, final, dual_stream=dual_stream, modulated_input=modulated
+    )
 
 
 def from_nnx(model: nnx.Module) -> tuple[Network, NetworkParams]:
@@ -117,7 +125,8 @@ def from_nnx(model: nnx.Module) -> tuple[Network, NetworkParams]:
       (built with ``nnx.vmap`` over the block constructor); called on one slice at a time.
     * ``model.final_layer(h, ctx) -> prediction``
 
-    and a boolean attribute ``dual_stream`` when ``h`` is an ``(image, text)`` pair.
+    and a boolean attribute ``dual_stream`` when ``h`` is an ``(image, text)`` pair. A block
+    that defines ``modulated_input(h, ctx)`` (its timestep-modulated input) supports TeaCache.
 
     Args:
       model: the NNX model.
@@ -137,6 +146,10 @@ def from_nnx(model: nnx.Module) -> tuple[Network, NetworkParams]:
             f"from_nnx needs the NNX submodules {pieces}; {type(model).__name__} lacks {missing}"
         )
     graphdefs, states = zip(*(nnx.split(getattr(model, p)) for p in pieces))
-    network = _network_for(tuple(graphdefs), bool(getattr(model, "dual_stream", False)))
+    network = _network_for(
+        tuple(graphdefs),
+        bool(getattr(model, "dual_stream", False)),
+        callable(getattr(model.blocks, "modulated_input", None)),
+    )
     params = NetworkParams(*states)
     return network, params

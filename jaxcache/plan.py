@@ -1,14 +1,16 @@
 """The cache plan: one network step cut into head, cached body and tail.
 
-Per denoising step the plan runs
+Per denoising step the plan runs three segments, each a range of the network's stacked layers:
 
-* ``head``: the per-step embedding (always runs; later policies read their signal here),
-* ``body``: layers ``[0, n)``, the cached segment (run, or its stored output reused),
-* ``tail``: layers ``[n, N)`` and the final projection (always run, with the current ``t``).
+* ``head``: the per-step embedding, then layers ``[0, F)`` (always run; policies read their
+  signal here: the first block's residual, the first ``F`` blocks' residual);
+* ``body``: layers ``[F, F + n)``, the cached segment (run, or replaced by the reuse mode);
+* ``tail``: layers ``[F + n, N)`` and the final projection (always run, with the current ``t``).
 
-This is the reference's layout (Z-Image caches its first 15 of 30 layers). Parameters are split
-per segment once, before the loop (:meth:`CachePlan.split`): slicing a stacked parameter array
-inside the loop body would copy weights every step.
+The reference (Z-Image caches its first 15 of 30 layers) is ``F = 0``; DBCache's ``F8B0`` on a
+57-layer FLUX is ``F = 8, n = 49``; First-Block Cache is ``F = 1, n = N - 1``. Parameters are
+split per segment once, before the loop (:meth:`CachePlan.split`): slicing a stacked parameter
+array inside the loop body would copy weights every step.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from typing import Any, NamedTuple
 
 import jax
 
+from jaxcache._checks import check_int
 from jaxcache.network import Network, NetworkParams, num_layers
+from jaxcache.stack import Observer, run_layers, stack_length
 
 PyTree = Any
 
@@ -30,10 +34,11 @@ class SegmentParams(NamedTuple):
 
     Attributes:
       condition: the condition path's parameters.
-      embed: the embedding's parameters (head).
+      embed: the embedding's parameters.
       body: the cached layers' parameters, stacked ``[n, ...]``.
-      tail: the remaining layers' parameters, stacked ``[N - n, ...]``.
+      tail: the layers after the body, stacked ``[N - F - n, ...]``.
       final: the final projection's parameters.
+      head: the layers before the body, stacked ``[F, ...]`` (empty for the reference layout).
     """
 
     condition: PyTree
@@ -41,11 +46,7 @@ class SegmentParams(NamedTuple):
     body: PyTree
     tail: PyTree
     final: PyTree
-
-
-def _stack_length(tree: PyTree) -> int:
-    leaves = jax.tree.leaves(tree)
-    return int(leaves[0].shape[0]) if leaves else 0
+    head: PyTree = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,10 @@ class CachePlan:
 
     Attributes:
       network: the network.
-      cached_layers: ``n``; layers ``[0, n)`` form the cached body. ``0`` caches nothing.
+      cached_layers: ``n``, the length of the cached body. ``0`` caches nothing.
+      first_layers: ``F``, the layers that always run before the body (DBCache's ``Fn``;
+        1 for First-Block Cache). The body is layers ``[F, F + n)``; every layer after it runs
+        every step (DBCache's ``Bn``).
 
     Example:
       >>> plan = CachePlan(network, cached_layers=14)        # doctest: +SKIP
@@ -63,14 +67,27 @@ class CachePlan:
 
     network: Network
     cached_layers: int
+    first_layers: int = 0
 
     def __post_init__(self):
-        n = self.cached_layers
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"cached_layers must be a non-negative int, got {n!r}")
+        if not isinstance(self.network, Network):
+            got = type(self.network).__name__
+            raise TypeError(f"network must be a jaxcache Network, got {got}")
+        check_int(self.cached_layers, "cached_layers", minimum=0)
+        check_int(self.first_layers, "first_layers", minimum=0)
+
+    @property
+    def body_start(self) -> int:
+        """The first layer of the body."""
+        return self.first_layers
+
+    @property
+    def body_stop(self) -> int:
+        """One past the last layer of the body."""
+        return self.first_layers + self.cached_layers
 
     def split(self, params: NetworkParams, *, donate: bool = False) -> SegmentParams:
-        """Splits stacked layer parameters into body ``[0, n)`` and tail ``[n, N)``.
+        """Splits stacked layer parameters into head ``[0, F)``, body and tail.
 
         Call it once, eagerly, and pass the result to the sampler.
 
@@ -81,17 +98,21 @@ class CachePlan:
             device). ``params.layers`` (and any model sharing its arrays) is unusable after.
 
         Raises:
-          ValueError: if ``cached_layers`` exceeds the network's number of layers.
+          ValueError: if the head and body need more layers than the network has.
         """
         total = num_layers(params)
-        n = self.cached_layers
-        if n > total:
-            raise ValueError(f"cached_layers={n} exceeds the network's {total} layers")
+        start, stop = self.body_start, self.body_stop
+        if stop > total:
+            raise ValueError(
+                f"first_layers={start} + cached_layers={self.cached_layers} exceeds the "
+                f"network's {total} layers"
+            )
         leaves, treedef = jax.tree.flatten(params.layers)
-        body, tail = [], []
+        head, body, tail = [], [], []
         for leaf in leaves:
-            body.append(leaf[:n])
-            tail.append(leaf[n:])
+            head.append(leaf[:start])
+            body.append(leaf[start:stop])
+            tail.append(leaf[stop:])
             if donate and isinstance(leaf, jax.Array):
                 leaf.delete()
         return SegmentParams(
@@ -100,47 +121,65 @@ class CachePlan:
             body=jax.tree.unflatten(treedef, body),
             tail=jax.tree.unflatten(treedef, tail),
             final=params.final,
+            head=jax.tree.unflatten(treedef, head),
         )
 
     @staticmethod
     def total_layers(params: SegmentParams) -> int:
-        """``N``, the number of layers across body and tail."""
-        return _stack_length(params.body) + _stack_length(params.tail)
+        """``N``, the number of layers across head, body and tail."""
+        return sum(stack_length(p) for p in (params.head, params.body, params.tail))
 
     def check(self, params: SegmentParams) -> None:
-        """Raises a ValueError unless ``params`` was split by a plan with the same ``n``."""
+        """Raises unless ``params`` was split by a plan with the same head and body."""
         if not isinstance(params, SegmentParams):
             raise TypeError(
                 f"params must be SegmentParams (from CachePlan.split), got {type(params).__name__}"
             )
-        body = _stack_length(params.body)
-        if body != self.cached_layers:
+        head, body = stack_length(params.head), stack_length(params.body)
+        if (head, body) != (self.first_layers, self.cached_layers):
             raise ValueError(
-                f"params were split with {body} cached layers, but the plan caches "
-                f"{self.cached_layers}; call plan.split(params) with this plan"
+                f"params were split with first_layers={head}, cached_layers={body}, but the "
+                f"plan has first_layers={self.first_layers}, cached_layers={self.cached_layers}; "
+                "call plan.split(params) with this plan"
             )
 
     # ------------------------------------------------------------------------ segments
-    def run_layers(self, stacked_params: PyTree, h: PyTree, ctx: PyTree) -> PyTree:
-        """Runs a stack of layers with ``lax.scan``.
+    def run_head(
+        self, params: SegmentParams, x: jax.Array, t: jax.Array, constant: PyTree
+    ) -> tuple[PyTree, PyTree, PyTree]:
+        """The embedding, then the head layers.
 
         Args:
-          stacked_params: layer parameters stacked on a leading axis (possibly empty).
-          h: the hidden state (an array, or an ``(image, text)`` pair).
-          ctx: per-step context every layer reads.
+          params: the split parameters.
+          x: the solver's sample rows.
+          t: ``[rows]`` times.
+          constant: the condition path's output.
 
         Returns:
-          ``h`` after the stack.
+          ``(embedded, h, ctx)``: the embedding's hidden state, the hidden state after the head
+          layers (the body's input) and the per-step context.
         """
-        if _stack_length(stacked_params) == 0:
-            return h
-        layer = self.network.layer
+        embedded, ctx = self.network.embed(params.embed, x, t, constant)
+        return embedded, run_layers(self.network.layer, params.head, embedded, ctx), ctx
 
-        def body(h, layer_params):
-            return layer(layer_params, h, ctx), None
+    def run_body(
+        self,
+        params: SegmentParams,
+        h: PyTree,
+        ctx: PyTree,
+        *,
+        observe: Observer | None = None,
+        state: PyTree = None,
+    ) -> PyTree:
+        """The body's layers (see :func:`jaxcache.stack.run_layers` for ``observe``)."""
+        return run_layers(
+            self.network.layer, params.body, h, ctx, observe=observe, state=state
+        )
 
-        h, _ = jax.lax.scan(body, h, stacked_params)
-        return h
+    def run_tail(self, params: SegmentParams, h: PyTree, ctx: PyTree) -> jax.Array:
+        """The tail layers and the final projection: the network's prediction."""
+        h = run_layers(self.network.layer, params.tail, h, ctx)
+        return self.network.final(params.final, h, ctx)
 
     def streams(self, h: PyTree) -> tuple[PyTree, PyTree]:
         """``h`` as (stream-1 value, stream-2 value or None)."""

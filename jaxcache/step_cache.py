@@ -49,13 +49,14 @@ def should_refresh(step: int | jax.Array, interval: int) -> bool | jax.Array:
     Raises:
       ValueError: if ``interval`` is not a positive int.
     """
-    _check_interval(interval)
+    check_interval(interval)
     if isinstance(step, (int, np.integer)):
         return step % interval == 0
     return jnp.asarray(step) % interval == 0
 
 
-def _check_interval(interval: Any) -> None:
+def check_interval(interval: Any) -> None:
+    """Raises a ValueError unless ``interval`` is a positive int (the reference crashes at 0)."""
     if isinstance(interval, bool) or not isinstance(interval, (int, np.integer)):
         raise ValueError(f"interval must be a positive int, got {interval!r}")
     if interval <= 0:
@@ -306,80 +307,6 @@ class StepCache:
     def has_stream2(self) -> bool:
         """Whether the cache was created with a second stream."""
         return self.stream2 is not None
-
-    @property
-    def has_constant_slot(self) -> bool:
-        """Whether the cache was created with a constant slot."""
-        return self.constant_spec is not None
-
-    # ----------------------------------------------------------------------- rows, in-loop writes
-    def select_rows(self, start: int, stop: int) -> "StepCache":
-        """The cache restricted to batch rows ``[start, stop)``.
-
-        Every slot value and the constant are taken to be batch-major (a slot leaf is
-        ``[num_layers, batch, ...]``, a constant leaf ``[batch, ...]``). The sampler uses this to
-        hand back one cache per guidance branch.
-        """
-
-        def rows(tree, axis):
-            return jax.tree.map(lambda a: jax.lax.slice_in_dim(a, start, stop, axis=axis), tree)
-
-        def spec(tree, lead):
-            # Drop the layer axis of slot buffers; only shapes and dtypes matter.
-            return None if tree is None else _SlotSpec(
-                jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[lead:], a.dtype), tree)
-            )
-
-        s1, s2 = rows(self.stream1.slots, 1), None if self.stream2 is None else rows(
-            self.stream2.slots, 1
-        )
-        constant = None if self.constant_spec is None else rows(self.constant_value, 0)
-        return dataclasses.replace(
-            self,
-            stream1=_Stream(s1, self.stream1.filled),
-            stream2=None if s2 is None else _Stream(s2, self.stream2.filled),
-            constant_value=constant,
-            layer_spec=spec(s1, 1),
-            layer2_spec=spec(s2, 1),
-            constant_spec=spec(constant, 0),
-        )
-
-    def write_layer(
-        self, i: jax.Array, value: PyTree, value2: PyTree = None, *, keep: jax.Array | bool
-    ) -> "StepCache":
-        """Writes slot ``i`` in place inside a scan over layers, without marking it filled.
-
-        For loops that fill every slot and then mark them all at once with :meth:`mark_filled`.
-        ``i`` must lie in ``[0, num_layers)`` (unchecked: it is traced). Where ``keep`` is True
-        the slot keeps its old value, so a pass that must not store leaves the cache as it was.
-        The write is a ``dynamic_update_slice``, which XLA performs in place in a loop carry.
-        """
-
-        def write(slots, new):
-            def one(buf, v):
-                if keep is not False:  # a static False needs no read of the old value
-                    old = jax.lax.dynamic_index_in_dim(buf, i, 0, keepdims=False)
-                    v = jnp.where(keep, old, v)
-                return jax.lax.dynamic_update_index_in_dim(buf, v, i, 0)
-
-            return jax.tree.map(one, slots, new)
-
-        out = dataclasses.replace(
-            self, stream1=_Stream(write(self.stream1.slots, value), self.stream1.filled)
-        )
-        if self.stream2 is not None:
-            out = dataclasses.replace(
-                out, stream2=_Stream(write(self.stream2.slots, value2), self.stream2.filled)
-            )
-        return out
-
-    def mark_filled(self, flag: jax.Array) -> "StepCache":
-        """Marks every slot of both streams filled where ``flag`` is True (else unchanged)."""
-
-        def mark(stream):
-            return None if stream is None else _Stream(stream.slots, stream.filled | flag)
-
-        return dataclasses.replace(self, stream1=mark(self.stream1), stream2=mark(self.stream2))
 
     # ----------------------------------------------------------------------------- internals
     def _stream2(self, method: str) -> _Stream:

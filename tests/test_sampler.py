@@ -16,6 +16,7 @@ from jaxcache import sampler as sampler_module
 import toy_networks
 from reference import reference_sample
 
+ALL_LAYERS = jc.OutputReuse(all_layers=True)
 NETWORKS = {
     "single": toy_networks.single_stream,
     "dual": toy_networks.dual_stream,
@@ -24,13 +25,13 @@ NETWORKS = {
 SOLVERS = {"euler": jc.FlowMatchEuler(shift=3.0), "ddim": jc.DDIM()}
 
 
-def run(network, params, n, policy, steps=12, solver=None, guided=False, batch=3):
+def run(network, params, n, policy, steps=12, solver=None, guided=False, batch=3, reuse=None):
     noise, cond, uncond = toy_networks.inputs(batch)
     plan = jc.CachePlan(network, n)
     kwargs = dict(uncond=uncond, guidance_scale=4.0) if guided else {}
     return jc.sample(
         plan, plan.split(params), noise, cond,
-        solver=solver or SOLVERS["euler"], num_steps=steps, policy=policy, **kwargs,
+        solver=solver or SOLVERS["euler"], num_steps=steps, policy=policy, reuse=reuse, **kwargs,
     )
 
 
@@ -106,7 +107,7 @@ def test_static_schedule_path_equals_device_decisions(name, interval):
 def test_guidance_keeps_separate_cache_per_branch(name):
     network, params = NETWORKS[name]()
     noise, cond, uncond = toy_networks.inputs()
-    got = run(network, params, 3, jc.IntervalPolicy(3), guided=True)
+    got = run(network, params, 3, jc.IntervalPolicy(3), guided=True, reuse=ALL_LAYERS)
     kwargs = dict(
         solver=SOLVERS["euler"], num_steps=12, cached_layers=3, refresh_at=lambda s: s % 3 == 0,
         uncond=uncond, guidance_scale=4.0,
@@ -133,10 +134,26 @@ def test_guidance_keeps_separate_cache_per_branch(name):
 
 def test_unguided_returns_one_cache_with_all_slots():
     network, params = toy_networks.single_stream()
-    got = run(network, params, 4, jc.IntervalPolicy(2))
+    got = run(network, params, 4, jc.IntervalPolicy(2), reuse=ALL_LAYERS)
     (cache,) = got.caches
     assert cache.num_layers == 4 and all(bool(cache.has(i)) for i in range(4))
     assert got.caches is not None and run(network, params, 0, None).caches is None
+
+
+@pytest.mark.parametrize("name", ["single", "dual"])
+def test_default_cache_keeps_only_the_body_output(name):
+    # Only the last body layer's output is ever read: by default it is all that is kept, and
+    # the samples equal those of the reference layout (every layer's output kept).
+    network, params = NETWORKS[name]()
+    last = run(network, params, 4, jc.IntervalPolicy(3), guided=True)
+    every = run(network, params, 4, jc.IntervalPolicy(3), guided=True, reuse=ALL_LAYERS)
+    np.testing.assert_array_equal(last.sample, every.sample)
+    for small, full in zip(last.caches, every.caches):
+        assert small.num_layers == 1 and full.num_layers == 4
+        chex.assert_trees_all_equal(small.get(0), full.get(3))
+        if network.dual_stream:
+            chex.assert_trees_all_equal(small.get2(0), full.get2(3))
+        chex.assert_trees_all_equal(small.get_constant(), full.get_constant())
 
 
 def test_no_state_leaks_between_runs():
@@ -239,7 +256,7 @@ def test_bad_arguments_raise_clear_errors():
         jc.CachePlan(network, -1)
     with pytest.raises(ValueError, match="exceeds"):
         jc.CachePlan(network, 7).split(params)
-    with pytest.raises(ValueError, match="split with 3 cached layers"):
+    with pytest.raises(ValueError, match="split with first_layers=0, cached_layers=3"):
         jc.sample(jc.CachePlan(network, 2), seg, noise, cond, **ok)
     with pytest.raises(TypeError, match="SegmentParams"):
         jc.sample(plan, params, noise, cond, **ok)
@@ -317,6 +334,6 @@ def test_reference_models_use_the_cache_streams(tiny_model):
     width = get_config("dit", "tiny").width
     if network.dual_stream:  # MMDiT: image states in stream 1, text states in stream 2
         assert cache.has_stream2
-        assert cache.get(1).shape == (2, 16, width) and cache.get2(1).shape == (2, 4, width)
+        assert cache.get(0).shape == (2, 16, width) and cache.get2(0).shape == (2, 4, width)
     else:  # DiT: image + caption tokens in stream 1
-        assert not cache.has_stream2 and cache.get(1).shape == (2, 16 + 4, width)
+        assert not cache.has_stream2 and cache.get(0).shape == (2, 16 + 4, width)

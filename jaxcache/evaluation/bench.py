@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m jaxcache.evaluation.bench                       # small DiT on whatever device JAX sees
+    python -m jaxcache.evaluation.bench       # small DiT on whatever device JAX sees
     python -m jaxcache.evaluation.bench --model mmdit --size flux --steps 50 --cached-layers 25 \\
         --interval 3 --batch 1 --dtype bfloat16 --json
 

@@ -90,6 +90,11 @@ class DiTBlock(nnx.Module):
         self.proj = nnx.Linear(config.width, config.width, kernel_init=layers.XAVIER_INIT, **kw)
         self.mlp = layers.Mlp(config.width, int(config.width * config.mlp_ratio), **kw)
 
+    def modulated_input(self, h: jax.Array, c: jax.Array) -> jax.Array:
+        """The attention branch's input after timestep modulation (TeaCache's signal)."""
+        shift_a, scale_a, *_ = self.adaln(c)
+        return layers.modulate(layers.layer_norm(h), shift_a, scale_a)
+
     def __call__(self, h: jax.Array, c: jax.Array) -> jax.Array:
         """``[B, T, D]`` tokens and ``[B, D]`` conditioning to ``[B, T, D]`` tokens."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaln(c)

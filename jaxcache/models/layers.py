@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxcache.stack import run_layers
+
 PyTree = Any
 DType = Any
 
@@ -504,8 +506,7 @@ def scan_blocks(blocks: nnx.Module, h: PyTree, ctx: PyTree) -> PyTree:
     """
     graphdef, state = nnx.split(blocks)
 
-    def body(h, layer_state):
-        return nnx.merge(graphdef, layer_state)(h, ctx), None
+    def layer(layer_state, h, ctx):
+        return nnx.merge(graphdef, layer_state)(h, ctx)
 
-    h, _ = jax.lax.scan(body, h, state)
-    return h
+    return run_layers(layer, state, h, ctx)

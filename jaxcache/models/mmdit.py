@@ -97,6 +97,11 @@ class MMDiTBlock(nnx.Module):
         self.img = _Stream(config, rngs=rngs)
         self.txt = _Stream(config, rngs=rngs)
 
+    def modulated_input(self, h: tuple[jax.Array, jax.Array], c: jax.Array) -> jax.Array:
+        """The image stream's attention input after timestep modulation (TeaCache's signal)."""
+        shift, scale, *_ = self.img.adaln(c)
+        return layers.modulate(layers.layer_norm(h[0]), shift, scale)
+
     def __call__(
         self, h: tuple[jax.Array, jax.Array], c: jax.Array
     ) -> tuple[jax.Array, jax.Array]:

@@ -1,0 +1,79 @@
+"""The policy seam: when the cached body is recomputed.
+
+A policy is a settings object (a frozen dataclass that is also a pytree: numbers such as
+thresholds are traced, so a new value reuses the compiled program; structure such as an
+interval is static) with pure functions:
+
+* ``init(num_steps, signal=None) -> state``: the state before step 0. A policy that reads a
+  signal receives the signal's structure (``jax.ShapeDtypeStruct``, leading row axis), so its
+  state can hold the previous signal.
+* ``decide(state, step, signal) -> (refresh, state)``: ``refresh`` is a boolean array, a scalar
+  (every row alike) or ``[rows]`` (one decision per sample and guidance branch), never a Python
+  bool, so the decision stays inside the compiled program.
+* ``static_schedule(num_steps)``: every step's decision when it is known before sampling; the
+  sampler then compiles the loop with no decision in it.
+
+``signal_kind`` names what the policy reads each step, produced by the plan's head:
+
+* ``None``: nothing (static schedules);
+* ``"head_residual"``: the head layers' residual on stream 1 (the first block's residual for
+  First-Block Cache, the first ``Fn`` blocks' for DBCache);
+* ``"modulated_input"``: the first layer's timestep-modulated input (TeaCache).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import jax
+import numpy as np
+
+PyTree = Any
+
+__all__ = ["SIGNAL_KINDS", "RefreshPolicy"]
+
+SIGNAL_KINDS = (None, "head_residual", "modulated_input")
+
+
+class RefreshPolicy(abc.ABC):
+    """Decides, on the device, whether a step recomputes the cached body."""
+
+    #: What the policy reads each step (see the module docstring).
+    signal_kind: ClassVar[str | None] = None
+
+    @abc.abstractmethod
+    def init(self, num_steps: int, signal: PyTree = None) -> PyTree:
+        """The state before step 0.
+
+        Args:
+          num_steps: the number of denoising steps (static).
+          signal: the signal's structure for policies that read one, else None.
+        """
+
+    def static_schedule(self, num_steps: int) -> np.ndarray | None:
+        """The refresh decision of every step, if it is known before sampling; else None.
+
+        The sampler compiles a known schedule to a loop with no decision in it; policies that
+        read signals or state return None.
+        """
+        return None
+
+    @abc.abstractmethod
+    def decide(self, state: PyTree, step: jax.Array, signal: PyTree) -> tuple[jax.Array, PyTree]:
+        """Whether to refresh at ``step``.
+
+        Args:
+          state: the policy state.
+          step: the step index, an int32 scalar array.
+          signal: this step's signal (``[rows, ...]``), or None.
+
+        Returns:
+          ``(refresh, new_state)``: ``refresh`` a boolean scalar or ``[rows]`` array.
+        """
+
+    def check(self, plan, num_steps: int) -> None:  # noqa: B027 (optional hook)
+        """Raises a ValueError when the policy cannot run with ``plan`` for ``num_steps``.
+
+        Called before anything is compiled.
+        """

@@ -1,0 +1,24 @@
+"""Reuse modes: what a skipped step uses in place of the cached body's output.
+
+* :class:`OutputReuse`: the body's stored output (the reference).
+* :class:`ResidualReuse`: the stored residual added to the body's current input.
+* :class:`TaylorForecast`: TaylorSeer, a forecast from the last computed steps in the solver's
+  time; :class:`HermiteForecast`: HiCache, the same ladder in a scaled Hermite basis.
+"""
+
+from jaxcache.reuse.base import Position, ReuseMode, select_rows
+from jaxcache.reuse.forecast import ForecastState, HermiteForecast, TaylorForecast
+from jaxcache.reuse.output import OutputReuse
+from jaxcache.reuse.residual import ResidualReuse, ResidualState
+
+__all__ = [
+    "ForecastState",
+    "HermiteForecast",
+    "OutputReuse",
+    "Position",
+    "ResidualReuse",
+    "ResidualState",
+    "ReuseMode",
+    "TaylorForecast",
+    "select_rows",
+]

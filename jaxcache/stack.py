@@ -1,0 +1,74 @@
+"""Running a range of stacked layers: the one place a layer stack is scanned.
+
+A stack holds ``L`` identical layers whose parameters are stacked on a leading axis. The plan,
+the sampler, :class:`~jaxcache.Network` and the reference models all run stacks through
+:func:`run_layers`, a ``lax.scan`` over that axis, so a program holds one layer whatever the
+depth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+LayerFn = Callable[[PyTree, PyTree, PyTree], PyTree]
+Observer = Callable[[PyTree, jax.Array, PyTree], PyTree]
+
+__all__ = ["run_layers", "stack_length"]
+
+
+def stack_length(stacked_params: PyTree) -> int:
+    """The number of layers in a stack (the leading axis of its leaves; 0 for an empty tree)."""
+    leaves = jax.tree.leaves(stacked_params)
+    return int(leaves[0].shape[0]) if leaves else 0
+
+
+def run_layers(
+    layer: LayerFn,
+    stacked_params: PyTree,
+    h: PyTree,
+    ctx: PyTree,
+    *,
+    observe: Observer | None = None,
+    state: PyTree = None,
+) -> PyTree | tuple[PyTree, PyTree]:
+    """Runs a stack of layers in order with ``lax.scan``.
+
+    Args:
+      layer: ``layer(layer_params, h, ctx) -> h``, one layer.
+      stacked_params: the layers' parameters stacked on a leading axis (may be empty: then
+        ``h`` comes back unchanged and nothing is traced).
+      h: the hidden state (an array or a pytree such as ``(image, text)``).
+      ctx: what every layer reads (the timestep conditioning vector).
+      observe: optional ``observe(state, index, h) -> state``, called after each layer with
+        the layer's index in the stack (an int32 scalar) and its output; it threads ``state``
+        through the scan (e.g. to write each output into a cache slot in place).
+      state: the initial observer state.
+
+    Returns:
+      ``h`` after the stack, or ``(h, state)`` when ``observe`` is given.
+    """
+    length = stack_length(stacked_params)
+    if length == 0:
+        return h if observe is None else (h, state)
+    if observe is None:
+
+        def plain(h, layer_params):
+            return layer(layer_params, h, ctx), None
+
+        h, _ = jax.lax.scan(plain, h, stacked_params)
+        return h
+
+    def observed(carry, xs):
+        h, state = carry
+        index, layer_params = xs
+        h = layer(layer_params, h, ctx)
+        return (h, observe(state, index, h)), None
+
+    indices = jnp.arange(length, dtype=jnp.int32)
+    (h, state), _ = jax.lax.scan(observed, (h, state), (indices, stacked_params))
+    return h, state
