@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcache import sampler
+from jaxcache._checks import check_int
 from jaxcache.digits import pretrained
 from jaxcache.digits.classifier import (
     DigitClassifier,
@@ -115,8 +116,7 @@ def evaluate_settings(
     for n, interval in settings:
         if not 1 <= n <= depth:
             raise ValueError(f"cached layers must be in [1, {depth}], got {n}")
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"interval must be a positive int, got {interval!r}")
+        check_int(interval, "interval")
     cond = pretrained.class_condition(labels)
     classifier = classifier or default_classifier()
     if real_images is None:
@@ -137,7 +137,7 @@ def evaluate_settings(
         seg = plan.split(params)
         policy = None if n == 0 else IntervalPolicy(interval)
         compiled = sampler.lower(plan, seg, noise, cond, policy=policy, **common).compile()
-        programs[(n, interval)] = (compiled, (seg, noise, cond, uncond))
+        programs[(n, interval)] = (compiled, (seg, noise, cond, uncond, policy, None))
     outputs = jax.block_until_ready({key: fn(*args) for key, (fn, args) in programs.items()})
     # Each program back to back after a warm call: on small CPU workloads the first call after
     # switching programs runs slower, which would bias an interleaved comparison. Full compute

@@ -15,6 +15,7 @@ is measured speedup over ideal speedup.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -134,16 +135,18 @@ def run_benchmark(
     for name, pol in (("uncached", None), ("cached", policy)):
         lowered = sampler.lower(plan, seg, noise, cond, policy=pol, **common)
         start = time.perf_counter()
-        compiled[name] = lowered.compile()
+        # A compiled sampler takes (params, noise, cond, uncond, policy, reuse).
+        compiled[name] = functools.partial(
+            lowered.compile(), seg, noise, cond, guided.get("uncond"), pol, None
+        )
         compile_s[name] = time.perf_counter() - start
-    args = (seg, noise, cond, guided.get("uncond"))
 
-    outputs = {name: fn(*args) for name, fn in compiled.items()}  # warm-up
+    outputs = {name: fn() for name, fn in compiled.items()}  # warm-up
     jax.block_until_ready(outputs)
     times = {"uncached": [], "cached": []}
     for _ in range(repeats):  # interleaved, so drifts in clocks hit both alike
         for name, fn in compiled.items():
-            times[name].append(_time(fn, *args))
+            times[name].append(_time(fn))
     uncached_s = statistics.median(times["uncached"])
     cached_s = statistics.median(times["cached"])
 
