@@ -7,8 +7,10 @@ The public API (the core; it imports nothing from :mod:`jaxcache.models`,
 * :class:`Network`, :class:`NetworkParams`, :func:`from_nnx`: a model cut into cacheable pieces.
 * :class:`CachePlan`, :class:`SegmentParams`: head, cached body and tail; parameters split per
   segment.
-* Policies, when the body is recomputed: :class:`RefreshPolicy`, :class:`IntervalPolicy`,
-  :class:`StepMaskPolicy`, :class:`OnDevice`.
+* Policies, when the body is recomputed: :class:`RefreshPolicy`; schedules known before
+  sampling, :class:`IntervalPolicy`, :class:`StepMaskPolicy`; signal-driven, decided on the
+  device per sample, :class:`FirstBlockPolicy`, :class:`TeaCachePolicy` (with
+  :func:`calibrate_teacache`), :class:`DBCachePolicy`; :class:`OnDevice`.
 * Reuse modes, what a skipped step uses: :class:`ReuseMode`, :class:`OutputReuse`,
   :class:`ResidualReuse`, :class:`TaylorForecast`, :class:`HermiteForecast`.
 * :class:`Solver`, :class:`FlowMatchEuler`, :class:`DDIM`: solver steps.
@@ -17,7 +19,16 @@ The public API (the core; it imports nothing from :mod:`jaxcache.models`,
 
 from jaxcache.network import Network, NetworkParams, from_nnx
 from jaxcache.plan import CachePlan, SegmentParams
-from jaxcache.policies import IntervalPolicy, OnDevice, RefreshPolicy, StepMaskPolicy
+from jaxcache.policies import (
+    DBCachePolicy,
+    FirstBlockPolicy,
+    IntervalPolicy,
+    OnDevice,
+    RefreshPolicy,
+    StepMaskPolicy,
+    TeaCachePolicy,
+    calibrate_teacache,
+)
 from jaxcache.reuse import HermiteForecast, OutputReuse, ResidualReuse, ReuseMode, TaylorForecast
 from jaxcache.sampler import SampleResult, lower, sample
 from jaxcache.solvers import DDIM, FlowMatchEuler, Solver
@@ -28,6 +39,8 @@ __version__ = "0.2.0"
 __all__ = [
     "DDIM",
     "CachePlan",
+    "DBCachePolicy",
+    "FirstBlockPolicy",
     "FlowMatchEuler",
     "HermiteForecast",
     "IntervalPolicy",
@@ -44,6 +57,8 @@ __all__ = [
     "StepCache",
     "StepMaskPolicy",
     "TaylorForecast",
+    "TeaCachePolicy",
+    "calibrate_teacache",
     "from_nnx",
     "lower",
     "sample",

@@ -76,6 +76,31 @@ class CachePlan:
         check_int(self.cached_layers, "cached_layers", minimum=0)
         check_int(self.first_layers, "first_layers", minimum=0)
 
+    @classmethod
+    def around(cls, network: Network, depth: int, *, first: int, last: int = 0) -> CachePlan:
+        """A plan whose body is everything but the first ``first`` and last ``last`` layers.
+
+        DBCache's ``F<first>B<last>``; First-Block Cache is ``first=1, last=0``.
+
+        Args:
+          network: the network.
+          depth: its number of layers ``N``.
+          first: layers that always run before the body (``Fn``).
+          last: layers that always run after it (``Bn``).
+
+        Raises:
+          ValueError: if ``first + last`` leaves no layer to cache.
+        """
+        depth = check_int(depth, "depth")
+        first = check_int(first, "first", minimum=0)
+        last = check_int(last, "last", minimum=0)
+        if first + last >= depth:
+            raise ValueError(
+                f"first={first} + last={last} layers always run, which leaves nothing to cache "
+                f"in a network of depth {depth}; the sum must stay below the depth"
+            )
+        return cls(network, cached_layers=depth - first - last, first_layers=first)
+
     @property
     def body_start(self) -> int:
         """The first layer of the body."""

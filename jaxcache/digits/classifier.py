@@ -26,6 +26,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxcache._checks import check_int
+from jaxcache.digits._files import write_atomically
+from jaxcache.digits.data import NUM_CLASSES, random_shift
+
 __all__ = [
     "DigitClassifier",
     "accuracy",
@@ -38,7 +42,6 @@ __all__ = [
     "train_classifier",
 ]
 
-NUM_CLASSES = 10
 _FORMAT = "jaxcache.digit_classifier/1"
 _CONFIG_KEY = "__config__"
 _FORMAT_KEY = "__format__"
@@ -79,14 +82,14 @@ class DigitClassifier(nnx.Module):
           ValueError: if a size is not a positive integer or ``image_size`` is not a multiple
             of 4.
         """
-        for name, v in (("image_size", image_size), ("channels1", channels1),
-                        ("channels2", channels2), ("features", features)):
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self.config = dict(
+            image_size=check_int(image_size, "image_size"),
+            channels1=check_int(channels1, "channels1"),
+            channels2=check_int(channels2, "channels2"),
+            features=check_int(features, "features"),
+        )
         if image_size % 4:
             raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
-        self.config = dict(image_size=int(image_size), channels1=int(channels1),
-                           channels2=int(channels2), features=int(features))
         self.conv1 = nnx.Conv(1, channels1, (3, 3), padding="SAME", rngs=rngs)
         self.conv2 = nnx.Conv(channels1, channels2, (3, 3), padding="SAME", rngs=rngs)
         flat = channels2 * (image_size // 4) ** 2
@@ -95,15 +98,23 @@ class DigitClassifier(nnx.Module):
 
     def features(self, images: jax.Array) -> jax.Array:
         """Penultimate-layer activations ``[N, features]`` (after the ReLU)."""
-        x = jax.nn.relu(self.conv1(images))
-        x = nnx.avg_pool(x, (2, 2), strides=(2, 2))
-        x = jax.nn.relu(self.conv2(x))
-        x = nnx.avg_pool(x, (2, 2), strides=(2, 2))
+        x = _avg_pool2(jax.nn.relu(self.conv1(images)))
+        x = _avg_pool2(jax.nn.relu(self.conv2(x)))
         return jax.nn.relu(self.fc(x.reshape(x.shape[0], -1)))
 
     def __call__(self, images: jax.Array) -> jax.Array:
         """Class logits ``[N, 10]`` for images ``[N, S, S, 1]`` in ``[-1, 1]``."""
         return self.head(self.features(images))
+
+
+def _avg_pool2(x: jax.Array) -> jax.Array:
+    """2x2 average pooling, stride 2: ``nnx.avg_pool``'s arithmetic (window sum, then / 4).
+
+    ``nnx.avg_pool`` divides by an integer NumPy scalar, which strict dtype promotion refuses;
+    dividing by the Python float 4.0 gives the same bits.
+    """
+    window = (1, 2, 2, 1)
+    return jax.lax.reduce_window(x, 0.0, jax.lax.add, window, window, "VALID") / 4.0
 
 
 def _check_images(images: Any, image_size: int | None = None, name: str = "images") -> jax.Array:
@@ -193,22 +204,6 @@ def cross_entropy(model: DigitClassifier, images: Any, labels: Any) -> float:
                                                                  labels).mean())
 
 
-def _random_shift(key: jax.Array, images: jax.Array, max_shift: int) -> jax.Array:
-    """Shifts each image by up to ``max_shift`` pixels per axis, filling with background."""
-    if max_shift == 0:
-        return images
-    n, s = images.shape[0], images.shape[1]
-    pad = ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0))
-    # Pad with -1 (the background) rather than wrapping, so no stroke enters from the far edge.
-    padded = jnp.pad(images, pad, constant_values=-1.0)
-    offsets = jax.random.randint(key, (n, 2), 0, 2 * max_shift + 1)
-
-    def crop(img, off):
-        return jax.lax.dynamic_slice(img, (off[0], off[1], 0), (s, s, 1))
-
-    return jax.vmap(crop)(padded, offsets)
-
-
 def train_classifier(
     images: Any,
     labels: Any,
@@ -246,12 +241,11 @@ def train_classifier(
     labels = _check_labels(labels, images.shape[0])
     if images.shape[0] == 0:
         raise ValueError("images is empty")
-    if steps < 0 or batch_size < 1 or max_shift < 0 or learning_rate <= 0:
-        raise ValueError(
-            f"need steps >= 0, batch_size >= 1, max_shift >= 0 and learning_rate > 0; got "
-            f"steps={steps}, batch_size={batch_size}, max_shift={max_shift}, "
-            f"learning_rate={learning_rate}"
-        )
+    check_int(steps, "steps", minimum=0)
+    check_int(batch_size, "batch_size")
+    check_int(max_shift, "max_shift", minimum=0)
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
     init_key, data_key = jax.random.split(jax.random.key(seed))
     model = DigitClassifier(image_size=images.shape[1], rngs=nnx.Rngs(params=init_key))
     if steps == 0:
@@ -270,9 +264,11 @@ def train_classifier(
     def step(p, opt_state, images, labels, i):
         k_batch, k_shift = jax.random.split(jax.random.fold_in(data_key, i))
         idx = jax.random.randint(k_batch, (batch_size,), 0, images.shape[0])
-        x = _random_shift(k_shift, images[idx], max_shift)
+        x = random_shift(k_shift, images[idx], max_shift)
         loss, grads = jax.value_and_grad(loss_fn)(p, x, labels[idx])
-        updates, opt_state = tx.update(grads, opt_state, p)
+        # optax mixes its int32 step count with floats: let it, whatever the caller's promotion.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = tx.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, loss
 
     opt_state = tx.init(params)
@@ -290,7 +286,8 @@ def _flat_params(model: DigitClassifier) -> dict[str, np.ndarray]:
 def save_classifier(model: DigitClassifier, path: str | os.PathLike) -> None:
     """Writes the classifier's parameters and config to ``path`` (a ``.npz`` archive).
 
-    The file is written to a temporary name and renamed, so a reader never sees half a file.
+    The file is written to a temporary name beside ``path`` and renamed
+    (:func:`~jaxcache.digits._files.write_atomically`), so a reader never sees half a file.
 
     Args:
       model: the classifier to save.
@@ -300,16 +297,7 @@ def save_classifier(model: DigitClassifier, path: str | os.PathLike) -> None:
     arrays = _flat_params(model)
     arrays[_CONFIG_KEY] = np.array(json.dumps(model.config, sort_keys=True))
     arrays[_FORMAT_KEY] = np.array(_FORMAT)
-    # Write beside the target, then rename: atomic, and ordinary permissions (umask applies).
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomically(path, lambda f: np.savez(f, **arrays))
 
 
 def load_classifier(path: str | os.PathLike) -> DigitClassifier:

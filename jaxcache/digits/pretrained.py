@@ -36,6 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, serialization
 
+from jaxcache._checks import check_int
+from jaxcache.digits._files import write_atomically
+from jaxcache.digits.data import NUM_CLASSES
 from jaxcache.models import ModelConfig
 from jaxcache.models.factory import ARCHITECTURES
 from jaxcache.network import from_nnx
@@ -58,8 +61,7 @@ __all__ = [
     "save_checkpoint",
 ]
 
-NUM_CLASSES = 10
-NULL_CLASS = 10
+NULL_CLASS = NUM_CLASSES
 """The caption id of "no class" (the unconditional branch of classifier-free guidance)."""
 CAPTION_LEN = 1
 """Caption tokens per class: the class id, once."""
@@ -203,7 +205,8 @@ def save_checkpoint(
     """Writes a model (and optionally training state) to one msgpack file, atomically.
 
     The bytes are written to a temporary file in the same folder, flushed to disk, and renamed
-    over ``path``: a crash leaves either the old file or the new one, never half a file.
+    over ``path`` (:func:`~jaxcache.digits._files.write_atomically`): a crash leaves either the
+    old file or the new one, never half a file.
 
     Args:
       path: destination file.
@@ -220,8 +223,7 @@ def save_checkpoint(
         something msgpack cannot store (nothing is written then).
     """
     path = os.fspath(path)
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    check_int(step, "step", minimum=0)
     state = nnx.to_pure_dict(nnx.state(model))
     payload = {
         "format": _FORMAT,
@@ -235,17 +237,7 @@ def save_checkpoint(
         "extra": None if extra is None else jax.device_get(extra),
     }
     data = serialization.msgpack_serialize(payload)  # raises before anything touches the disk
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomically(path, lambda f: f.write(data))
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -30,6 +30,7 @@ import optax
 from flax import nnx, serialization
 
 from jaxcache.digits import pretrained
+from jaxcache.digits.data import random_shift
 
 PyTree = Any
 
@@ -40,7 +41,6 @@ __all__ = [
     "init_train_state",
     "make_optimizer",
     "make_train_step",
-    "random_shift",
     "restore_train_state",
     "sample_times",
     "save_train_state",
@@ -166,24 +166,6 @@ def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation)
     return TrainState(params, optimizer.init(params), jax.tree.map(jnp.array, params))
 
 
-def random_shift(key: jax.Array, images: jax.Array, max_shift: int, fill: float = -1.0):
-    """Shifts each image by up to ``max_shift`` pixels per axis, filling with ``fill``.
-
-    Translations keep a digit a digit (unlike flips), so they are a safe augmentation.
-    """
-    if max_shift == 0:
-        return images
-    n, h, w, c = images.shape
-    pad = ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0))
-    padded = jnp.pad(images, pad, constant_values=fill)  # background, not wrap-around
-    offsets = jax.random.randint(key, (n, 2), 0, 2 * max_shift + 1)
-
-    def crop(img, off):
-        return jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, c))
-
-    return jax.vmap(crop)(padded, offsets)
-
-
 def make_train_step(
     graphdef: nnx.GraphDef,
     optimizer: optax.GradientTransformation,
@@ -246,7 +228,9 @@ def make_train_step(
         loss, grads = jax.value_and_grad(loss_fn)(
             state.params, x, class_tokens(y, caption_len), k_loss
         )
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        # optax mixes its int32 step count with floats: let it, whatever the caller's promotion.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         fi = i.astype(jnp.float32)
         decay = jnp.minimum(ema_decay, (1.0 + fi) / (10.0 + fi))

@@ -1,20 +1,44 @@
 """Refresh policies: when the cached body is recomputed, one policy per module.
 
 * :class:`RefreshPolicy`: the seam (``init``, ``decide``, ``static_schedule``, ``signal_kind``).
-* Schedules known before sampling: :class:`IntervalPolicy` (the reference),
-  :class:`StepMaskPolicy`.
+* Schedules known before sampling, compiled with no decision in the loop:
+  :class:`IntervalPolicy` (the reference), :class:`StepMaskPolicy`.
+* Signal-driven, decided on the device per sample: :class:`FirstBlockPolicy` (First-Block
+  Cache), :class:`TeaCachePolicy` (with :func:`calibrate_teacache`), :class:`DBCachePolicy`.
 * :class:`OnDevice`: forces a per-step decision on the device.
 """
 
 from jaxcache.policies.base import SIGNAL_KINDS, RefreshPolicy
+from jaxcache.policies.dbcache import DBCachePolicy, DBCacheState
+from jaxcache.policies.first_block import FirstBlockPolicy, FirstBlockState
 from jaxcache.policies.interval import IntervalPolicy
 from jaxcache.policies.on_device import OnDevice
+from jaxcache.policies.signals import relative_l1
 from jaxcache.policies.step_mask import StepMaskPolicy
+from jaxcache.policies.teacache import (
+    FLUX_COEFFICIENTS,
+    TeaCachePolicy,
+    TeaCacheState,
+    calibrate_teacache,
+    fit_teacache_coefficients,
+    teacache_calibration_data,
+)
 
 __all__ = [
+    "FLUX_COEFFICIENTS",
     "SIGNAL_KINDS",
+    "DBCachePolicy",
+    "DBCacheState",
+    "FirstBlockPolicy",
+    "FirstBlockState",
     "IntervalPolicy",
     "OnDevice",
     "RefreshPolicy",
     "StepMaskPolicy",
+    "TeaCachePolicy",
+    "TeaCacheState",
+    "calibrate_teacache",
+    "fit_teacache_coefficients",
+    "relative_l1",
+    "teacache_calibration_data",
 ]

@@ -69,6 +69,7 @@ class _Ladder(ReuseMode):
 
     order: int
     dtype: Any
+    residual: bool
 
     def history(self) -> int:
         return self.order + 1
@@ -95,6 +96,8 @@ class _Ladder(ReuseMode):
 
     def store(self, state, body_in, body_out, position, rows):
         s = self._position(position)
+        if self.residual:
+            body_out = jax.tree.map(lambda o, i: o - i, body_out, body_in)
         new = [jax.tree.map(lambda y, f: y.astype(f.dtype), body_out, state.factors[0])]
         for j, gap in enumerate(self._gaps(state, s), start=1):
             valid = state.count >= j
@@ -127,6 +130,8 @@ class _Ladder(ReuseMode):
         for j, weight in enumerate(self._weights(state, s), start=1):
             weight = jnp.where(state.count > j, weight, 0.0)
             out = jax.tree.map(lambda o, f, w=weight: o + _per_row(w, f) * f, out, state.factors[j])
+        if self.residual:
+            return jax.tree.map(lambda o, i: (i + o.astype(i.dtype)), out, body_in)
         return jax.tree.map(lambda o, i: o.astype(i.dtype), out, body_in)
 
     def rows(self, state, start, stop):
@@ -152,7 +157,7 @@ class _Ladder(ReuseMode):
             )
 
 
-@settings_dataclass(static=("order", "dtype"))
+@settings_dataclass(static=("order", "dtype", "residual"))
 class TaylorForecast(_Ladder):
     """TaylorSeer: forecast the body's output by a Taylor expansion in the solver's time.
 
@@ -170,6 +175,7 @@ class TaylorForecast(_Ladder):
 
     order: int = 1
     dtype: Any = None
+    residual: bool = False
 
     def __post_init__(self):
         _check_order(self.order, "TaylorForecast")
@@ -189,7 +195,7 @@ class TaylorForecast(_Ladder):
         return weights
 
 
-@settings_dataclass(static=("order", "dtype"))
+@settings_dataclass(static=("order", "dtype", "residual"))
 class HermiteForecast(_Ladder):
     """HiCache: TaylorSeer's differences expanded in scaled Hermite polynomials.
 
@@ -209,6 +215,7 @@ class HermiteForecast(_Ladder):
     order: int = 2
     scale: float = 0.5
     dtype: Any = None
+    residual: bool = False
 
     def __post_init__(self):
         _check_order(self.order, "HermiteForecast")
