@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxcache._checks import check_int
 from jaxcache.digits import pretrained
 from jaxcache.digits.quality import SettingReport, evaluate_settings
 
@@ -60,11 +61,8 @@ def _check(args) -> list[int]:
     if not classes:
         raise ValueError("--classes is empty")
     pretrained.class_condition(classes)  # raises for a class outside 0..9
-    if args.interval < 1:
-        raise ValueError(f"--interval must be a positive integer, got {args.interval}")
-    for name in ("per_class", "steps", "repeats"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    for name in ("interval", "per_class", "steps", "repeats"):
+        check_int(getattr(args, name), f"--{name.replace('_', '-')}")  # the flag, not the field
     return classes
 
 

@@ -47,6 +47,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from jaxcache._checks import check_int
 from jaxcache.digits import classifier, pretrained, training
 from jaxcache.digits import data as digits
 from jaxcache.models.factory import ARCHITECTURES
@@ -75,8 +76,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="CFG scale for the final scoring (0 turns guidance off)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1 or args.log_every < 1 or args.ckpt_every < 1:
-        p.error("--steps, --batch-size, --log-every and --ckpt-every must be positive")
+    for name in ("steps", "batch_size", "log_every", "ckpt_every"):
+        try:
+            check_int(getattr(args, name), f"--{name.replace('_', '-')}")
+        except ValueError as e:
+            p.error(str(e))
     return args
 
 

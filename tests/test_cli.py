@@ -94,7 +94,8 @@ def test_digits_job_interval_one_is_identical(tmp_path, capsys):
     [
         (["--classes", "3,11"], "class must be in 0..9"),
         (["--classes", "-1"], "class must be in 0..9"),
-        (["--interval", "0"], "--interval must be a positive integer"),
+        (["--interval", "0"], "--interval must be an int >= 1, got 0"),
+        (["--per-class", "0"], "--per-class must be an int >= 1, got 0"),
         (["--cached-layers", "0"], "--cached-layers must be in [1, 8]"),
         (["--checkpoint", "does-not-exist.msgpack"], "does-not-exist"),
     ],
