@@ -295,17 +295,34 @@ class _Loop:
                 carry, _ = jax.lax.scan(lambda c, st: (step("reuse", c, st), None), carry, rest)
             return carry, None
 
+        def pattern(lengths):
+            """The groups of one repetition of a pattern, run in order."""
+
+            def run(carry, pattern_xs):
+                offset = 0
+                for length in lengths:
+                    part = jax.tree.map(lambda a, o=offset, n=length: a[o : o + n], pattern_xs)
+                    carry, _ = group(carry, part)
+                    offset += length
+                return carry, None
+
+            return run
+
         carry = (noise, state)
-        for kind, start, count, length in _schedule_runs(schedule):
-            stop = start + count * length
-            run_xs = jax.tree.map(lambda a, start=start, stop=stop: a[start:stop], xs)
-            if kind == "plain":
-                carry, _ = jax.lax.scan(lambda c, st: (step("plain", c, st), None), carry, run_xs)
-            elif count == 1:
-                carry, _ = group(carry, run_xs)
+        for run in _schedule_runs(schedule):
+            if run[0] == "plain":
+                _, start, count = run
+                plain_xs = jax.tree.map(lambda a, s=start, n=count: a[s : s + n], xs)
+                carry, _ = jax.lax.scan(lambda c, st: (step("plain", c, st), None), carry, plain_xs)
+                continue
+            _, start, reps, lengths = run
+            span = sum(lengths)
+            run_xs = jax.tree.map(lambda a, s=start, n=reps * span: a[s : s + n], xs)
+            if reps == 1:
+                carry, _ = pattern(lengths)(carry, run_xs)
             else:
-                grouped = jax.tree.map(lambda a, shape=(count, length): a.reshape(shape), run_xs)
-                carry, _ = jax.lax.scan(group, carry, grouped)
+                grouped = jax.tree.map(lambda a, shape=(reps, span): a.reshape(shape), run_xs)
+                carry, _ = jax.lax.scan(pattern(lengths), carry, grouped)
         return carry
 
     # ------------------------------------------------------------------ device decisions
@@ -393,26 +410,36 @@ def _computed_steps(schedule: np.ndarray) -> np.ndarray:
     return computed
 
 
-def _schedule_runs(schedule: np.ndarray) -> list[tuple[str, int, int, int]]:
-    """A known schedule as runs ``(kind, start, count, length)``.
+def _schedule_runs(schedule: np.ndarray, max_period: int = 8) -> list[tuple]:
+    """A known schedule as runs the program scans over.
 
-    ``"plain"``: ``count`` steps before the first refresh (run the body, store nothing);
-    ``"groups"``: ``count`` consecutive groups of ``length`` steps, each one refresh followed
-    by ``length - 1`` reuse steps. Equal neighbouring groups merge, so an interval schedule is
-    one run (plus a shorter last group).
+    ``("plain", start, count)``: ``count`` steps before the first refresh (run the body, store
+    nothing). ``("groups", start, reps, lengths)``: ``reps`` repetitions of a pattern of groups,
+    a group of length ``L`` being one refresh and ``L - 1`` reuse steps. Repeating patterns of
+    up to ``max_period`` groups share one scan, so an interval schedule is one run (plus a
+    shorter last group) and a periodic mask a few, whatever the step count.
     """
     schedule = np.asarray(schedule, bool)
     refreshes = np.flatnonzero(schedule)
     if not len(refreshes):
-        return [("plain", 0, len(schedule), 1)]
-    runs = [("plain", 0, int(refreshes[0]), 1)] if refreshes[0] else []
-    lengths = np.diff(np.append(refreshes, len(schedule)))
-    for start, length in zip(refreshes, lengths):
-        kind, s, count, size = runs[-1] if runs else (None, 0, 0, 0)
-        if kind == "groups" and size == length:
-            runs[-1] = (kind, s, count + 1, size)
-        else:
-            runs.append(("groups", int(start), 1, int(length)))
+        return [("plain", 0, len(schedule))]
+    runs: list[tuple] = [("plain", 0, int(refreshes[0]))] if refreshes[0] else []
+    lengths = [int(n) for n in np.diff(np.append(refreshes, len(schedule)))]
+    starts = [int(r) for r in refreshes]
+    i = 0
+    while i < len(lengths):
+        best_period, best_reps = 1, 1
+        for period in range(1, max_period + 1):
+            pattern = lengths[i : i + period]
+            if len(pattern) < period:
+                break
+            reps = 1
+            while lengths[i + reps * period : i + (reps + 1) * period] == pattern:
+                reps += 1
+            if reps > 1 and reps * period > best_reps * best_period:
+                best_period, best_reps = period, reps
+        runs.append(("groups", starts[i], best_reps, tuple(lengths[i : i + best_period])))
+        i += best_period * best_reps
     return runs
 
 
