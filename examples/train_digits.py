@@ -1,9 +1,14 @@
-"""Trains a class-conditional flow-matching digit generator (DiT or MMDiT) on the 16x16 digits.
+"""Trains a class-conditional digit generator (DiT or MMDiT) on the 16x16 digits.
 
-The model learns the velocity ``noise - data`` of ``x_t = (1 - t) * data + t * noise`` (the
-convention of ``jaxcache.FlowMatchEuler``) on the ``seed=0`` train split of the scikit-learn
+With ``--objective flow`` (the default) the model learns the velocity ``noise - data`` of
+``x_t = (1 - t) * data + t * noise`` (the convention of ``jaxcache.FlowMatchEuler``, sampled
+with 20 Euler steps). With ``--objective eps`` it learns the noise of
+``x_k = sqrt(a_k) * data + sqrt(1 - a_k) * noise`` on the linear-beta schedule of
+``jaxcache.DDIM()`` (1000 training steps, betas 1e-4..0.02; the network sees ``t = k / 1000``),
+sampled with 50 DDIM steps. The checkpoint records which, so ``pretrained.sample_digits`` picks
+the solver and step count by itself. Data: the ``seed=0`` train split of the scikit-learn
 digits, with the class id as a one-token caption. Labels are dropped to ``NULL_CLASS`` with
-probability 0.1 so the model also learns the unconditional velocity for classifier-free
+probability 0.1 so the model also learns the unconditional prediction for classifier-free
 guidance; images get random shifts of up to one pixel (never flips: a mirrored 2 is no digit).
 AdamW with warmup and cosine decay; an EMA of the weights is what gets saved as the model.
 
@@ -11,26 +16,30 @@ Every random draw of step ``i`` comes from ``fold_in(key, i)``, so a run is repr
 ``--seed`` and ``--resume`` continues bit-exactly from the checkpoint at ``--out`` (which holds
 the EMA weights, the raw weights, the optimizer state and the step). Loss lines go to the
 console and to ``<out>.log.jsonl``. At the end the script samples 20 digits per class with
-``jaxcache.sample`` (uncached Euler) and scores them with the shipped digit classifier.
+``jaxcache.sample`` (uncached, the model's solver and steps) and scores them with the shipped
+digit classifier.
 
 The shipped checkpoints were produced with::
 
     python examples/train_digits.py --arch dit --out out/digits_dit.msgpack \\
-        --export jaxcache/assets/digits_dit.msgpack
+        --export jaxcache/digits/assets/digits_dit.msgpack
     python examples/train_digits.py --arch mmdit --out out/digits_mmdit.msgpack \\
-        --export jaxcache/assets/digits_mmdit.msgpack
+        --export jaxcache/digits/assets/digits_mmdit.msgpack
+    python examples/train_digits.py --arch dit --objective eps --out out/digits_dit_eps.msgpack \\
+        --export jaxcache/digits/assets/digits_dit_eps.msgpack
 
 (the defaults: ``--steps 1500 --batch-size 128 --lr 3e-3 --seed 0``). ``--export`` writes the EMA
 weights alone, without optimizer state, which keeps the shipped files small. On a 2-core CPU:
 
-=======  ==========  ==========  =====================================================
-arch     train time  final loss  classifier accuracy, 200 digits (20 steps, CFG 1.5)
-=======  ==========  ==========  =====================================================
-dit      146 s       0.195       0.975
-mmdit    115 s       0.220       0.965
-=======  ==========  ==========  =====================================================
+=======  =========  ==========  ==========  ============================================
+model    objective  train time  final loss  classifier accuracy, 200 digits, CFG 1.5
+=======  =========  ==========  ==========  ============================================
+dit      flow       146 s       0.195       0.975 (20 Euler steps)
+mmdit    flow       115 s       0.220       0.965 (20 Euler steps)
+=======  =========  ==========  ==========  ============================================
 
-(final loss: the mean over the last 100 steps.)
+(final loss: the mean over the last 100 steps; the two objectives' losses are not comparable.
+Accuracy: 20 digits per class, noise seed 1, uncached.)
 """
 
 from __future__ import annotations
@@ -52,12 +61,19 @@ from jaxcache.digits import classifier, pretrained, training
 from jaxcache.digits import data as digits
 from jaxcache.models.factory import ARCHITECTURES
 
-_HYPER = ("arch", "steps", "batch_size", "lr", "seed", "warmup", "ema_decay", "p_uncond")
+_HYPER = (
+    "arch", "objective", "steps", "batch_size", "lr", "seed", "warmup", "ema_decay", "p_uncond",
+)
+# Settings that checkpoints written before the setting existed were trained with.
+_HYPER_BEFORE = {"objective": "flow"}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", choices=sorted(pretrained.DIGITS_CONFIGS), default="dit")
+    p.add_argument("--objective", choices=pretrained.OBJECTIVES, default="flow",
+                   help="flow: velocity prediction, Euler sampling; eps: noise prediction on "
+                        "DDIM's linear-beta schedule, DDIM sampling")
     p.add_argument("--steps", type=int, default=1500, help="total optimizer steps")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
@@ -71,14 +87,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--eval-per-class", type=int, default=20, help="0 skips the final scoring")
-    p.add_argument("--eval-steps", type=int, default=pretrained.DEFAULT_STEPS)
+    p.add_argument("--eval-steps", type=int, default=None,
+                   help="solver steps of the final scoring (default: the objective's, 20 Euler "
+                        "or 50 DDIM)")
     p.add_argument("--guidance", type=float, default=pretrained.DEFAULT_GUIDANCE,
                    help="CFG scale for the final scoring (0 turns guidance off)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "log_every", "ckpt_every"):
+    for name in ("steps", "batch_size", "log_every", "ckpt_every", "eval_steps"):
+        value = getattr(args, name)
         try:
-            check_int(getattr(args, name), f"--{name.replace('_', '-')}")
+            if value is not None:
+                check_int(value, f"--{name.replace('_', '-')}")
         except ValueError as e:
             p.error(str(e))
     return args
@@ -94,8 +114,13 @@ def _truncate_log(log_path: str, step: int) -> None:
         f.writelines(lines)
 
 
-def score(model, *, per_class: int, num_steps: int, guidance: float | None, seed: int = 1):
-    """Classifier accuracy on ``per_class`` generated digits of each class (uncached)."""
+def score(
+    model, *, per_class: int, num_steps: int | None, guidance: float | None, seed: int = 1
+) -> float:
+    """Classifier accuracy on ``per_class`` generated digits of each class (uncached).
+
+    The model's recipe gives the solver (and the steps, when ``num_steps`` is None).
+    """
     labels = np.repeat(np.arange(10), per_class)
     out = pretrained.sample_digits(
         model, labels, seed=seed, num_steps=num_steps, guidance_scale=guidance
@@ -110,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     images, labels = (jnp.asarray(a) for a in digits.load_digits_images(16, "train"))
     init_key, data_key = jax.random.split(jax.random.key(args.seed))
     model = ARCHITECTURES[args.arch](config, rngs=nnx.Rngs(params=init_key))
+    # Before the graphdef is taken, so every model merged from it (the EMA) carries the recipe.
+    recipe = pretrained.RECIPES[args.objective]
+    pretrained.with_recipe(model, recipe)
     graphdef = nnx.graphdef(model)
     optimizer = training.make_optimizer(args.lr, args.steps, warmup_steps=args.warmup)
     state = training.init_train_state(model, optimizer)
@@ -119,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         ckpt = pretrained.load_checkpoint(args.out)
         hyper = (ckpt.extra or {}).get("hyper", {})
-        mismatch = {k: (hyper.get(k), getattr(args, k)) for k in _HYPER
-                    if hyper.get(k) != getattr(args, k)}
+        saved = {k: hyper.get(k, _HYPER_BEFORE.get(k)) for k in _HYPER}
+        mismatch = {k: (saved[k], getattr(args, k)) for k in _HYPER if saved[k] != getattr(args, k)}
         if mismatch:
             print(f"--resume: settings differ from the checkpoint (saved, given): {mismatch}",
                   file=sys.stderr)
@@ -137,11 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     step_fn = training.make_train_step(
         graphdef, optimizer, key=data_key, batch_size=args.batch_size,
         caption_len=config.caption_len, null_class=pretrained.NULL_CLASS,
-        p_uncond=args.p_uncond, ema_decay=args.ema_decay,
+        p_uncond=args.p_uncond, ema_decay=args.ema_decay, objective=args.objective,
     )
     n_params = sum(int(a.size) for a in jax.tree.leaves(state.params))
-    print(f"{args.arch}: {n_params:,} parameters, {images.shape[0]} training images, "
-          f"steps {start}..{args.steps}")
+    print(f"{args.arch} ({args.objective}): {n_params:,} parameters, {images.shape[0]} training "
+          f"images, steps {start}..{args.steps}")
 
     t0 = time.perf_counter()
     window: list[jax.Array] = []
@@ -172,15 +200,17 @@ def main(argv: list[str] | None = None) -> int:
     model = nnx.merge(graphdef, state.ema)  # the EMA weights are the model
     print(f"trained {args.steps} steps in {seconds:.1f} s; checkpoint {args.out}")
 
-    result = {"arch": args.arch, "steps": args.steps, "train_seconds": round(seconds, 1),
-              "final_loss": last_loss}
+    result = {"arch": args.arch, "objective": args.objective, "steps": args.steps,
+              "train_seconds": round(seconds, 1), "final_loss": last_loss}
     if args.eval_per_class:
         guidance = args.guidance or None
-        acc = score(model, per_class=args.eval_per_class, num_steps=args.eval_steps,
+        eval_steps = args.eval_steps or recipe.num_steps
+        acc = score(model, per_class=args.eval_per_class, num_steps=eval_steps,
                     guidance=guidance)
-        result.update(eval_accuracy=acc, eval_steps=args.eval_steps, eval_guidance=guidance)
+        result.update(eval_accuracy=acc, eval_steps=eval_steps, eval_guidance=guidance)
         print(f"classifier accuracy on {10 * args.eval_per_class} generated digits "
-              f"({args.eval_steps} Euler steps, guidance {guidance}): {acc:.3f}")
+              f"({eval_steps} {type(recipe.solver).__name__} steps, guidance {guidance}): "
+              f"{acc:.3f}")
     if args.export:
         pretrained.save_checkpoint(args.export, model, step=args.steps, extra=result)
         print(f"exported {args.export} ({os.path.getsize(args.export) / 1024:.0f} KiB)")

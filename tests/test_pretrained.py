@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx, serialization
 
-from jaxcache.digits import classifier, pretrained, training
+from jaxcache.digits import classifier, pretrained, quality, training
 from jaxcache.digits import data as digits
 from jaxcache.models import create_model
+from jaxcache.solvers import DDIM, FlowMatchEuler
 
 # Tiny settings: 8x8 digits, a 2-block model; every test here runs in seconds.
 _TINY = dict(channels=1, vocab_size=11, caption_len=1, depth=2)
@@ -81,6 +82,57 @@ def test_loss_goes_down(data, trainer):
     after = float(eval_loss(state.params))
     assert np.isfinite(after)
     assert after < 0.8 * before
+
+
+def test_eps_loss_goes_down(data):
+    model = _tiny()
+    optimizer = training.make_optimizer(3e-3, 40, warmup_steps=2)
+    graphdef = nnx.graphdef(model)
+    step = training.make_train_step(
+        graphdef, optimizer, key=jax.random.key(1), batch_size=_BATCH, caption_len=1,
+        null_class=pretrained.NULL_CLASS, ema_decay=0.9, objective="eps",
+    )
+    state = training.init_train_state(model, optimizer)
+    x, y = data[0][:64], data[1][:64]
+    cond = training.class_tokens(y, 1)
+    key = jax.random.key(123)  # the same steps and noise before and after
+
+    @jax.jit
+    def eval_loss(params):
+        return training.epsilon_loss(nnx.merge(graphdef, params), x, cond, key)
+
+    before = float(eval_loss(state.params))
+    state = _run(step, state, data, 0, 40)
+    after = float(eval_loss(state.params))
+    assert np.isfinite(after)
+    assert after < 0.8 * before
+
+
+def test_epsilon_loss_is_zero_for_the_exact_noise_on_ddim_times():
+    images = jnp.linspace(-1.0, 1.0, 4 * 8 * 8).reshape(4, 8, 8, 1)
+    key = jax.random.key(0)
+    _, k_noise = jax.random.split(key)
+    noise = jax.random.normal(k_noise, images.shape)
+    ddim = DDIM()
+
+    def oracle(x_t, t_in, cond):
+        # The times are DDIM's (k / num_train_steps), and x_t follows its alpha_bar.
+        k = np.round(np.asarray(t_in) * ddim.num_train_steps)
+        np.testing.assert_array_equal(t_in, (k / ddim.num_train_steps).astype(np.float32))
+        a = np.asarray(ddim.alpha_bar(t_in))[:, None, None, None]
+        np.testing.assert_allclose(x_t, np.sqrt(a) * images + np.sqrt(1 - a) * noise, atol=1e-5)
+        return noise
+
+    loss = training.epsilon_loss(oracle, images, jnp.zeros((4, 1), jnp.int32), key, schedule=ddim)
+    assert float(loss) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_unknown_objective_raises():
+    with pytest.raises(ValueError, match="objective"):
+        training.make_train_step(
+            nnx.graphdef(_tiny()), training.make_optimizer(1e-3, 10), key=jax.random.key(0),
+            batch_size=2, caption_len=1, null_class=10, objective="v",
+        )
 
 
 def test_flow_matching_loss_is_zero_for_the_exact_velocity():
@@ -167,6 +219,51 @@ def test_checkpoint_round_trip_is_exact(tmp_path, data, arch):
     np.testing.assert_array_equal(forward(ckpt.model, x, t, cond), forward(model, x, t, cond))
 
 
+def test_checkpoint_keeps_the_recipe(tmp_path):
+    path = tmp_path / "eps.msgpack"
+    model = pretrained.with_recipe(_tiny(), pretrained.EPS)
+    pretrained.save_checkpoint(path, model)
+    loaded = pretrained.load_checkpoint(path).model
+    assert pretrained.recipe_of(loaded) == pretrained.EPS
+    assert isinstance(pretrained.recipe_of(loaded).solver, DDIM)
+    # A model merged from the graphdef (the trainer's EMA model) keeps it.
+    merged = nnx.merge(nnx.graphdef(model), nnx.state(model))
+    assert pretrained.recipe_of(merged) == pretrained.EPS
+
+
+def test_checkpoint_without_recipe_is_flow_matching(tmp_path):
+    path = tmp_path / "old.msgpack"
+    pretrained.save_checkpoint(path, _tiny())
+    payload = serialization.msgpack_restore(path.read_bytes())
+    del payload["recipe"]  # as written before recipes existed
+    path.write_bytes(serialization.msgpack_serialize(payload))
+    assert pretrained.recipe_of(pretrained.load_checkpoint(path).model) == pretrained.FLOW
+
+
+@pytest.mark.parametrize("recipe", [
+    {"objective": "eps", "solver": {"name": "FlowMatchEuler", "shift": 1.0}, "num_steps": 50},
+    {"objective": "eps", "solver": {"name": "Heun"}, "num_steps": 50},
+    {"objective": "flow", "solver": {"name": "FlowMatchEuler", "shift": 1.0}, "num_steps": 0},
+    "flow",
+])
+def test_checkpoint_with_a_bad_recipe_raises(tmp_path, recipe):
+    path = tmp_path / "bad.msgpack"
+    pretrained.save_checkpoint(path, _tiny())
+    payload = serialization.msgpack_restore(path.read_bytes())
+    payload["recipe"] = recipe
+    path.write_bytes(serialization.msgpack_serialize(payload))
+    with pytest.raises(ValueError, match="recipe"):
+        pretrained.load_checkpoint(path)
+
+
+def test_recipe_checks_its_solver():
+    with pytest.raises(ValueError, match="DDIM"):
+        pretrained.Recipe("eps", FlowMatchEuler(), 50)
+    with pytest.raises(ValueError, match="objective"):
+        pretrained.Recipe("x0", DDIM(), 50)
+    assert pretrained.Recipe.from_json(pretrained.EPS.to_json()) == pretrained.EPS
+
+
 def test_checkpoint_without_optimizer_state(tmp_path):
     path = tmp_path / "m.msgpack"
     pretrained.save_checkpoint(path, _tiny("mmdit"))
@@ -244,22 +341,40 @@ def test_class_condition_rejects_out_of_range_even_with_null():
 # The shipped models
 
 
-def test_unknown_arch():
-    with pytest.raises(ValueError, match="unknown arch"):
+def test_unknown_model():
+    with pytest.raises(ValueError, match="unknown digit model 'unet'"):
         pretrained.load_digits_model("unet")
 
 
-@pytest.mark.parametrize("arch", ["dit", "mmdit"])
-def test_shipped_model_draws_recognisable_digits(arch):
-    ref = os.path.join(os.path.dirname(pretrained.__file__), "assets", f"digits_{arch}.msgpack")
+@pytest.mark.parametrize("name, arch, recipe", [
+    ("dit", "dit", pretrained.FLOW),
+    ("mmdit", "mmdit", pretrained.FLOW),
+])
+def test_shipped_model_draws_recognisable_digits(name, arch, recipe):
+    ref = os.path.join(os.path.dirname(pretrained.__file__), "assets",
+                       pretrained.SHIPPED_MODELS[name])
     assert os.path.getsize(ref) < 2 * 1024 * 1024
-    model = pretrained.load_digits_model(arch)
+    model = pretrained.load_digits_model(name)
     assert model.config == pretrained.DIGITS_CONFIGS[arch]
     assert model.num_layers == 8
+    assert pretrained.recipe_of(model) == recipe
     labels = np.repeat(np.arange(10), 5)
-    out = pretrained.sample_digits(model, labels, seed=11)  # uncached, DEFAULT_STEPS
+    out = pretrained.sample_digits(model, labels, seed=11)  # uncached, the recipe's solver
     assert out.sample.shape == (50, 16, 16, 1)
+    assert int(out.layer_evaluations) == recipe.num_steps * 8  # 20 Euler or 50 DDIM steps
     acc = classifier.accuracy(
         classifier.default_classifier(), jnp.clip(out.sample, -1.0, 1.0), labels
     )
-    assert acc >= 0.9, f"{arch}: classifier accuracy {acc:.2f} on generated digits"
+    assert acc >= 0.9, f"{name}: classifier accuracy {acc:.2f} on generated digits"
+
+
+@pytest.mark.parametrize("recipe", [pretrained.FLOW, pretrained.EPS])
+def test_quality_follows_the_recipe(recipe):
+    # A 16x16 tiny model (the classifier's size): the figures are not the point, the solver is.
+    model = create_model("dit", "tiny", rngs=nnx.Rngs(0), channels=1, vocab_size=11,
+                         caption_len=1, depth=2, image_size=16, patch_size=4)
+    pretrained.with_recipe(model, recipe)
+    full, (cached,), _ = quality.evaluate_settings(model, [0, 1], [(1, 2)], repeats=1)
+    assert full.layer_evaluations == recipe.num_steps * 2
+    full, _, _ = quality.evaluate_settings(model, [0, 1], [(1, 2)], repeats=1, num_steps=4)
+    assert full.layer_evaluations == 4 * 2

@@ -4,8 +4,10 @@ Not part of the caching library (the core never imports it). It holds
 
 * :mod:`~jaxcache.digits.data`: scikit-learn's handwritten digits at 16x16, split train / test;
 * :mod:`~jaxcache.digits.classifier`: a digit classifier with shipped weights, used for scoring;
-* :mod:`~jaxcache.digits.training`: flow-matching training of the reference models;
-* :mod:`~jaxcache.digits.pretrained`: the shipped trained digit models and their checkpoints;
+* :mod:`~jaxcache.digits.training`: training of the reference models (flow matching, noise
+  prediction);
+* :mod:`~jaxcache.digits.pretrained`: the shipped trained digit models, their sampling recipes
+  and checkpoints;
 * :mod:`~jaxcache.digits.quality`: cache settings scored against full compute.
 
 Import the modules you need (``from jaxcache.digits import pretrained``); this package imports

@@ -1,20 +1,31 @@
 """Small trained digit generators that ship with jaxcache, and their checkpoint files.
 
-Two class-conditional flow-matching models, one per reference architecture, trained on the 16x16
-scikit-learn digits (:mod:`jaxcache.digits`) by ``examples/train_digits.py``:
+Three class-conditional models trained on the 16x16 scikit-learn digits (:mod:`jaxcache.digits`)
+by ``examples/train_digits.py``, in the two regimes the sampler serves:
 
 * ``"dit"``: :class:`~jaxcache.models.DiT`, single stream (the class token is the cache's
-  constant slot).
-* ``"mmdit"``: :class:`~jaxcache.models.MMDiT`, dual stream (the class token is the text stream).
+  constant slot); flow matching (velocity prediction), sampled with 20
+  :class:`~jaxcache.FlowMatchEuler` steps.
+* ``"mmdit"``: :class:`~jaxcache.models.MMDiT`, dual stream (the class token is the text stream);
+  flow matching, 20 Euler steps.
+* ``"dit-eps"``: the same DiT architecture and config as ``"dit"``, trained for noise (epsilon)
+  prediction on the variance-preserving linear-beta schedule of :class:`~jaxcache.DDIM`;
+  sampled with 50 DDIM steps.
 
 The class is the caption: ``caption_len`` copies of the class id ``0..9``; ``NULL_CLASS`` (10)
-is the empty caption used as the negative branch of classifier-free guidance. Both models are
+is the empty caption used as the negative branch of classifier-free guidance. All models are
 8 blocks deep, so caching 2, 4 or 6 layers is a meaningful choice.
 
+How a model is sampled (what it predicts, the solver, the step count) is its :class:`Recipe`,
+kept on the model (``model.recipe``, read with :func:`recipe_of`) and in its checkpoint;
+:func:`sample_digits` and :func:`jaxcache.digits.quality.evaluate_settings` follow it unless told
+otherwise. A model without one is a flow-matching model (:data:`FLOW`).
+
 Checkpoints are single msgpack files (Flax serialization) holding a format tag, the
-architecture, the :class:`~jaxcache.models.ModelConfig` fields, the model's parameters and,
-for resuming training, optionally the optimizer state, the step and extra metadata. Arrays are
-stored raw, so a save/load round trip is bit-exact.
+architecture, the :class:`~jaxcache.models.ModelConfig` fields, the sampling recipe, the model's
+parameters and, for resuming training, optionally the optimizer state, the step and extra
+metadata. Arrays are stored raw, so a save/load round trip is bit-exact. Files without a recipe
+(written before it existed) load as flow-matching models.
 
 Example:
   >>> from jaxcache.digits import pretrained
@@ -45,20 +56,28 @@ from jaxcache.network import from_nnx
 from jaxcache.plan import CachePlan
 from jaxcache.policies import RefreshPolicy
 from jaxcache.sampler import SampleResult, sample
-from jaxcache.solvers import FlowMatchEuler
+from jaxcache.solvers import DDIM, FlowMatchEuler, Solver
 
 __all__ = [
     "CAPTION_LEN",
     "DEFAULT_GUIDANCE",
     "DEFAULT_STEPS",
     "DIGITS_CONFIGS",
+    "EPS",
+    "FLOW",
     "NULL_CLASS",
+    "OBJECTIVES",
+    "RECIPES",
+    "SHIPPED_MODELS",
     "Checkpoint",
+    "Recipe",
     "class_condition",
     "load_checkpoint",
     "load_digits_model",
+    "recipe_of",
     "sample_digits",
     "save_checkpoint",
+    "with_recipe",
 ]
 
 NULL_CLASS = NUM_CLASSES
@@ -83,9 +102,100 @@ DIGITS_CONFIGS: dict[str, ModelConfig] = {
 """Configs of the shipped digit models, by architecture."""
 
 DEFAULT_STEPS = 20
-"""Euler steps the shipped models are meant to be sampled with."""
+"""Euler steps the shipped flow-matching models are meant to be sampled with."""
 DEFAULT_GUIDANCE: float | None = 1.5
 """Classifier-free guidance scale for the shipped models (None: no guidance)."""
+
+OBJECTIVES = ("flow", "eps")
+"""Training objectives: ``"flow"`` (velocity ``noise - data``) and ``"eps"`` (the noise)."""
+# The solver that integrates each objective's prediction.
+_SOLVER_OF = {"flow": FlowMatchEuler, "eps": DDIM}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How a digit model is sampled: what its network predicts, the solver and the step count.
+
+    Attributes:
+      objective: ``"flow"`` (the network predicts the velocity; :class:`~jaxcache.FlowMatchEuler`)
+        or ``"eps"`` (it predicts the noise of a variance-preserving schedule;
+        :class:`~jaxcache.DDIM`, whose schedule the model was trained on).
+      solver: the solver, of the objective's kind.
+      num_steps: solver steps.
+    """
+
+    objective: str
+    solver: Solver
+    num_steps: int
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        want = _SOLVER_OF[self.objective]
+        if type(self.solver) is not want:
+            raise ValueError(
+                f"the {self.objective!r} objective is sampled with {want.__name__}, got "
+                f"{type(self.solver).__name__}"
+            )
+        check_int(self.num_steps, "num_steps")
+
+    def to_json(self) -> dict[str, Any]:
+        """The recipe as msgpack/JSON types (what checkpoints store)."""
+        return {
+            "objective": self.objective,
+            "solver": {"name": type(self.solver).__name__, **dataclasses.asdict(self.solver)},
+            "num_steps": self.num_steps,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Recipe:
+        """Inverse of :meth:`to_json`; raises ValueError for anything else."""
+        try:
+            solver = dict(data["solver"])
+            name = solver.pop("name")
+            kinds = {c.__name__: c for c in _SOLVER_OF.values()}
+            if name not in kinds:
+                raise ValueError(f"unknown solver {name!r}")
+            return cls(data["objective"], kinds[name](**solver), data["num_steps"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"invalid sampling recipe {data!r}: {e}") from e
+
+
+FLOW = Recipe("flow", FlowMatchEuler(), DEFAULT_STEPS)
+"""The flow-matching recipe of ``"dit"`` and ``"mmdit"``: 20 Euler steps."""
+EPS = Recipe("eps", DDIM(num_train_steps=1000, beta_start=1e-4, beta_end=0.02), 50)
+"""The noise-prediction recipe of ``"dit-eps"``: 50 DDIM steps on the linear-beta schedule."""
+RECIPES = {"flow": FLOW, "eps": EPS}
+"""The recipe of each training objective."""
+
+SHIPPED_MODELS: dict[str, str] = {
+    "dit": "digits_dit.msgpack",
+    "mmdit": "digits_mmdit.msgpack",
+    "dit-eps": "digits_dit_eps.msgpack",
+}
+"""The shipped models, by name: their files in ``jaxcache/digits/assets``."""
+
+
+def recipe_of(model: nnx.Module) -> Recipe:
+    """The sampling recipe of a digit model (:data:`FLOW` for a model that carries none)."""
+    recipe = getattr(model, "recipe", None)
+    if recipe is None:
+        return FLOW
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"model.recipe must be a Recipe, got {type(recipe).__name__}")
+    return recipe
+
+
+def with_recipe(model: nnx.Module, recipe: Recipe) -> nnx.Module:
+    """Sets ``model.recipe`` and returns the model.
+
+    The recipe is static model data (part of ``nnx.graphdef``), so models merged from the
+    graphdef of this one (the training loop's EMA model, say) carry it too.
+    """
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be a Recipe, got {type(recipe).__name__}")
+    model.recipe = recipe
+    return model
 
 _FORMAT = "jaxcache.checkpoint/1"
 
@@ -144,34 +254,39 @@ def sample_digits(
     labels: Any,
     *,
     seed: int = 0,
-    num_steps: int = DEFAULT_STEPS,
+    num_steps: int | None = None,
     guidance_scale: float | None = DEFAULT_GUIDANCE,
     cached_layers: int = 0,
     policy: RefreshPolicy | None = None,
+    solver: Solver | None = None,
 ) -> SampleResult:
-    """Generates one digit per label with :func:`jaxcache.sample` (Euler, flow matching).
+    """Generates one digit per label with :func:`jaxcache.sample`, as the model's recipe says.
 
     Args:
       model: a digit model (:func:`load_digits_model`, or one being trained).
       labels: classes ``0..9``, one per sample.
       seed: seed of the initial noise.
-      num_steps: Euler steps.
+      num_steps: solver steps; None: the recipe's (20 Euler steps for flow matching, 50 DDIM
+        steps for noise prediction).
       guidance_scale: classifier-free guidance scale against ``NULL_CLASS``; None turns it off.
       cached_layers: layers ``[0, n)`` that ``policy`` may cache.
       policy: the refresh policy; None samples uncached.
+      solver: the solver; None: the recipe's (:func:`recipe_of`).
 
     Returns:
       The :class:`~jaxcache.SampleResult`; ``.sample`` is ``[B, 16, 16, 1]``, roughly in
       ``[-1, 1]`` (clip before display).
     """
+    recipe = recipe_of(model)
     cond = class_condition(labels)
     network, params = from_nnx(model)
     plan = CachePlan(network, cached_layers)
     noise = jax.random.normal(jax.random.key(seed), (cond.shape[0], *model.config.image_shape))
     uncond = None if guidance_scale is None else jnp.full_like(cond, NULL_CLASS)
     return sample(
-        plan, plan.split(params), noise, cond, solver=FlowMatchEuler(), num_steps=num_steps,
-        policy=policy, uncond=uncond, guidance_scale=guidance_scale,
+        plan, plan.split(params), noise, cond, solver=solver or recipe.solver,
+        num_steps=recipe.num_steps if num_steps is None else num_steps, policy=policy,
+        uncond=uncond, guidance_scale=guidance_scale,
     )
 
 
@@ -218,6 +333,8 @@ def save_checkpoint(
         None, NumPy/JAX arrays), or None. Typed PRNG keys must go through
         ``jax.random.key_data`` first.
 
+    The model's sampling recipe (:func:`recipe_of`) is stored with it.
+
     Raises:
       TypeError: if the model is not a reference model, or ``extra``/``opt_state`` holds
         something msgpack cannot store (nothing is written then).
@@ -229,6 +346,7 @@ def save_checkpoint(
         "format": _FORMAT,
         "arch": _arch_of(model),
         "config": _config_to_json(model.config),
+        "recipe": recipe_of(model).to_json(),
         "params": serialization.to_state_dict(jax.device_get(state)),
         "step": int(step),
         "opt_state": (
@@ -257,13 +375,14 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
       path: the checkpoint file.
 
     Returns:
-      A :class:`Checkpoint`.
+      A :class:`Checkpoint`; its model carries the stored sampling recipe (:data:`FLOW` for a
+      file that stores none).
 
     Raises:
       FileNotFoundError: if ``path`` does not exist.
       ValueError: if the file is not a readable checkpoint: truncated or corrupt bytes, a wrong
-        format tag, an unknown architecture, an invalid config, or parameters that do not match
-        the model the config describes (names, shapes or dtypes).
+        format tag, an unknown architecture, an invalid config or recipe, or parameters that do
+        not match the model the config describes (names, shapes or dtypes).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -283,6 +402,11 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         config = ModelConfig(**payload["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path} has a missing or invalid model config: {e}") from e
+    raw_recipe = payload.get("recipe")
+    try:
+        recipe = FLOW if raw_recipe is None else Recipe.from_json(raw_recipe)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
     step = payload.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"{path}: invalid step {step!r}")
@@ -308,24 +432,24 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             )
     params = serialization.from_state_dict(target, payload["params"])
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    model = nnx.merge(graphdef, state)
+    model = with_recipe(nnx.merge(graphdef, state), recipe)
     return Checkpoint(model, step, payload.get("opt_state"), payload.get("extra"))
 
 
-def load_digits_model(arch: str = "dit") -> nnx.Module:
-    """Loads a shipped digit model (``jaxcache/assets/digits_{arch}.msgpack``).
+def load_digits_model(name: str = "dit") -> nnx.Module:
+    """Loads a shipped digit model (``jaxcache/digits/assets``, see :data:`SHIPPED_MODELS`).
 
     Args:
-      arch: ``"dit"`` or ``"mmdit"``.
+      name: ``"dit"``, ``"mmdit"`` or ``"dit-eps"``.
 
     Returns:
-      A fresh model; each call loads its own copy.
+      A fresh model carrying its sampling recipe; each call loads its own copy.
 
     Raises:
-      ValueError: for an unknown architecture.
+      ValueError: for an unknown name.
     """
-    if arch not in DIGITS_CONFIGS:
-        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(DIGITS_CONFIGS)}")
-    ref = importlib.resources.files("jaxcache.digits").joinpath("assets", f"digits_{arch}.msgpack")
+    if name not in SHIPPED_MODELS:
+        raise ValueError(f"unknown digit model {name!r}; valid: {', '.join(SHIPPED_MODELS)}")
+    ref = importlib.resources.files("jaxcache.digits").joinpath("assets", SHIPPED_MODELS[name])
     with importlib.resources.as_file(ref) as path:
         return load_checkpoint(path).model

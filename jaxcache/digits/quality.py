@@ -35,7 +35,7 @@ from jaxcache.evaluation.flops import ideal_speedup
 from jaxcache.network import from_nnx
 from jaxcache.plan import CachePlan
 from jaxcache.policies import IntervalPolicy
-from jaxcache.solvers import FlowMatchEuler
+from jaxcache.solvers import Solver
 
 __all__ = ["SettingReport", "digit_scores", "evaluate_settings"]
 
@@ -86,22 +86,26 @@ def evaluate_settings(
     settings: Sequence[tuple[int, int]],
     *,
     seed: int = 0,
-    num_steps: int = pretrained.DEFAULT_STEPS,
+    num_steps: int | None = None,
     guidance_scale: float | None = pretrained.DEFAULT_GUIDANCE,
     repeats: int = 3,
+    solver: Solver | None = None,
     classifier: DigitClassifier | None = None,
     real_images: Any = None,
 ) -> tuple[SettingReport, list[SettingReport], dict[tuple[int, int], np.ndarray]]:
     """Samples the digits in ``labels`` under each cache setting and scores them.
 
     Args:
-      model: a digit model (:func:`jaxcache.pretrained.load_digits_model`).
+      model: a digit model (:func:`jaxcache.digits.pretrained.load_digits_model`).
       labels: the requested classes, one sample each.
       settings: ``(cached_layers, interval)`` pairs; ``cached_layers`` in ``[1, depth]``.
       seed: seed of the shared initial noise.
-      num_steps: Euler steps.
+      num_steps: solver steps; None: the model's recipe's
+        (:func:`jaxcache.digits.pretrained.recipe_of`: 20 Euler steps for flow matching, 50 DDIM
+        steps for noise prediction).
       guidance_scale: classifier-free guidance scale (None: off).
       repeats: timed runs per setting (medians are reported).
+      solver: the solver; None: the model's recipe's.
       classifier: the digit classifier (default: the shipped one).
       real_images: real digits for the Frechet distance (default: the held-out split).
 
@@ -112,6 +116,9 @@ def evaluate_settings(
     Raises:
       ValueError: for a setting outside the model's depth or an interval below 1.
     """
+    recipe = pretrained.recipe_of(model)
+    solver = solver or recipe.solver
+    num_steps = recipe.num_steps if num_steps is None else check_int(num_steps, "num_steps")
     depth = model.config.depth
     for n, interval in settings:
         if not 1 <= n <= depth:
@@ -126,9 +133,7 @@ def evaluate_settings(
     network, params = from_nnx(model)
     noise = jax.random.normal(jax.random.key(seed), (cond.shape[0], *model.config.image_shape))
     uncond = None if guidance_scale is None else jnp.full_like(cond, pretrained.NULL_CLASS)
-    common = dict(
-        solver=FlowMatchEuler(), num_steps=num_steps, uncond=uncond, guidance_scale=guidance_scale
-    )
+    common = dict(solver=solver, num_steps=num_steps, uncond=uncond, guidance_scale=guidance_scale)
 
     # Compile everything first, so timing sees only execution.
     programs = {}

@@ -1,9 +1,13 @@
-"""Flow-matching training of a class-conditional diffusion transformer.
+"""Training of a class-conditional diffusion transformer: flow matching or noise prediction.
 
 The pieces a training script needs, kept in the library so they are tested:
 
 * :func:`flow_matching_loss`: rectified-flow loss in the sampler's convention
-  (``x_t = (1 - t) * data + t * noise``, target velocity ``noise - data``).
+  (``x_t = (1 - t) * data + t * noise``, target velocity ``noise - data``), sampled with
+  :class:`~jaxcache.FlowMatchEuler`.
+* :func:`epsilon_loss`: noise-prediction loss on the variance-preserving schedule of a
+  :class:`~jaxcache.DDIM` (``x_k = sqrt(a_k) * data + sqrt(1 - a_k) * noise``, target ``noise``),
+  sampled with that DDIM.
 * :func:`make_optimizer`: AdamW with linear warmup, cosine decay and gradient clipping.
 * :class:`TrainState`, :func:`init_train_state`: parameters, optimizer state and an EMA copy,
   all plain pytrees of arrays (nested dicts), so they serialise and compare directly.
@@ -26,17 +30,20 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, serialization
 
 from jaxcache.digits import pretrained
 from jaxcache.digits.data import random_shift
+from jaxcache.solvers import DDIM
 
 PyTree = Any
 
 __all__ = [
     "TrainState",
     "class_tokens",
+    "epsilon_loss",
     "flow_matching_loss",
     "init_train_state",
     "make_optimizer",
@@ -123,6 +130,44 @@ def flow_matching_loss(
     return jnp.mean(jnp.square(v.astype(jnp.float32) - (noise - images)))
 
 
+def epsilon_loss(
+    model: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+    images: jax.Array,
+    cond: jax.Array,
+    key: jax.Array,
+    *,
+    schedule: DDIM = pretrained.EPS.solver,
+) -> jax.Array:
+    """Noise-prediction (DDPM) loss: mean squared error of the predicted noise.
+
+    Draws a training step ``k`` uniformly from ``0..num_train_steps - 1`` and ``noise``, forms
+    ``x = sqrt(a) * images + sqrt(1 - a) * noise`` with ``a = schedule.alpha_bar(t)`` and regresses
+    the model's output on ``noise``. The model sees ``t = k / num_train_steps``, the times
+    :meth:`DDIM.times <jaxcache.DDIM.times>` feeds it when sampling, and ``alpha_bar`` is the
+    solver's own, so training and sampling share one schedule.
+
+    Args:
+      model: ``model(x, t, cond) -> noise`` (an NNX reference model, or any callable).
+      images: clean data ``[B, H, W, C]``.
+      cond: the condition (caption ids ``[B, L]``).
+      key: PRNG key for ``k`` and the noise.
+      schedule: the DDIM whose noise schedule is learned (default: the ``"eps"`` recipe's).
+
+    Returns:
+      The scalar float32 loss.
+    """
+    k_t, k_noise = jax.random.split(key)
+    n = schedule.num_train_steps
+    k = jax.random.randint(k_t, (images.shape[0],), 0, n)
+    # A table built as DDIM.times builds its grid, so training sees the very float32 times.
+    t = jnp.asarray((np.arange(n) / n).astype(np.float32))[k]
+    noise = jax.random.normal(k_noise, images.shape, jnp.float32)
+    a = schedule.alpha_bar(t)[:, None, None, None]
+    x_t = jnp.sqrt(a) * images + jnp.sqrt(1.0 - a) * noise
+    eps = model(x_t, t, cond)
+    return jnp.mean(jnp.square(eps.astype(jnp.float32) - noise))
+
+
 def make_optimizer(
     learning_rate: float,
     total_steps: int,
@@ -178,12 +223,13 @@ def make_train_step(
     max_shift: int = 1,
     ema_decay: float = 0.999,
     time_sampling: str = "logit_normal",
+    objective: str = "flow",
 ) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, jax.Array]]:
     """Builds the jitted training step ``step(state, images, labels, i) -> (state, loss)``.
 
     Step ``i`` draws a batch (with replacement) from ``images``/``labels``, shifts it, drops
     labels to ``null_class`` with probability ``p_uncond`` (for classifier-free guidance), takes
-    one optimizer step on :func:`flow_matching_loss` and updates the EMA. All randomness comes
+    one optimizer step on the objective's loss and updates the EMA. All randomness comes
     from ``fold_in(key, i)``: the result depends only on the state, the data and ``i``, so a
     resumed run matches an uninterrupted one bit for bit. ``state`` is donated.
 
@@ -201,10 +247,16 @@ def make_train_step(
       max_shift: random translation of up to this many pixels per axis (0 disables).
       ema_decay: EMA decay; warmed up as ``min(ema_decay, (1 + i) / (10 + i))`` so early
         averages are not dominated by the random initialisation.
-      time_sampling: see :func:`sample_times`.
+      time_sampling: see :func:`sample_times` (flow matching only; noise prediction draws its
+        training steps uniformly).
+      objective: ``"flow"`` (:func:`flow_matching_loss`) or ``"eps"`` (:func:`epsilon_loss` on
+        the schedule of :data:`jaxcache.digits.pretrained.EPS`).
 
     Returns:
       The jitted step; ``i`` is an int32 scalar array (one compiled program for all steps).
+
+    Raises:
+      ValueError: for an unknown objective or time sampling, or a rate outside its range.
     """
     if not 0.0 <= p_uncond <= 1.0:
         raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
@@ -212,11 +264,14 @@ def make_train_step(
         raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
     if time_sampling not in _TIME_SAMPLINGS:
         raise ValueError(f"time sampling must be one of {_TIME_SAMPLINGS}, got {time_sampling!r}")
+    if objective not in pretrained.OBJECTIVES:
+        raise ValueError(f"objective must be one of {pretrained.OBJECTIVES}, got {objective!r}")
 
     def loss_fn(params, x, cond, k):
-        return flow_matching_loss(
-            nnx.merge(graphdef, params), x, cond, k, time_sampling=time_sampling
-        )
+        model = nnx.merge(graphdef, params)
+        if objective == "eps":
+            return epsilon_loss(model, x, cond, k, schedule=pretrained.EPS.solver)
+        return flow_matching_loss(model, x, cond, k, time_sampling=time_sampling)
 
     @functools.partial(jax.jit, donate_argnums=(0,))
     def step(state: TrainState, images, labels, i):
