@@ -135,10 +135,11 @@ class CachePlan:
         leaves, treedef = jax.tree.flatten(params.layers)
         head, body, tail = [], [], []
         for leaf in leaves:
-            head.append(leaf[:start])
-            body.append(leaf[start:stop])
-            tail.append(leaf[stop:])
-            if donate and isinstance(leaf, jax.Array):
+            parts = (leaf[:start], leaf[start:stop], leaf[stop:])
+            for segment, part in zip((head, body, tail), parts):
+                segment.append(part)
+            # A slice that spans the whole stack may be the stack itself: keep it then.
+            if donate and isinstance(leaf, jax.Array) and all(p is not leaf for p in parts):
                 leaf.delete()
         return SegmentParams(
             condition=params.condition,

@@ -1,43 +1,54 @@
-"""Cached vs uncached sampling on a reference model, timed in one run.
+"""Cached sampling against what a user would otherwise run, timed in one run.
 
 Usage::
 
     python -m jaxcache.evaluation.bench       # small DiT on whatever device JAX sees
     python -m jaxcache.evaluation.bench --model mmdit --size flux --steps 50 --cached-layers 25 \\
         --interval 3 --batch 1 --dtype bfloat16 --json
+    python -m jaxcache.evaluation.bench --policy first-block --threshold 0.1 --reuse residual \\
+        --host-loop
 
-Both loops are compiled first (compile time reported on its own), warmed up, then timed over
-``--repeats`` runs each, interleaved, and the medians compared. ``ideal_speedup`` is the compute
-ratio from the matrix FLOPs of each piece and the layer evaluations actually made; ``efficiency``
-is measured speedup over ideal speedup.
+Programs timed, on the same model, noise and condition:
+
+* ``uncached``: :func:`jaxcache.sample` with no policy (every layer, every step);
+* ``hand loop``: a jitted, unrolled Python loop over the model's forward and the solver step,
+  what a user already has (``--no-hand-loop`` skips it: it compiles one copy per step);
+* ``cached``: :func:`jaxcache.sample` with the policy and reuse mode;
+* ``host loop`` (``--host-loop``): the same rule decided on the host, as the anchors decide it:
+  a Python loop of jitted pieces that reads each step's decision back with ``bool()``.
+
+Every program is compiled first (compile time reported on its own), warmed up, then timed over
+``--repeats`` interleaved runs and the medians compared. ``ideal_speedup`` is the compute ratio
+from the matrix FLOPs of each piece and the layer evaluations the cached run made;
+``efficiency`` is measured speedup over ideal speedup.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from jaxcache import sampler
+import jaxcache as jc
 from jaxcache.evaluation.flops import ideal_speedup
 from jaxcache.models import ARCHS, SIZES, create_model, get_config
-from jaxcache.network import from_nnx
-from jaxcache.plan import CachePlan
-from jaxcache.policies import IntervalPolicy, OnDevice
-from jaxcache.solvers import DDIM, FlowMatchEuler
+from jaxcache.reuse import Position
 
-__all__ = ["main", "run_benchmark"]
+__all__ = ["POLICIES", "REUSE_MODES", "main", "run_benchmark"]
 
-_SOLVERS = {"euler": FlowMatchEuler, "ddim": DDIM}
+_SOLVERS = {"euler": jc.FlowMatchEuler, "ddim": jc.DDIM}
+POLICIES = ("interval", "first-block", "teacache", "dbcache")
+REUSE_MODES = ("output", "residual", "taylor", "hermite")
+_DEFAULT_THRESHOLDS = {"first-block": 0.1, "teacache": 0.3, "dbcache": 0.1}
 
 
 def _positive(name: str):
@@ -56,16 +67,32 @@ def _positive(name: str):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jaxcache.evaluation.bench",
-        description="Time cached vs uncached sampling of a reference diffusion transformer.",
+        description="Time cached sampling against uncached, a hand-written loop and (optionally) "
+        "the same rule decided on the host, on a reference diffusion transformer.",
     )
     p.add_argument("--model", choices=ARCHS, default="dit", help="architecture (default: dit)")
     p.add_argument("--size", choices=SIZES, default="small", help="named size (default: small)")
     p.add_argument("--steps", type=_positive("steps"), default=30, help="denoising steps")
-    p.add_argument("--interval", type=_positive("interval"), default=3, help="refresh interval")
+    p.add_argument("--policy", choices=POLICIES, default="interval", help="refresh policy")
+    p.add_argument("--interval", type=_positive("interval"), default=3,
+                   help="refresh interval of --policy interval")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="threshold of a signal-driven policy (default: first-block 0.1, "
+                   "teacache 0.3, dbcache 0.1)")
+    p.add_argument("--reuse", choices=REUSE_MODES, default=None,
+                   help="what a skipped step uses (default: output for interval, residual "
+                   "for the signal-driven policies)")
+    p.add_argument("--order", type=int, default=1, help="forecast order of taylor / hermite")
     p.add_argument(
         "--cached-layers", type=int, default=None,
-        help="how many of the first layers are cached (default: half the depth)",
+        help="interval: how many of the first layers are cached (default: half the depth)",
     )
+    p.add_argument("--first", type=int, default=1,
+                   help="dbcache: Fn, the layers that always run first (default 1)")
+    p.add_argument("--last", type=int, default=0,
+                   help="dbcache: Bn, the layers that always run last (default 0)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="dbcache: warm-up steps that always compute (default 2)")
     p.add_argument("--batch", type=_positive("batch"), default=4, help="samples per batch")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--solver", choices=sorted(_SOLVERS), default="euler")
@@ -73,19 +100,145 @@ def _parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale (off by default)")
     p.add_argument(
         "--decide", choices=["static", "device"], default="static",
-        help="static: the interval schedule compiles to a loop with no decision in it; "
+        help="interval only. static: the schedule compiles to a loop with no decision in it; "
         "device: decide every step on the device, as signal-driven policies must",
     )
+    p.add_argument("--no-hand-loop", action="store_true",
+                   help="skip the hand-written loop (it compiles one copy of the model per step)")
+    p.add_argument("--host-loop", action="store_true",
+                   help="also time the same rule decided on the host (a read-back per step)")
     p.add_argument("--repeats", type=_positive("repeats"), default=5, help="timed runs each")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
 
 
-def _time(fn, *args) -> float:
+def _time(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn())
     return time.perf_counter() - start
+
+
+def _setting(policy: str, network, depth: int, *, interval, threshold, reuse, order,
+             cached_layers, first, last, warmup, decide):
+    """The plan, policy and reuse mode of a benchmark setting."""
+    if policy != "interval" and decide != "static":
+        raise ValueError("--decide applies to --policy interval only")
+    if threshold is None:
+        threshold = _DEFAULT_THRESHOLDS.get(policy)
+    if policy == "interval":
+        n = depth // 2 if cached_layers is None else cached_layers
+        if not 1 <= n <= depth:
+            raise ValueError(f"--cached-layers must be in [1, {depth}], got {n}")
+        plan = jc.CachePlan(network, n)
+        rule = jc.IntervalPolicy(interval)
+        rule = rule if decide == "static" else jc.OnDevice(rule)
+    elif policy == "first-block":
+        plan, rule = jc.CachePlan.around(network, depth, first=1), jc.FirstBlockPolicy(threshold)
+    elif policy == "teacache":
+        plan, rule = jc.CachePlan(network, depth), jc.TeaCachePolicy(threshold)
+    else:
+        plan = jc.CachePlan.around(network, depth, first=first, last=last)
+        rule = jc.DBCachePolicy(threshold, warmup_steps=warmup)
+    reuse = reuse or ("output" if policy == "interval" else "residual")
+    mode = {
+        "output": lambda: jc.OutputReuse(),
+        "residual": lambda: jc.ResidualReuse(),
+        "taylor": lambda: jc.TaylorForecast(order),
+        "hermite": lambda: jc.HermiteForecast(order),
+    }[reuse]()
+    return plan, rule, mode, reuse, threshold
+
+
+def _hand_loop(plan, seg, solver, steps, guidance):
+    """A user's own sampler: a jitted, unrolled Python loop over the forward and the solver."""
+    network = plan.network
+    times, next_times = solver.times(steps)
+
+    @jax.jit
+    def run(seg, noise, cond, uncond):
+        cond_rows = cond if guidance is None else jnp.concatenate([cond, uncond])
+        x = noise
+        for t, t_next in zip(times, next_times):
+            rows = x if guidance is None else jnp.concatenate([x, x])
+            t_rows = jnp.full((rows.shape[0],), t, jnp.float32)
+            constant = network.condition(seg.condition, cond_rows)
+            h, ctx = network.embed(seg.embed, rows, t_rows, constant)
+            for stack in (seg.head, seg.body, seg.tail):
+                h = jc.stack.run_layers(network.layer, stack, h, ctx)
+            prediction = network.final(seg.final, h, ctx)
+            if guidance is not None:
+                positive, negative = jnp.split(prediction, 2)
+                prediction = negative + guidance * (positive - negative)
+            x = solver.step(x, prediction, t, t_next)
+        return x
+
+    return run
+
+
+def _host_loop(plan, seg, policy, mode, solver, steps, guidance):
+    """The same rule decided on the host, as the anchors decide: a read-back every step.
+
+    Jitted pieces (head and signal, decision, body and store, reuse, tail and solver step)
+    called from a Python loop; the batch computes when any row asks (``bool(any)``).
+    """
+    from jaxcache import sampler as _sampler
+
+    guided = guidance is not None
+    signal_of = _sampler._signal_function(policy.signal_kind, plan, seg)
+
+    @jax.jit
+    def head(seg, x, t, constant):
+        rows = jnp.concatenate([x, x]) if guided else x
+        embedded, h, ctx = plan.run_head(seg, rows, jnp.full((rows.shape[0],), t), constant)
+        return h, ctx, None if signal_of is None else signal_of(embedded, h, ctx)
+
+    @jax.jit
+    def decide(policy_state, step, signal):
+        refresh, policy_state = policy.decide(policy_state, step, signal)
+        return jnp.any(refresh), policy_state
+
+    @jax.jit
+    def body(seg, h, ctx, state, step, t):
+        out = plan.run_body(seg, h, ctx)
+        return out, mode.store(state, h, out, Position(step, t), None)
+
+    @jax.jit
+    def reuse(state, h, step, t):
+        return mode.reuse(state, h, Position(step, t))
+
+    @jax.jit
+    def tail(seg, x, h, ctx, t, t_next):
+        prediction = plan.run_tail(seg, h, ctx)
+        if guided:
+            positive, negative = jnp.split(prediction, 2)
+            prediction = negative + guidance * (positive - negative)
+        return solver.step(x, prediction, t, t_next)
+
+    times, next_times = solver.times(steps)
+
+    def run(seg, noise, cond, uncond):
+        cond_rows = jnp.concatenate([cond, uncond]) if guided else cond
+        constant = jax.jit(plan.network.condition)(seg.condition, cond_rows)
+        x = noise
+        h0, _, signal = head(seg, x, jnp.float32(times[0]), constant)
+        state = mode.init(plan, jax.eval_shape(lambda: h0), constant)
+        policy_state = (policy.init(steps) if signal is None
+                        else policy.init(steps, jax.eval_shape(lambda: signal)))
+        refreshes = 0
+        for i in range(steps):
+            step, t, t_next = jnp.int32(i), jnp.float32(times[i]), jnp.float32(next_times[i])
+            h, ctx, signal = head(seg, x, t, constant)
+            refresh, policy_state = decide(policy_state, step, signal)
+            if bool(refresh) or i == 0:  # the read-back the anchors make every step
+                out, state = body(seg, h, ctx, state, step, t)
+                refreshes += 1
+            else:
+                out = reuse(state, h, step, t)
+            x = tail(seg, x, out, ctx, t, t_next)
+        return x, refreshes
+
+    return run
 
 
 def run_benchmark(
@@ -101,64 +254,86 @@ def run_benchmark(
     decide: str = "static",
     repeats: int = 5,
     seed: int = 0,
+    policy: str = "interval",
+    threshold: float | None = None,
+    reuse: str | None = None,
+    order: int = 1,
+    first: int = 1,
+    last: int = 0,
+    warmup: int = 2,
+    hand_loop: bool = True,
+    host_loop: bool = False,
 ) -> dict[str, Any]:
     """Runs the benchmark and returns its figures (see the module docstring).
 
     Raises:
-      ValueError: for a cached-layer count outside ``[1, depth]`` and other bad settings.
+      ValueError: for settings that cannot run (a cached-layer count outside ``[1, depth]``,
+        ``first + last`` at or above the depth, ...).
     """
     config = get_config(model, size)
-    n = config.depth // 2 if cached_layers is None else cached_layers
-    if not 1 <= n <= config.depth:
-        raise ValueError(f"--cached-layers must be in [1, {config.depth}] for {size}, got {n}")
+    depth = config.depth
     compute_dtype = jnp.dtype(dtype)
     net_model = create_model(
         model, size, rngs=nnx.Rngs(seed), dtype=compute_dtype, param_dtype=compute_dtype
     )
-    network, params = from_nnx(net_model)
-    plan = CachePlan(network, n)
-    # Split once, freeing the unsplit layers as we go; both loops use the split parameters.
+    network, params = jc.from_nnx(net_model)
+    plan, rule, mode, reuse, threshold = _setting(
+        policy, network, depth, interval=interval, threshold=threshold, reuse=reuse, order=order,
+        cached_layers=cached_layers, first=first, last=last, warmup=warmup, decide=decide,
+    )
+    # Split once, freeing the unsplit layers as we go; every program uses the split parameters.
     seg = plan.split(params, donate=True)
     del net_model, params
 
     k_noise, k_cond = jax.random.split(jax.random.key(seed + 1))
     noise = jax.random.normal(k_noise, (batch, *config.image_shape), jnp.float32)
     cond = jax.random.randint(k_cond, (batch, config.caption_len), 1, config.vocab_size)
-    guided = {}
-    if guidance is not None:
-        guided = dict(uncond=jnp.zeros_like(cond), guidance_scale=float(guidance))
-    common = dict(solver=_SOLVERS[solver](), num_steps=steps, **guided)
-    policy = IntervalPolicy(interval) if decide == "static" else OnDevice(IntervalPolicy(interval))
+    uncond = None if guidance is None else jnp.zeros_like(cond)
+    scale = None if guidance is None else float(guidance)
+    the_solver = _SOLVERS[solver]()
+    common = dict(solver=the_solver, num_steps=steps, uncond=uncond, guidance_scale=scale)
 
-    # Compile both programs, timed on their own.
-    compiled, compile_s = {}, {}
-    for name, pol in (("uncached", None), ("cached", policy)):
-        lowered = sampler.lower(plan, seg, noise, cond, policy=pol, **common)
+    programs: dict[str, Callable[[], Any]] = {}
+    compile_s: dict[str, float] = {}
+    for name, pol in (("uncached", None), ("cached", rule)):
+        lowered = jc.lower(plan, seg, noise, cond, policy=pol, reuse=mode, **common)
         start = time.perf_counter()
         # A compiled sampler takes (params, noise, cond, uncond, policy, reuse).
-        compiled[name] = functools.partial(
-            lowered.compile(), seg, noise, cond, guided.get("uncond"), pol, None
-        )
+        compiled = lowered.compile()
         compile_s[name] = time.perf_counter() - start
+        programs[name] = (lambda c=compiled, p=pol: c(seg, noise, cond, uncond, p, mode))
+    if hand_loop:
+        fn = _hand_loop(plan, seg, the_solver, steps, scale)
+        start = time.perf_counter()
+        compiled = fn.lower(seg, noise, cond, uncond).compile()
+        compile_s["hand_loop"] = time.perf_counter() - start
+        programs["hand_loop"] = lambda c=compiled: c(seg, noise, cond, uncond)
+    host_refreshes: list[int] = []
+    if host_loop:
+        host = _host_loop(plan, seg, rule, mode, the_solver, steps, scale)
 
-    outputs = {name: fn() for name, fn in compiled.items()}  # warm-up
+        def host_run():
+            x, refreshes = host(seg, noise, cond, uncond)
+            host_refreshes.append(refreshes)
+            return x
+
+        programs["host_loop"] = host_run
+
+    outputs = {name: fn() for name, fn in programs.items()}  # warm-up (and the host's compiles)
     jax.block_until_ready(outputs)
-    times = {"uncached": [], "cached": []}
-    for _ in range(repeats):  # interleaved, so drifts in clocks hit both alike
-        for name, fn in compiled.items():
-            times[name].append(_time(fn))
-    uncached_s = statistics.median(times["uncached"])
-    cached_s = statistics.median(times["cached"])
+    times: dict[str, list[float]] = {name: [] for name in programs}
+    for _ in range(repeats):  # interleaved, so drifts in clocks hit every program alike
+        for name, program in programs.items():
+            times[name].append(_time(program))
+    median = {name: statistics.median(ts) for name, ts in times.items()}
 
-    evaluations = int(outputs["cached"].layer_evaluations)
-    depth = config.depth
-    ideal = ideal_speedup(
-        network, seg, noise, cond, uncond=guided.get("uncond"), num_steps=steps,
-        layer_evaluations=evaluations,
-    )
-    speedup = uncached_s / cached_s
-    diff = jnp.abs(outputs["cached"].sample - outputs["uncached"].sample)
-    return {
+    cached = outputs["cached"]
+    evaluations = int(cached.layer_evaluations)
+    ideal = ideal_speedup(network, seg, noise, cond, uncond=uncond, num_steps=steps,
+                          layer_evaluations=evaluations)
+    speedup = median["uncached"] / median["cached"]
+    diff = jnp.abs(cached.sample - outputs["uncached"].sample)
+    result = {
         "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
         "jax": jax.__version__,
         "model": model,
@@ -166,15 +341,22 @@ def run_benchmark(
         "dtype": dtype,
         "batch": batch,
         "steps": steps,
-        "interval": interval,
-        "cached_layers": n,
+        "policy": policy,
+        "interval": interval if policy == "interval" else None,
+        "threshold": threshold,
+        "reuse": reuse,
+        "order": order if reuse in ("taylor", "hermite") else None,
+        "first_layers": plan.first_layers,
+        "cached_layers": plan.cached_layers,
         "depth": depth,
         "guidance": guidance,
-        "decide": decide,
+        "decide": decide if policy == "interval" else "device",
+        "refresh_fraction": float(np.mean(np.asarray(cached.refreshed))),
+        "refreshes": int(np.sum(np.asarray(cached.refreshed))),
         "layer_evaluations": evaluations,
         "uncached_layer_evaluations": steps * depth,
-        "uncached_s": uncached_s,
-        "cached_s": cached_s,
+        "uncached_s": median["uncached"],
+        "cached_s": median["cached"],
         "speedup": speedup,
         "ideal_speedup": ideal,
         "efficiency": speedup / ideal,
@@ -184,28 +366,56 @@ def run_benchmark(
         "mean_abs_diff": float(jnp.mean(diff)),
         "repeats": repeats,
     }
+    if hand_loop:
+        result.update(
+            hand_loop_s=median["hand_loop"],
+            hand_loop_compile_s=compile_s["hand_loop"],
+            uncached_over_hand_loop=median["uncached"] / median["hand_loop"],
+            speedup_over_hand_loop=median["hand_loop"] / median["cached"],
+        )
+    if host_loop:
+        result.update(
+            host_loop_s=median["host_loop"],
+            host_loop_refreshes=host_refreshes[-1],
+            host_over_compiled=median["host_loop"] / median["cached"],
+        )
+    return result
 
 
 def _table(r: dict[str, Any]) -> str:
+    rule = (f"interval {r['interval']} ({r['decide']} decisions)" if r["policy"] == "interval"
+            else f"{r['policy']} threshold {r['threshold']}")
     head = (
         f"jaxcache bench · {r['model']}/{r['size']} · {r['dtype']} · batch {r['batch']} · "
-        f"{r['steps']} steps · cached layers {r['cached_layers']}/{r['depth']} · "
-        f"interval {r['interval']} ({r['decide']} decisions) · {r['device']}"
+        f"{r['steps']} steps · body layers [{r['first_layers']}, "
+        f"{r['first_layers'] + r['cached_layers']}) of {r['depth']} · {rule} · reuse "
+        f"{r['reuse']} · {r['device']}"
     )
-    rows = [
-        ("", "time (s)", "compile (s)", "layer evals"),
-        ("uncached", f"{r['uncached_s']:.4f}", f"{r['uncached_compile_s']:.2f}",
-         str(r["uncached_layer_evaluations"])),
-        ("cached", f"{r['cached_s']:.4f}", f"{r['compile_s']:.2f}", str(r["layer_evaluations"])),
-    ]
+    rows = [("", "time (s)", "compile (s)", "layer evals")]
+    rows.append(("uncached", f"{r['uncached_s']:.4f}", f"{r['uncached_compile_s']:.2f}",
+                 str(r["uncached_layer_evaluations"])))
+    if "hand_loop_s" in r:
+        rows.append(("hand loop", f"{r['hand_loop_s']:.4f}", f"{r['hand_loop_compile_s']:.2f}",
+                     str(r["uncached_layer_evaluations"])))
+    rows.append(("cached", f"{r['cached_s']:.4f}", f"{r['compile_s']:.2f}",
+                 str(r["layer_evaluations"])))
+    if "host_loop_s" in r:
+        rows.append(("host loop", f"{r['host_loop_s']:.4f}", "-", "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [head, ""]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
     lines += [
         "",
         f"speedup {r['speedup']:.3f}x   ideal {r['ideal_speedup']:.3f}x   "
-        f"efficiency {r['efficiency']:.3f}   max |cached - uncached| {r['max_abs_diff']:.3g}",
+        f"efficiency {r['efficiency']:.3f}   refreshed {r['refresh_fraction']:.2f} of steps   "
+        f"max |cached - uncached| {r['max_abs_diff']:.3g}",
     ]
+    if "hand_loop_s" in r:
+        lines.append(f"against the hand-written loop: uncached takes "
+                     f"{r['uncached_over_hand_loop']:.3f}x its time, cached is "
+                     f"{r['speedup_over_hand_loop']:.3f}x faster")
+    if "host_loop_s" in r:
+        lines.append(f"the same rule decided on the host is {r['host_over_compiled']:.2f}x slower")
     return "\n".join(lines)
 
 
@@ -217,7 +427,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             model=args.model, size=args.size, steps=args.steps, interval=args.interval,
             cached_layers=args.cached_layers, batch=args.batch, dtype=args.dtype,
             solver=args.solver, guidance=args.guidance, decide=args.decide, repeats=args.repeats,
-            seed=args.seed,
+            seed=args.seed, policy=args.policy, threshold=args.threshold, reuse=args.reuse,
+            order=args.order, first=args.first, last=args.last, warmup=args.warmup,
+            hand_loop=not args.no_hand_loop, host_loop=args.host_loop,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

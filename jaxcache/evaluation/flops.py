@@ -69,7 +69,7 @@ def ideal_speedup(
         cond_rows = jax.tree.map(lambda a, b: jax.numpy.concatenate([a, b]), cond, uncond)
     t = jax.ShapeDtypeStruct((rows.shape[0],), np.float32)
     stacks = [
-        p for p in (params.body, params.tail)
+        p for p in (params.head, params.body, params.tail)
         if jax.tree.leaves(p) and jax.tree.leaves(p)[0].shape[0] > 0
     ]
     first = jax.tree.map(lambda a: a[0], stacks[0])
