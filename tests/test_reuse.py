@@ -151,6 +151,24 @@ def test_residual_reuse_adds_the_stored_residual():
     np.testing.assert_allclose(got, [[10.5, 9.0]])
 
 
+def test_output_reuse_writes_rows_in_place_and_splits_branches():
+    network, _ = toy_networks.single_stream()
+    mode = jc.OutputReuse(all_layers=True)
+    state = mode.init(jc.CachePlan(network, 2), jax.ShapeDtypeStruct((4, 3), jnp.float32),
+                      jnp.arange(4.0))
+    rows = jnp.array([True, False, True, False])
+    state = mode.record(state, jnp.int32(1), jnp.ones((4, 3)), rows)
+    np.testing.assert_array_equal(state.get(1)[:, 0], [1.0, 0.0, 1.0, 0.0])
+    assert not bool(state.has(1))  # written, marked filled by store
+    state = mode.store(state, None, jnp.ones((4, 3)), Position(jnp.int32(0), jnp.float32(1.0)),
+                       rows)
+    assert bool(state.has(0)) and bool(state.has(1))
+    half = mode.rows(state, 2, 4)
+    np.testing.assert_array_equal(half.get(1)[:, 0], [1.0, 0.0])
+    np.testing.assert_array_equal(half.get_constant(), [2.0, 3.0])
+    half.set(0, jnp.zeros((2, 3)))  # the slot structure follows the rows
+
+
 # ------------------------------------------------------------------------------ memory
 def _nbytes(tree):
     return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))

@@ -223,16 +223,6 @@ def test_arrays_under_jit_is_a_clear_error():
         jax.jit(lambda c: c.arrays())(make())
 
 
-def test_select_rows():
-    cache = StepCache.create(2, layer=jnp.zeros((4, 3)), constant=jnp.zeros((4,)))
-    cache = cache.set(0, jnp.arange(12.0).reshape(4, 3)).set_constant(jnp.arange(4.0))
-    half = cache.select_rows(2, 4)
-    chex.assert_trees_all_equal(half.get(0), jnp.arange(6.0, 12.0).reshape(2, 3))
-    chex.assert_trees_all_equal(half.get_constant(), jnp.arange(2.0, 4.0))
-    assert bool(half.has(0)) and not bool(half.has(1))
-    half.set(1, jnp.zeros((2, 3)))  # the slot spec follows the rows
-
-
 # ------------------------------------------------------------------------------- should_refresh
 def test_should_refresh():
     assert should_refresh(0, 3) and not should_refresh(1, 3) and should_refresh(6, 3)
@@ -293,16 +283,3 @@ def test_matches_reference_on_random_op_sequences(sequence, traced):
     for g, w in zip(got, want):
         chex.assert_trees_all_equal(g, w)
 
-
-def test_write_layer_and_mark_filled():
-    cache = make(3)
-    new = cache.write_layer(jnp.int32(1), value(4.0), jnp.full((5,), 4, jnp.int32), keep=False)
-    assert not bool(new.has(1))  # written but not yet marked
-    kept = new.write_layer(jnp.int32(1), value(9.0), jnp.zeros((5,), jnp.int32),
-                           keep=jnp.bool_(True))
-    chex.assert_trees_all_equal(kept.stream1.slots[1], value(4.0))
-    marked = kept.mark_filled(jnp.bool_(True))
-    assert all(bool(marked.has(i)) and bool(marked.has2(i)) for i in range(3))
-    chex.assert_trees_all_equal(marked.get(1), value(4.0))
-    unmarked = kept.mark_filled(jnp.bool_(False))
-    assert not any(bool(unmarked.has(i)) for i in range(3))

@@ -64,9 +64,12 @@ def ideal_speedup(
     """
     guided = uncond is not None
     rows, cond_rows = noise, cond
-    if guided:
-        rows = jax.numpy.concatenate([noise, noise])
-        cond_rows = jax.tree.map(lambda a, b: jax.numpy.concatenate([a, b]), cond, uncond)
+    if guided:  # shapes only: the inputs may be ShapeDtypeStructs
+        rows = jax.eval_shape(lambda a: jax.numpy.concatenate([a, a]), noise)
+        cond_rows = jax.eval_shape(
+            lambda a, b: jax.tree.map(lambda x, y: jax.numpy.concatenate([x, y]), a, b),
+            cond, uncond,
+        )
     t = jax.ShapeDtypeStruct((rows.shape[0],), np.float32)
     stacks = [
         p for p in (params.head, params.body, params.tail)

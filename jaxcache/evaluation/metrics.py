@@ -126,7 +126,9 @@ def ssim(
     if not filter_sigma > 0:
         raise ValueError(f"filter_sigma must be positive, got {filter_sigma}")
     lo = -r / 2 if low is None else float(low)
-    value = _dm_pix().ssim((a - lo) / r, (b - lo) / r, max_val=1.0,
+    # dm-pix mixes Python floats and int32 arrays, which strict dtype promotion refuses.
+    with jax.numpy_dtype_promotion("standard"):
+        value = _dm_pix().ssim((a - lo) / r, (b - lo) / r, max_val=1.0,
                            filter_size=int(filter_size), filter_sigma=float(filter_sigma))
     # Flat regions of identical images make the clipped (co)variances differ by rounding;
     # pin identical pairs to exactly 1, the value SSIM defines for them.
