@@ -5,12 +5,13 @@ With ``--objective flow`` (the default) the model learns the velocity ``noise - 
 with 20 Euler steps). With ``--objective eps`` it learns the noise of
 ``x_k = sqrt(a_k) * data + sqrt(1 - a_k) * noise`` on the linear-beta schedule of
 ``jaxcache.DDIM()`` (1000 training steps, betas 1e-4..0.02; the network sees ``t = k / 1000``),
-sampled with 50 DDIM steps. The checkpoint records which, so ``pretrained.sample_digits`` picks
-the solver and step count by itself. Data: the ``seed=0`` train split of the scikit-learn
-digits, with the class id as a one-token caption. Labels are dropped to ``NULL_CLASS`` with
-probability 0.1 so the model also learns the unconditional prediction for classifier-free
-guidance; images get random shifts of up to one pixel (never flips: a mirrored 2 is no digit).
-AdamW with warmup and cosine decay; an EMA of the weights is what gets saved as the model.
+with Min-SNR-5 loss weighting (``--min-snr-gamma``), sampled with 50 DDIM steps. The checkpoint
+records which, so ``pretrained.sample_digits`` picks the solver and step count by itself. Data:
+the ``seed=0`` train split of the scikit-learn digits, with the class id as a one-token caption.
+Labels are dropped to ``NULL_CLASS`` with probability 0.1 so the model also learns the
+unconditional prediction for classifier-free guidance; images get random shifts of up to one
+pixel (never flips: a mirrored 2 is no digit). AdamW with warmup and cosine decay; an EMA of the
+weights is what gets saved as the model.
 
 Every random draw of step ``i`` comes from ``fold_in(key, i)``, so a run is reproducible from
 ``--seed`` and ``--resume`` continues bit-exactly from the checkpoint at ``--out`` (which holds
@@ -25,11 +26,15 @@ The shipped checkpoints were produced with::
         --export jaxcache/digits/assets/digits_dit.msgpack
     python examples/train_digits.py --arch mmdit --out out/digits_mmdit.msgpack \\
         --export jaxcache/digits/assets/digits_mmdit.msgpack
-    python examples/train_digits.py --arch dit --objective eps --out out/digits_dit_eps.msgpack \\
-        --export jaxcache/digits/assets/digits_dit_eps.msgpack
+    python examples/train_digits.py --arch dit --objective eps --steps 3000 \\
+        --out out/digits_dit_eps.msgpack --export jaxcache/digits/assets/digits_dit_eps.msgpack
 
-(the defaults: ``--steps 1500 --batch-size 128 --lr 3e-3 --seed 0``). ``--export`` writes the EMA
-weights alone, without optimizer state, which keeps the shipped files small. On a 2-core CPU:
+(the defaults: ``--steps 1500 --batch-size 128 --lr 3e-3 --seed 0``; for eps
+``--min-snr-gamma 5``). ``--export`` writes the EMA weights alone, without optimizer state, which
+keeps the shipped files small. The eps model needs more steps than the flow models: in trial runs
+(on a GPU; 200 digits, guidance 1.5) the plain eps loss reached 0.42 class accuracy after 1500
+steps and 0.89 after 4000; with Min-SNR-5 weighting, 0.62 after 1500 steps and 0.96 after 3000.
+On a 2-core CPU:
 
 =======  =========  ==========  ==========  ============================================
 model    objective  train time  final loss  classifier accuracy, 200 digits, CFG 1.5
@@ -62,10 +67,12 @@ from jaxcache.digits import data as digits
 from jaxcache.models.factory import ARCHITECTURES
 
 _HYPER = (
-    "arch", "objective", "steps", "batch_size", "lr", "seed", "warmup", "ema_decay", "p_uncond",
+    "arch", "objective", "min_snr_gamma", "steps", "batch_size", "lr", "seed", "warmup",
+    "ema_decay", "p_uncond",
 )
 # Settings that checkpoints written before the setting existed were trained with.
-_HYPER_BEFORE = {"objective": "flow"}
+_HYPER_BEFORE = {"objective": "flow", "min_snr_gamma": None}
+_DEFAULT_MIN_SNR_GAMMA = 5.0
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -74,6 +81,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--objective", choices=pretrained.OBJECTIVES, default="flow",
                    help="flow: velocity prediction, Euler sampling; eps: noise prediction on "
                         "DDIM's linear-beta schedule, DDIM sampling")
+    p.add_argument("--min-snr-gamma", type=float, default=None,
+                   help=f"eps only: Min-SNR loss weighting min(snr, gamma) / snr (default "
+                        f"{_DEFAULT_MIN_SNR_GAMMA:g}; 0 turns it off)")
     p.add_argument("--steps", type=int, default=1500, help="total optimizer steps")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
@@ -101,6 +111,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                 check_int(value, f"--{name.replace('_', '-')}")
         except ValueError as e:
             p.error(str(e))
+    if args.objective == "flow":
+        if args.min_snr_gamma is not None:
+            p.error("--min-snr-gamma applies to --objective eps only")
+    else:
+        gamma = _DEFAULT_MIN_SNR_GAMMA if args.min_snr_gamma is None else args.min_snr_gamma
+        if gamma < 0:
+            p.error(f"--min-snr-gamma must be >= 0, got {gamma:g}")
+        args.min_snr_gamma = gamma or None  # 0: the plain loss
     return args
 
 
@@ -166,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         graphdef, optimizer, key=data_key, batch_size=args.batch_size,
         caption_len=config.caption_len, null_class=pretrained.NULL_CLASS,
         p_uncond=args.p_uncond, ema_decay=args.ema_decay, objective=args.objective,
+        min_snr_gamma=args.min_snr_gamma,
     )
     n_params = sum(int(a.size) for a in jax.tree.leaves(state.params))
     print(f"{args.arch} ({args.objective}): {n_params:,} parameters, {images.shape[0]} training "
@@ -200,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     model = nnx.merge(graphdef, state.ema)  # the EMA weights are the model
     print(f"trained {args.steps} steps in {seconds:.1f} s; checkpoint {args.out}")
 
-    result = {"arch": args.arch, "objective": args.objective, "steps": args.steps,
+    result = {"arch": args.arch, "objective": args.objective,
+              "min_snr_gamma": args.min_snr_gamma, "steps": args.steps,
               "train_seconds": round(seconds, 1), "final_loss": last_loss}
     if args.eval_per_class:
         guidance = args.guidance or None

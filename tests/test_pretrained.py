@@ -127,6 +127,36 @@ def test_epsilon_loss_is_zero_for_the_exact_noise_on_ddim_times():
     assert float(loss) == pytest.approx(0.0, abs=1e-10)
 
 
+def test_min_snr_weighting():
+    batch = 256  # enough draws that some land at low noise (snr > 5, weight < 1)
+    images = jnp.linspace(-1.0, 1.0, batch * 4 * 4).reshape(batch, 4, 4, 1)
+    key = jax.random.key(3)
+    k_t, k_noise = jax.random.split(key)
+    table = jnp.asarray((np.arange(1000) / 1000).astype(np.float32))
+    a = np.asarray(DDIM().alpha_bar(table[jax.random.randint(k_t, (batch,), 0, 1000)]))
+    snr = a / (1 - a)
+    assert np.any(snr > 5) and np.any(snr < 5)
+
+    def zero(x_t, t_in, cond):  # each sample's error is then its noise's mean square
+        return jnp.zeros_like(x_t)
+
+    cond = jnp.zeros((batch, 1), jnp.int32)
+    per = np.mean(np.square(np.asarray(jax.random.normal(k_noise, images.shape))), axis=(1, 2, 3))
+    plain = float(training.epsilon_loss(zero, images, cond, key))
+    weighted = float(training.epsilon_loss(zero, images, cond, key, min_snr_gamma=5.0))
+    np.testing.assert_allclose(plain, per.mean(), rtol=1e-5)
+    np.testing.assert_allclose(weighted, np.mean(per * np.minimum(snr, 5.0) / snr), rtol=1e-5)
+    assert weighted < plain
+
+
+def test_min_snr_only_for_eps():
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        training.make_train_step(
+            nnx.graphdef(_tiny()), training.make_optimizer(1e-3, 10), key=jax.random.key(0),
+            batch_size=2, caption_len=1, null_class=10, min_snr_gamma=5.0,
+        )
+
+
 def test_unknown_objective_raises():
     with pytest.raises(ValueError, match="objective"):
         training.make_train_step(

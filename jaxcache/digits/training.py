@@ -137,6 +137,7 @@ def epsilon_loss(
     key: jax.Array,
     *,
     schedule: DDIM = pretrained.EPS.solver,
+    min_snr_gamma: float | None = None,
 ) -> jax.Array:
     """Noise-prediction (DDPM) loss: mean squared error of the predicted noise.
 
@@ -146,12 +147,19 @@ def epsilon_loss(
     :meth:`DDIM.times <jaxcache.DDIM.times>` feeds it when sampling, and ``alpha_bar`` is the
     solver's own, so training and sampling share one schedule.
 
+    With ``min_snr_gamma`` each sample's error is weighted by ``min(snr, gamma) / snr``
+    (``snr = a / (1 - a)``; Min-SNR weighting, Hang et al. 2023): the low-noise steps, whose
+    noise the plain loss spends most of its effort on, count less, and the high-noise steps
+    that decide a digit's shape keep full weight. On the digits it is what lets a noise-prediction
+    model reach the flow models' class accuracy in a few thousand steps.
+
     Args:
       model: ``model(x, t, cond) -> noise`` (an NNX reference model, or any callable).
       images: clean data ``[B, H, W, C]``.
       cond: the condition (caption ids ``[B, L]``).
       key: PRNG key for ``k`` and the noise.
       schedule: the DDIM whose noise schedule is learned (default: the ``"eps"`` recipe's).
+      min_snr_gamma: the Min-SNR ``gamma`` (> 0), or None for the plain (unweighted) loss.
 
     Returns:
       The scalar float32 loss.
@@ -162,10 +170,15 @@ def epsilon_loss(
     # A table built as DDIM.times builds its grid, so training sees the very float32 times.
     t = jnp.asarray((np.arange(n) / n).astype(np.float32))[k]
     noise = jax.random.normal(k_noise, images.shape, jnp.float32)
-    a = schedule.alpha_bar(t)[:, None, None, None]
-    x_t = jnp.sqrt(a) * images + jnp.sqrt(1.0 - a) * noise
+    a = schedule.alpha_bar(t)
+    ab = a[:, None, None, None]
+    x_t = jnp.sqrt(ab) * images + jnp.sqrt(1.0 - ab) * noise
     eps = model(x_t, t, cond)
-    return jnp.mean(jnp.square(eps.astype(jnp.float32) - noise))
+    per_sample = jnp.mean(jnp.square(eps.astype(jnp.float32) - noise), axis=(1, 2, 3))
+    if min_snr_gamma is not None:
+        snr = a / (1.0 - a)
+        per_sample = per_sample * jnp.minimum(snr, min_snr_gamma) / snr
+    return jnp.mean(per_sample)
 
 
 def make_optimizer(
@@ -224,6 +237,7 @@ def make_train_step(
     ema_decay: float = 0.999,
     time_sampling: str = "logit_normal",
     objective: str = "flow",
+    min_snr_gamma: float | None = None,
 ) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, jax.Array]]:
     """Builds the jitted training step ``step(state, images, labels, i) -> (state, loss)``.
 
@@ -251,6 +265,8 @@ def make_train_step(
         training steps uniformly).
       objective: ``"flow"`` (:func:`flow_matching_loss`) or ``"eps"`` (:func:`epsilon_loss` on
         the schedule of :data:`jaxcache.digits.pretrained.EPS`).
+      min_snr_gamma: Min-SNR weighting of the ``"eps"`` loss (see :func:`epsilon_loss`); None
+        for the plain loss. Only for ``"eps"``.
 
     Returns:
       The jitted step; ``i`` is an int32 scalar array (one compiled program for all steps).
@@ -266,11 +282,17 @@ def make_train_step(
         raise ValueError(f"time sampling must be one of {_TIME_SAMPLINGS}, got {time_sampling!r}")
     if objective not in pretrained.OBJECTIVES:
         raise ValueError(f"objective must be one of {pretrained.OBJECTIVES}, got {objective!r}")
+    if min_snr_gamma is not None and (objective != "eps" or not min_snr_gamma > 0):
+        raise ValueError(
+            f"min_snr_gamma must be None or > 0, and only for the eps objective; got "
+            f"{min_snr_gamma!r} with {objective!r}"
+        )
 
     def loss_fn(params, x, cond, k):
         model = nnx.merge(graphdef, params)
         if objective == "eps":
-            return epsilon_loss(model, x, cond, k, schedule=pretrained.EPS.solver)
+            return epsilon_loss(model, x, cond, k, schedule=pretrained.EPS.solver,
+                                min_snr_gamma=min_snr_gamma)
         return flow_matching_loss(model, x, cond, k, time_sampling=time_sampling)
 
     @functools.partial(jax.jit, donate_argnums=(0,))
