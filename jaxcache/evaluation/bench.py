@@ -26,6 +26,7 @@ from the matrix FLOPs of each piece and the layer evaluations the cached run mad
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -107,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip the hand-written loop (it compiles one copy of the model per step)")
     p.add_argument("--host-loop", action="store_true",
                    help="also time the same rule decided on the host (a read-back per step)")
+    p.add_argument("--refresh-target", type=float, default=None,
+                   help="signal-driven policies: search the threshold that refreshes this "
+                   "fraction of the steps (replaces --threshold)")
     p.add_argument("--repeats", type=_positive("repeats"), default=5, help="timed runs each")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -241,6 +245,29 @@ def _host_loop(plan, seg, policy, mode, solver, steps, guidance):
     return run
 
 
+def build_model(model: str, size: str, dtype: str, seed: int = 0):
+    """A reference model with random (non-zero) weights, as ``(network, params)``."""
+    compute_dtype = jnp.dtype(dtype)
+    net_model = create_model(
+        model, size, rngs=nnx.Rngs(seed), dtype=compute_dtype, param_dtype=compute_dtype
+    )
+    return jc.from_nnx(net_model)
+
+
+def _threshold_for(run_cached, rule, target: float, iterations: int = 10) -> float:
+    """Bisection on the threshold until the run refreshes ``target`` of its steps."""
+    low, high = 0.0, 1.0
+    while float(np.mean(np.asarray(run_cached(dataclasses.replace(rule, threshold=high))
+                                   .refreshed))) > target and high < 1e3:
+        low, high = high, high * 4
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        fraction = float(np.mean(np.asarray(
+            run_cached(dataclasses.replace(rule, threshold=middle)).refreshed)))
+        low, high = (middle, high) if fraction > target else (low, middle)
+    return high
+
+
 def run_benchmark(
     model: str = "dit",
     size: str = "small",
@@ -263,8 +290,15 @@ def run_benchmark(
     warmup: int = 2,
     hand_loop: bool = True,
     host_loop: bool = False,
+    refresh_target: float | None = None,
+    built: tuple[jc.Network, jc.NetworkParams] | None = None,
 ) -> dict[str, Any]:
     """Runs the benchmark and returns its figures (see the module docstring).
+
+    ``refresh_target`` (signal-driven policies) replaces ``threshold`` by the one whose run
+    refreshes that fraction of the steps, found by bisection on the compiled program (a new
+    threshold does not recompile). ``built`` reuses a model from :func:`build_model` across
+    runs (its parameters are then kept, not donated).
 
     Raises:
       ValueError: for settings that cannot run (a cached-layer count outside ``[1, depth]``,
@@ -272,18 +306,18 @@ def run_benchmark(
     """
     config = get_config(model, size)
     depth = config.depth
-    compute_dtype = jnp.dtype(dtype)
-    net_model = create_model(
-        model, size, rngs=nnx.Rngs(seed), dtype=compute_dtype, param_dtype=compute_dtype
-    )
-    network, params = jc.from_nnx(net_model)
+    if built is None:
+        network, params = build_model(model, size, dtype, seed)
+    else:
+        network, params = built
     plan, rule, mode, reuse, threshold = _setting(
         policy, network, depth, interval=interval, threshold=threshold, reuse=reuse, order=order,
         cached_layers=cached_layers, first=first, last=last, warmup=warmup, decide=decide,
     )
-    # Split once, freeing the unsplit layers as we go; every program uses the split parameters.
-    seg = plan.split(params, donate=True)
-    del net_model, params
+    # Split once (freeing the unsplit layers as we go, unless the caller keeps the model for
+    # more runs); every program uses the split parameters.
+    seg = plan.split(params, donate=built is None)
+    del params
 
     k_noise, k_cond = jax.random.split(jax.random.key(seed + 1))
     noise = jax.random.normal(k_noise, (batch, *config.image_shape), jnp.float32)
@@ -301,7 +335,14 @@ def run_benchmark(
         # A compiled sampler takes (params, noise, cond, uncond, policy, reuse).
         compiled = lowered.compile()
         compile_s[name] = time.perf_counter() - start
-        programs[name] = (lambda c=compiled, p=pol: c(seg, noise, cond, uncond, p, mode))
+        programs[name] = (lambda p=pol, c=compiled: c(seg, noise, cond, uncond, p, mode))
+    if refresh_target is not None:
+        if policy == "interval":
+            raise ValueError("--refresh-target applies to the signal-driven policies")
+        threshold = _threshold_for(programs["cached"], rule, refresh_target)
+        rule = dataclasses.replace(rule, threshold=threshold)
+        compiled_cached = programs["cached"]
+        programs["cached"] = lambda: compiled_cached(rule)
     if hand_loop:
         fn = _hand_loop(plan, seg, the_solver, steps, scale)
         start = time.perf_counter()
@@ -430,6 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed, policy=args.policy, threshold=args.threshold, reuse=args.reuse,
             order=args.order, first=args.first, last=args.last, warmup=args.warmup,
             hand_loop=not args.no_hand_loop, host_loop=args.host_loop,
+            refresh_target=args.refresh_target,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,12 +10,12 @@ derivative wrappers. Element-wise work is not counted.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
-__all__ = ["ideal_speedup", "jaxpr_flops", "matmul_flops"]
+__all__ = ["StepFlops", "ideal_speedup", "jaxpr_flops", "matmul_flops", "step_flops"]
 
 
 def matmul_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
@@ -35,14 +35,69 @@ def matmul_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
     return jaxpr_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
 
 
+class StepFlops(NamedTuple):
+    """Matrix FLOPs of the pieces of one sampling run (all rows, both guidance branches).
+
+    Attributes:
+      condition: the condition path, once per run.
+      step: the embedding and the final projection, every step.
+      layer: one layer, each time it is evaluated.
+      depth: the number of layers.
+    """
+
+    condition: int
+    step: int
+    layer: int
+    depth: int
+
+    def total(self, num_steps: int, layer_evaluations: float) -> float:
+        """The FLOPs of a run of ``num_steps`` steps that made ``layer_evaluations``."""
+        return self.condition + num_steps * self.step + layer_evaluations * self.layer
+
+
+def step_flops(network, params, noise: Any, cond: Any, *, uncond: Any = None) -> StepFlops:
+    """The matrix FLOPs of each piece of a sampling step (traced abstractly; nothing runs).
+
+    Args:
+      network: the :class:`~jaxcache.Network`.
+      params: its :class:`~jaxcache.SegmentParams`.
+      noise: the initial sample (arrays or ``jax.ShapeDtypeStruct``s: shapes only).
+      cond: the condition (shapes only).
+      uncond: the negative condition when sampling with guidance (doubles the rows).
+    """
+    guided = uncond is not None
+    rows, cond_rows = noise, cond
+    if guided:
+        rows = jax.eval_shape(lambda a: jax.numpy.concatenate([a, a]), noise)
+        cond_rows = jax.eval_shape(
+            lambda a, b: jax.tree.map(lambda x, y: jax.numpy.concatenate([x, y]), a, b),
+            cond, uncond,
+        )
+    t = jax.ShapeDtypeStruct((rows.shape[0],), np.float32)
+    stacks = [
+        p for p in (params.head, params.body, params.tail)
+        if jax.tree.leaves(p) and jax.tree.leaves(p)[0].shape[0] > 0
+    ]
+    first = jax.tree.map(lambda a: a[0], stacks[0])
+    constant = jax.eval_shape(network.condition, params.condition, cond_rows)
+    head = jax.eval_shape(network.embed, params.embed, rows, t, constant)
+    return StepFlops(
+        condition=matmul_flops(network.condition, params.condition, cond_rows),
+        step=matmul_flops(network.embed, params.embed, rows, t, constant)
+        + matmul_flops(network.final, params.final, *head),
+        layer=matmul_flops(network.layer, first, *head),
+        depth=sum(int(jax.tree.leaves(p)[0].shape[0]) for p in stacks),
+    )
+
+
 def ideal_speedup(
     network,
     params,
-    noise: jax.Array,
+    noise: Any,
     cond: Any,
     *,
     num_steps: int,
-    layer_evaluations: int,
+    layer_evaluations: float,
     uncond: Any = None,
 ) -> float:
     """Compute of uncached over cached sampling: what a perfect implementation would gain.
@@ -62,30 +117,10 @@ def ideal_speedup(
     Returns:
       The ratio of FLOPs, uncached over cached.
     """
-    guided = uncond is not None
-    rows, cond_rows = noise, cond
-    if guided:  # shapes only: the inputs may be ShapeDtypeStructs
-        rows = jax.eval_shape(lambda a: jax.numpy.concatenate([a, a]), noise)
-        cond_rows = jax.eval_shape(
-            lambda a, b: jax.tree.map(lambda x, y: jax.numpy.concatenate([x, y]), a, b),
-            cond, uncond,
-        )
-    t = jax.ShapeDtypeStruct((rows.shape[0],), np.float32)
-    stacks = [
-        p for p in (params.head, params.body, params.tail)
-        if jax.tree.leaves(p) and jax.tree.leaves(p)[0].shape[0] > 0
-    ]
-    first = jax.tree.map(lambda a: a[0], stacks[0])
-    constant = jax.eval_shape(network.condition, params.condition, cond_rows)
-    head = jax.eval_shape(network.embed, params.embed, rows, t, constant)
-    f_condition = matmul_flops(network.condition, params.condition, cond_rows)
-    f_step = matmul_flops(network.embed, params.embed, rows, t, constant)
-    f_step += matmul_flops(network.final, params.final, *head)
-    f_layer = matmul_flops(network.layer, first, *head)
-    depth = sum(int(jax.tree.leaves(p)[0].shape[0]) for p in stacks)
-    uncached = f_condition + num_steps * (f_step + depth * f_layer)
-    cached = f_condition + num_steps * f_step + layer_evaluations * f_layer
-    return uncached / cached
+    flops = step_flops(network, params, noise, cond, uncond=uncond)
+    return flops.total(num_steps, num_steps * flops.depth) / flops.total(
+        num_steps, layer_evaluations
+    )
 
 
 def _dot_flops(eqn) -> int:

@@ -1,0 +1,83 @@
+"""The GPU rows of BENCHMARKS.md in one process per model: every policy and reuse mode.
+
+    python benchmarks/gpu_suite.py dit  [OUTDIR]   # DiT-XL/2, bf16, batch 8, 50 steps
+    python benchmarks/gpu_suite.py flux [OUTDIR]   # FLUX scale (60 dual-stream blocks), batch 1
+
+Each row is one ``jaxcache.evaluation.bench.run_benchmark`` call on a model built once (random,
+non-zero weights); signal-driven rows search the threshold that refreshes about a third of the
+steps (thresholds are traced, so the search reuses the compiled program). One JSON line per row
+goes to OUTDIR/<suite>.jsonl; a table is printed last.
+"""
+
+import json
+import pathlib
+import sys
+import time
+
+import jax
+
+from jaxcache.evaluation.bench import build_model, run_benchmark
+
+SUITES = {
+    "dit": dict(
+        model=("dit", "dit-xl"), common=dict(batch=8, steps=50, dtype="bfloat16", repeats=10),
+        rows=[
+            ("interval/output", dict(policy="interval", interval=3, cached_layers=14)),
+            ("interval/taylor1", dict(policy="interval", interval=3, cached_layers=14,
+                                      reuse="taylor")),
+            ("interval/hermite2", dict(policy="interval", interval=3, cached_layers=14,
+                                       reuse="hermite", order=2)),
+            ("interval/output/device", dict(policy="interval", interval=3, cached_layers=14,
+                                            decide="device")),
+            ("first-block/residual", dict(policy="first-block", refresh_target=0.34,
+                                          host_loop=True)),
+            ("first-block/taylor1", dict(policy="first-block", refresh_target=0.34,
+                                         reuse="taylor")),
+            ("teacache/residual", dict(policy="teacache", refresh_target=0.34)),
+            ("dbcache/residual", dict(policy="dbcache", refresh_target=0.34, first=1,
+                                      warmup=2)),
+        ],
+    ),
+    "flux": dict(
+        model=("mmdit", "flux"), common=dict(batch=1, steps=50, dtype="bfloat16", repeats=3),
+        rows=[
+            ("interval/output", dict(policy="interval", interval=3, cached_layers=25)),
+            ("interval/taylor1", dict(policy="interval", interval=3, cached_layers=25,
+                                      reuse="taylor")),
+            ("first-block/residual", dict(policy="first-block", refresh_target=0.34)),
+            ("teacache/residual", dict(policy="teacache", refresh_target=0.34)),
+        ],
+    ),
+}
+
+
+def main() -> None:
+    suite = SUITES[sys.argv[1]]
+    out = pathlib.Path(sys.argv[2] if len(sys.argv) > 2 else "/tmp")
+    print("jax", jax.__version__, jax.devices(), flush=True)
+    start = time.perf_counter()
+    built = build_model(*suite["model"], suite["common"]["dtype"])
+    print(f"built {suite['model']} in {time.perf_counter() - start:.1f} s", flush=True)
+    results = []
+    for name, row in suite["rows"]:
+        start = time.perf_counter()
+        r = run_benchmark(*suite["model"], **suite["common"], **row, hand_loop=False,
+                          built=built)
+        r["row"] = name
+        r["wall_s"] = time.perf_counter() - start
+        results.append(r)
+        with open(out / f"{sys.argv[1]}.jsonl", "a") as f:
+            f.write(json.dumps(r) + "\n")
+        print(json.dumps(r), flush=True)
+    print(f"\n{'row':24s} {'uncached':>9s} {'cached':>9s} {'speedup':>8s} {'ideal':>6s} "
+          f"{'eff':>6s} {'refresh':>7s} {'thr':>8s} {'compile':>7s} {'host x':>6s}")
+    for r in results:
+        thr = "-" if r["threshold"] is None else f"{r['threshold']:.4g}"
+        host = f"{r['host_over_compiled']:.2f}" if "host_over_compiled" in r else "-"
+        print(f"{r['row']:24s} {r['uncached_s']:9.4f} {r['cached_s']:9.4f} {r['speedup']:8.3f} "
+              f"{r['ideal_speedup']:6.3f} {r['efficiency']:6.3f} {r['refresh_fraction']:7.2f} "
+              f"{thr:>8s} {r['compile_s']:7.1f} {host:>6s}")
+
+
+if __name__ == "__main__":
+    main()

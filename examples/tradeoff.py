@@ -1,0 +1,129 @@
+"""Quality at equal compute on the shipped digit models: caching against fewer steps.
+
+For each model: full compute, fewer steps (the baseline), the interval schedule with plain reuse
+and every forecast, and the signal-driven policies (First-Block, TeaCache, DBCache) with residual
+reuse and with the Taylor forecast at the same compute. Prints a markdown table per model (the
+one in BENCHMARKS.md), and writes ``tradeoff.json`` and ``tradeoff.png`` (PSNR against ideal
+speedup, the fewer-steps curve drawn in) to --out.
+
+    python examples/tradeoff.py                       # both flow models, 500 digits each
+    python examples/tradeoff.py --arch dit --per-class 8 --targets ""   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import jaxcache as jc
+from jaxcache.digits import pretrained, tradeoff
+
+# Models and how they are sampled: flow matching with Euler at 20 steps; the noise-prediction
+# DiT with DDIM at 50 steps (the regime DeepCache and Learning-to-Cache report on).
+MODELS = {
+    "dit": (jc.FlowMatchEuler(), pretrained.DEFAULT_STEPS, (2, 3, 4)),
+    "mmdit": (jc.FlowMatchEuler(), pretrained.DEFAULT_STEPS, (2, 3, 4)),
+    "dit-eps": (jc.DDIM(), 50, (2, 3, 4)),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="dit,mmdit", help=f"comma-separated, of {sorted(MODELS)}")
+    p.add_argument("--per-class", type=int, default=50, help="digits per class (default 50)")
+    p.add_argument("--targets", default="2,2.86",
+                   help="ideal speedups for the signal-driven rows (empty: none)")
+    p.add_argument("--guidance", type=float, default=pretrained.DEFAULT_GUIDANCE)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per setting")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out", help="output folder")
+    return p
+
+
+def _plot(path: Path, results: dict[str, list[tradeoff.Row]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for ax, (arch, rows) in zip(axes[0], results.items()):
+        groups: dict[str, list[tradeoff.Row]] = {}
+        for r in rows:
+            if r.family != "full":
+                groups.setdefault(f"{r.family} / {r.mode}" if r.mode != "-" else r.family,
+                                  []).append(r)
+        for label, rs in groups.items():
+            rs = sorted(rs, key=lambda r: r.ideal_speedup)
+            style = "k--o" if label == "fewer steps" else "o-"
+            ax.plot([r.ideal_speedup for r in rs], [r.psnr for r in rs], style, label=label,
+                    markersize=4, linewidth=2.2 if label == "fewer steps" else 1.2)
+        ax.set_xlabel("ideal speedup (matrix FLOPs per sample, full / setting)")
+        ax.set_ylabel("PSNR vs full compute (dB)")
+        ax.set_title(f"{arch}: quality at equal compute")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    """Runs the comparison; returns the exit status."""
+    args = _parser().parse_args(argv)
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    unknown = [a for a in archs if a not in MODELS]
+    if unknown or not archs:
+        print(f"error: --arch must name models of {sorted(MODELS)}, got {args.arch!r}",
+              file=sys.stderr)
+        return 2
+    try:
+        targets = [float(v) for v in args.targets.split(",") if v.strip()]
+    except ValueError:
+        print(f"error: --targets must be comma-separated numbers, got {args.targets!r}",
+              file=sys.stderr)
+        return 2
+    if args.per_class < 1:
+        print("error: --per-class must be positive", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: cannot use --out {out}: {e}", file=sys.stderr)
+        return 2
+    labels = [c for c in range(10) for _ in range(args.per_class)]
+    guidance = args.guidance or None
+    results = {}
+    for arch in archs:
+        solver, steps, intervals = MODELS[arch]
+        model = pretrained.load_digits_model(arch)
+        print(f"\n{arch}: {len(labels)} digits, {type(solver).__name__} {steps} steps, "
+              f"guidance {guidance}; scored against full compute\n{tradeoff.TABLE_HEADER}",
+              flush=True)
+        results[arch] = tradeoff.evaluate(
+            model, labels, tradeoff.default_settings(steps, intervals), seed=args.seed,
+            guidance=guidance, solver=solver, repeats=args.repeats, signal_targets=targets,
+            log=lambda line: print(line, flush=True),
+        )
+    payload = {
+        "settings": vars(args),
+        "results": {
+            arch: [{k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+                    for k, v in dataclasses.asdict(r).items()} for r in rows]
+            for arch, rows in results.items()
+        },
+    }
+    (out / "tradeoff.json").write_text(json.dumps(payload, indent=1))
+    _plot(out / "tradeoff.png", results)
+    print(f"\nwrote {out / 'tradeoff.json'}, {out / 'tradeoff.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
