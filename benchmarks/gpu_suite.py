@@ -38,6 +38,15 @@ SUITES = {
                                       warmup=2)),
         ],
     ),
+    # The per-step decision's cost with other structures (run with XLA_FLAGS set).
+    "dit-decisions": dict(
+        model=("dit", "dit-xl"), common=dict(batch=8, steps=50, dtype="bfloat16", repeats=10),
+        rows=[
+            ("interval/output/device", dict(policy="interval", interval=3, cached_layers=14,
+                                            decide="device")),
+            ("first-block/residual", dict(policy="first-block", refresh_target=0.34)),
+        ],
+    ),
     "flux": dict(
         model=("mmdit", "flux"), common=dict(batch=1, steps=50, dtype="bfloat16", repeats=3),
         rows=[
