@@ -84,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="what a skipped step uses (default: output for interval, residual "
                    "for the signal-driven policies)")
     p.add_argument("--order", type=int, default=1, help="forecast order of taylor / hermite")
+    p.add_argument("--forecast-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="dtype of a forecast's stored differences (default: the activations')")
     p.add_argument(
         "--cached-layers", type=int, default=None,
         help="interval: how many of the first layers are cached (default: half the depth)",
@@ -124,7 +126,7 @@ def _time(fn: Callable[[], Any]) -> float:
 
 
 def _setting(policy: str, network, depth: int, *, interval, threshold, reuse, order,
-             cached_layers, first, last, warmup, decide):
+             cached_layers, first, last, warmup, decide, forecast_dtype=None):
     """The plan, policy and reuse mode of a benchmark setting."""
     if policy != "interval" and decide != "static":
         raise ValueError("--decide applies to --policy interval only")
@@ -148,8 +150,8 @@ def _setting(policy: str, network, depth: int, *, interval, threshold, reuse, or
     mode = {
         "output": lambda: jc.OutputReuse(),
         "residual": lambda: jc.ResidualReuse(),
-        "taylor": lambda: jc.TaylorForecast(order),
-        "hermite": lambda: jc.HermiteForecast(order),
+        "taylor": lambda: jc.TaylorForecast(order, dtype=forecast_dtype),
+        "hermite": lambda: jc.HermiteForecast(order, dtype=forecast_dtype),
     }[reuse]()
     return plan, rule, mode, reuse, threshold
 
@@ -291,6 +293,7 @@ def run_benchmark(
     hand_loop: bool = True,
     host_loop: bool = False,
     refresh_target: float | None = None,
+    forecast_dtype: str | None = None,
     built: tuple[jc.Network, jc.NetworkParams] | None = None,
 ) -> dict[str, Any]:
     """Runs the benchmark and returns its figures (see the module docstring).
@@ -313,6 +316,7 @@ def run_benchmark(
     plan, rule, mode, reuse, threshold = _setting(
         policy, network, depth, interval=interval, threshold=threshold, reuse=reuse, order=order,
         cached_layers=cached_layers, first=first, last=last, warmup=warmup, decide=decide,
+        forecast_dtype=None if forecast_dtype is None else jnp.dtype(forecast_dtype),
     )
     # Split once (freeing the unsplit layers as we go, unless the caller keeps the model for
     # more runs); every program uses the split parameters.
@@ -387,6 +391,7 @@ def run_benchmark(
         "threshold": threshold,
         "reuse": reuse,
         "order": order if reuse in ("taylor", "hermite") else None,
+        "forecast_dtype": forecast_dtype,
         "first_layers": plan.first_layers,
         "cached_layers": plan.cached_layers,
         "depth": depth,
@@ -471,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed, policy=args.policy, threshold=args.threshold, reuse=args.reuse,
             order=args.order, first=args.first, last=args.last, warmup=args.warmup,
             hand_loop=not args.no_hand_loop, host_loop=args.host_loop,
-            refresh_target=args.refresh_target,
+            refresh_target=args.refresh_target, forecast_dtype=args.forecast_dtype,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
