@@ -66,6 +66,23 @@ SUITES = {
                                       warmup=2)),
         ],
     ),
+    # Third pass (no XLA flags): two-stage signal reductions.
+    "dit-c": dict(
+        model=("dit", "dit-xl"), common=dict(batch=8, steps=50, dtype="bfloat16", repeats=10),
+        rows=[
+            ("interval/output", dict(policy="interval", interval=3, cached_layers=14)),
+            ("interval/taylor1", dict(policy="interval", interval=3, cached_layers=14,
+                                      reuse="taylor")),
+            ("interval/output/device", dict(policy="interval", interval=3, cached_layers=14,
+                                            decide="device")),
+            ("first-block/residual", dict(policy="first-block", refresh_target=0.34)),
+            ("first-block/res/0.2+host", dict(policy="first-block", refresh_target=0.2,
+                                              host_loop=True)),
+            ("teacache/residual", dict(policy="teacache", refresh_target=0.34)),
+            ("dbcache/residual", dict(policy="dbcache", refresh_target=0.34, first=1,
+                                      warmup=2)),
+        ],
+    ),
     "flux": dict(
         model=("mmdit", "flux"), common=dict(batch=1, steps=50, dtype="bfloat16", repeats=3),
         rows=[
