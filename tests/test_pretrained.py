@@ -379,6 +379,7 @@ def test_unknown_model():
 @pytest.mark.parametrize("name, arch, recipe", [
     ("dit", "dit", pretrained.FLOW),
     ("mmdit", "mmdit", pretrained.FLOW),
+    ("dit-eps", "dit", pretrained.EPS),
 ])
 def test_shipped_model_draws_recognisable_digits(name, arch, recipe):
     ref = os.path.join(os.path.dirname(pretrained.__file__), "assets",
