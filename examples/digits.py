@@ -1,17 +1,26 @@
 """The main job: cached vs full-compute sampling of digits on the shipped trained models.
 
 Samples a grid of digits (every class, several samples each) with and without caching on the
-shipped class-conditional flow-matching models (single-stream DiT and dual-stream MMDiT), prints
-a table per setting (cached layers, interval: layer evaluations, speedups, PSNR, SSIM, class
-accuracy, Frechet distance) and saves a side-by-side PNG grid (full | cached).
+shipped class-conditional models (the flow-matching single-stream DiT and dual-stream MMDiT, and
+the noise-prediction DiT sampled with DDIM), prints a table per setting (cached layers,
+interval: layer evaluations, speedups, PSNR, SSIM, class accuracy, Frechet distance) and saves a
+side-by-side PNG grid (full | cached).
 
-    python examples/digits.py                          # both models, 4 cached layers, interval 3
+    python examples/digits.py                          # dit and mmdit, 4 cached layers, interval 3
     python examples/digits.py --arch dit --cached-layers 6 --interval 2
+    python examples/digits.py --arch dit-eps           # the noise-prediction DiT, 50 DDIM steps
     python examples/digits.py --sweep                  # intervals 1-5 x cached layers 2,4,6,8
     python examples/digits.py --checkpoint my.msgpack  # a model trained with train_digits.py
 
-Outputs go to --out (default ``out/``): ``digits_<arch>.png``, ``results.json`` and, with
---sweep, ``sweep.png`` (PSNR against ideal speedup). Nothing is written when an argument is bad.
+Each model is sampled with its own solver and step count (its checkpoint's recipe) unless
+--steps says otherwise. Class accuracy is the share of the samples of each setting (--per-class
+times the number of --classes) that the shipped digit classifier labels as the requested class;
+the Frechet distance compares the classifier's features of the same samples with those of the
+359 held-out real digits.
+
+Outputs go to --out (default ``out/``): ``digits_<model>.png``, ``results.json`` and, with
+--sweep, ``sweep.png`` (PSNR against ideal speedup). Nothing is written when an argument is bad
+or --out cannot take the files, and that is checked before any sampling.
 """
 
 from __future__ import annotations
@@ -31,24 +40,35 @@ from jaxcache.digits.quality import SettingReport, evaluate_settings
 
 SWEEP_INTERVALS = (1, 2, 3, 4, 5)
 SWEEP_LAYERS = (2, 4, 6, 8)
+# --arch: the shipped models, and the two groups.
+_ARCH_GROUPS = {"both": ["dit", "mmdit"], "all": list(pretrained.SHIPPED_MODELS)}
+_DEFAULT_ARCH = "both"
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", choices=["dit", "mmdit", "both"], default="both")
-    p.add_argument("--checkpoint", help="a checkpoint file instead of the shipped model")
+    # Default None, not "both": a given --arch must be told apart from the default, since it
+    # cannot go with --checkpoint.
+    p.add_argument("--arch", choices=[*pretrained.SHIPPED_MODELS, *_ARCH_GROUPS], default=None,
+                   help=f"shipped model(s): {', '.join(pretrained.SHIPPED_MODELS)}, both (dit "
+                        f"and mmdit, the default) or all; not with --checkpoint, whose file "
+                        f"decides the model")
+    p.add_argument("--checkpoint", help="a checkpoint file instead of the shipped models (its "
+                                        "architecture and recipe come from the file)")
     p.add_argument("--cached-layers", type=int, default=4, help="layers [0, n) cached")
     p.add_argument("--interval", type=int, default=3, help="refresh every this many steps")
     p.add_argument("--sweep", action="store_true",
                    help=f"intervals {SWEEP_INTERVALS} x cached layers {SWEEP_LAYERS}")
     p.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9", help="comma-separated classes")
     p.add_argument("--per-class", type=int, default=8, help="samples per class")
-    p.add_argument("--steps", type=int, default=pretrained.DEFAULT_STEPS)
+    p.add_argument("--steps", type=int, default=None,
+                   help="solver steps (default: each model's own: 20 Euler steps for the flow "
+                        "models, 50 DDIM steps for dit-eps)")
     p.add_argument("--guidance", type=float, default=pretrained.DEFAULT_GUIDANCE,
                    help="classifier-free guidance scale (0 turns it off)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out", help="output folder")
+    p.add_argument("--out", default="out", help="output folder (created if missing)")
     return p
 
 
@@ -62,8 +82,48 @@ def _check(args) -> list[int]:
         raise ValueError("--classes is empty")
     pretrained.class_condition(classes)  # raises for a class outside 0..9
     for name in ("interval", "per_class", "steps", "repeats"):
-        check_int(getattr(args, name), f"--{name.replace('_', '-')}")  # the flag, not the field
+        if getattr(args, name) is not None:  # --steps None: each model's own
+            check_int(getattr(args, name), f"--{name.replace('_', '-')}")  # the flag's name
+    if args.checkpoint and args.arch is not None:
+        raise ValueError(
+            f"--arch {args.arch} cannot go with --checkpoint: the checkpoint decides the model "
+            "(leave --arch out)"
+        )
     return classes
+
+
+def _check_out(out: Path, names: list[str]) -> None:
+    """Raises ValueError unless the files ``names`` can be written in the folder ``out``.
+
+    Checked without writing anything: ``out`` is a folder we may write in, or can be created
+    (its nearest existing ancestor is a folder we may write in), and no target name is taken by
+    something that is not a file.
+    """
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"--out {out} exists and is not a folder")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ValueError(f"--out {out} is a folder this user cannot write in")
+        for name in names:
+            target = out / name
+            if target.exists() and not target.is_file():
+                raise ValueError(f"--out {out}: {target} exists and is not a file")
+        return
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {out} cannot be created: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out} cannot be created: this user cannot write in {parent}")
+
+
+def _model_name(model) -> str:
+    """The name of a checkpoint's model in outputs: its architecture, plus ``-eps`` for noise
+    prediction (the shipped names)."""
+    arch = type(model).__name__.lower()
+    objective = pretrained.recipe_of(model).objective
+    return arch if objective == "flow" else f"{arch}-{objective}"
 
 
 def _grid(images: np.ndarray, rows: int) -> np.ndarray:
@@ -115,7 +175,7 @@ def _save_sweep_plot(path: Path, sweeps: dict[str, list[SettingReport]]):
     plt.close(fig)
 
 
-def _table(arch: str, full: SettingReport, reports: list[SettingReport]) -> str:
+def _table(title: str, full: SettingReport, reports: list[SettingReport]) -> str:
     head = ("layers", "interval", "layer evals", "ideal x", "speedup x", "PSNR dB", "SSIM",
             "rel L1", "class acc", "Frechet")
     rows = [head]
@@ -128,7 +188,7 @@ def _table(arch: str, full: SettingReport, reports: list[SettingReport]) -> str:
             f"{r.relative_l1:.4f}", f"{r.accuracy:.3f}", f"{r.frechet:.2f}",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = [f"{arch}: full compute vs cached (same noise, same classes)"]
+    lines = [title]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
     return "\n".join(lines)
 
@@ -136,21 +196,26 @@ def _table(arch: str, full: SettingReport, reports: list[SettingReport]) -> str:
 def main(argv=None) -> int:
     """Runs the job; returns the exit status."""
     args = _parser().parse_args(argv)
+    out = Path(args.out)
     try:
         classes = _check(args)
-        archs = ["dit", "mmdit"] if args.arch == "both" else [args.arch]
-        models = {}
         if args.checkpoint:
             model = pretrained.load_checkpoint(args.checkpoint).model
-            models[type(model).__name__.lower()] = model
+            models = {_model_name(model): model}
         else:
-            models = {arch: pretrained.load_digits_model(arch) for arch in archs}
+            arch = args.arch or _DEFAULT_ARCH
+            names = _ARCH_GROUPS.get(arch, [arch])
+            models = {name: pretrained.load_digits_model(name) for name in names}
         for model in models.values():
             if not 1 <= args.cached_layers <= model.config.depth:
                 depth = model.config.depth
                 raise ValueError(
                     f"--cached-layers must be in [1, {depth}], got {args.cached_layers}"
                 )
+        # Every file this run writes, known now so --out is checked before any sampling.
+        files = [f"digits_{name}.png" for name in models] + ["results.json"]
+        files += ["sweep.png"] if args.sweep else []
+        _check_out(out, files)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -158,8 +223,11 @@ def main(argv=None) -> int:
     labels = [c for c in classes for _ in range(args.per_class)]
     guidance = args.guidance if args.guidance else None
     main_setting = (args.cached_layers, args.interval)
-    results, texts, images, sweeps = {}, [], {}, {}
-    for arch, model in models.items():
+    scored = (f"class acc, Frechet: over the {len(labels)} samples of each setting "
+              f"({args.per_class} per class x {len(classes)} classes, noise seed {args.seed}), "
+              "scored by the shipped digit classifier")
+    results, recipes, images, sweeps = {}, {}, {}, {}
+    for name, model in models.items():
         settings = [main_setting]
         if args.sweep:
             depth = model.config.depth
@@ -167,30 +235,40 @@ def main(argv=None) -> int:
                 (n, k) for n in SWEEP_LAYERS if n <= depth for k in SWEEP_INTERVALS
                 if (n, k) != main_setting
             ]
+        recipe = pretrained.recipe_of(model)
+        steps = args.steps or recipe.num_steps
+        solver = type(recipe.solver).__name__
+        recipes[name] = dict(objective=recipe.objective, solver=solver, num_steps=steps,
+                             guidance_scale=guidance)
         start = time.perf_counter()
-        full, reports, imgs = evaluate_settings(
-            model, labels, settings, seed=args.seed, num_steps=args.steps,
-            guidance_scale=guidance, repeats=args.repeats,
-        )
-        texts.append(_table(arch, full, reports) + f"\n({time.perf_counter() - start:.1f} s)")
-        print(texts[-1], flush=True)
-        images[arch] = (imgs[(0, 1)], imgs[main_setting])
-        results[arch] = [vars(full)] + [vars(r) for r in reports]
-        sweeps[arch] = reports
+        try:
+            full, reports, imgs = evaluate_settings(
+                model, labels, settings, seed=args.seed, num_steps=steps,
+                guidance_scale=guidance, repeats=args.repeats,
+            )
+        except ValueError as e:  # a setting the solver refuses, e.g. more DDIM steps than 1000
+            print(f"error: {name}: {e}", file=sys.stderr)
+            return 2
+        title = (f"{name}: full compute vs cached (same noise, same classes; {steps} {solver} "
+                 f"steps, guidance {guidance})\n{scored}")
+        print(_table(title, full, reports) + f"\n({time.perf_counter() - start:.1f} s)",
+              flush=True)
+        images[name] = (imgs[(0, 1)], imgs[main_setting])
+        results[name] = [vars(full)] + [vars(r) for r in reports]
+        sweeps[name] = reports
 
-    out = Path(args.out)
     os.makedirs(out, exist_ok=True)
-    for arch, (full_imgs, cached_imgs) in images.items():
-        _save_side_by_side(out / f"digits_{arch}.png", full_imgs, cached_imgs, rows=len(classes))
+    for name, (full_imgs, cached_imgs) in images.items():
+        _save_side_by_side(out / f"digits_{name}.png", full_imgs, cached_imgs, rows=len(classes))
     payload = dict(
-        settings=dict(vars(args)), labels=labels,
+        settings=dict(vars(args)), labels=labels, models=recipes, scored=scored,
         results={a: [{k: (None if isinstance(v, float) and np.isinf(v) else v)
                       for k, v in r.items()} for r in rs] for a, rs in results.items()},
     )
     (out / "results.json").write_text(json.dumps(payload, indent=1))
     if args.sweep:
         _save_sweep_plot(out / "sweep.png", sweeps)
-    print(f"\nwrote {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())))
+    print(f"\nwrote {out}/: " + ", ".join(files))
     print("left half of each PNG: full compute; right half: cached "
           f"({args.cached_layers} layers, interval {args.interval})")
     return 0

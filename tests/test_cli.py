@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,28 @@ from jaxcache.evaluation import bench
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _digits_main():
+def _digits_job():
     spec = importlib.util.spec_from_file_location("digits_job", ROOT / "examples" / "digits.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main
+    return module
+
+
+def _digits_main():
+    return _digits_job().main
+
+
+def _train_digits_parse():
+    spec = importlib.util.spec_from_file_location(
+        "train_digits", ROOT / "examples" / "train_digits.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._parse
+
+
+# The smallest real run of the digits job: one shipped model, one digit per class, two steps.
+_TINY_JOB = ["--per-class", "1", "--steps", "2", "--repeats", "1"]
 
 
 # ------------------------------------------------------------------------------- bench
@@ -115,3 +133,140 @@ def test_digits_job_corrupt_checkpoint(tmp_path, capsys):
     assert _digits_main()(["--checkpoint", str(bad), "--out", str(out)]) == 2
     assert "error" in capsys.readouterr().err
     assert bad.read_bytes() == before and not out.exists()
+
+
+@pytest.mark.parametrize("arch", ["dit", "both", "mmdit"])
+def test_digits_job_refuses_arch_with_checkpoint(arch, tmp_path, capsys):
+    out = tmp_path / "out"
+    ckpt = ROOT / "jaxcache" / "digits" / "assets" / "digits_dit.msgpack"
+    assert _digits_main()(["--arch", arch, "--checkpoint", str(ckpt), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--arch {arch} cannot go with --checkpoint" in err
+    assert not out.exists()
+
+
+def test_digits_job_help_says_checkpoint_decides(capsys):
+    with pytest.raises(SystemExit):
+        _digits_main()(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "not with --checkpoint, whose file decides the model" in help_text
+
+
+def test_digits_job_checkpoint_alone(tmp_path, capsys):
+    out = tmp_path / "out"
+    ckpt = ROOT / "jaxcache" / "digits" / "assets" / "digits_dit.msgpack"
+    assert _digits_main()([*_TINY_JOB, "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"digits_dit.png", "results.json"}
+
+
+def test_digits_job_lists_only_what_it_wrote(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an earlier run")
+    (out / "digits_mmdit.png").write_bytes(b"old")
+    assert _digits_main()([*_TINY_JOB, "--arch", "dit", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    wrote = next(line for line in text.splitlines() if line.startswith("wrote "))
+    assert wrote == f"wrote {out}/: digits_dit.png, results.json"
+    assert (out / "stale.txt").read_text() == "from an earlier run"  # left alone
+    assert (out / "digits_mmdit.png").read_bytes() == b"old"
+
+
+def test_digits_job_says_what_accuracy_is_measured_on(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _digits_main()([*_TINY_JOB, "--arch", "dit", "--classes", "1,7",
+                           "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert ("class acc, Frechet: over the 2 samples of each setting (1 per class x 2 classes, "
+            "noise seed 0), scored by the shipped digit classifier") in text
+    assert "2 FlowMatchEuler steps, guidance 1.5" in text
+    results = json.loads((out / "results.json").read_text())
+    assert results["models"]["dit"]["solver"] == "FlowMatchEuler"
+
+
+def test_digits_job_eps_model_uses_ddim(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _digits_main()([*_TINY_JOB, "--arch", "dit-eps", "--out", str(out)]) == 0
+    assert "2 DDIM steps" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["models"]["dit-eps"] == {"objective": "eps", "solver": "DDIM",
+                                            "num_steps": 2, "guidance_scale": 1.5}
+    assert results["results"]["dit-eps"][0]["layer_evaluations"] == 2 * 8
+    assert {p.name for p in out.iterdir()} == {"digits_dit-eps.png", "results.json"}
+
+
+def _refuse_sampling(monkeypatch):
+    """The job module, with sampling replaced by a failure (the --out check must come first)."""
+    job = _digits_job()
+
+    def sampled(*args, **kwargs):
+        raise AssertionError("sampled before checking --out")
+
+    monkeypatch.setattr(job, "evaluate_settings", sampled)
+    return job
+
+
+def test_digits_job_out_is_a_file(tmp_path, capsys, monkeypatch):
+    job = _refuse_sampling(monkeypatch)
+    out = tmp_path / "taken"
+    out.write_text("a file")
+    assert job.main([*_TINY_JOB, "--arch", "dit", "--out", str(out)]) == 2
+    assert f"--out {out} exists and is not a folder" in capsys.readouterr().err
+    assert out.read_text() == "a file"
+
+
+def test_digits_job_out_under_a_file(tmp_path, capsys, monkeypatch):
+    job = _refuse_sampling(monkeypatch)
+    blocker = tmp_path / "file"
+    blocker.write_text("a file")
+    out = blocker / "sub" / "out"
+    assert job.main([*_TINY_JOB, "--arch", "dit", "--out", str(out)]) == 2
+    assert f"--out {out} cannot be created: {blocker} is not a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_digits_job_out_not_writable(exists, tmp_path, capsys, monkeypatch):
+    job = _refuse_sampling(monkeypatch)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    out = locked if exists else locked / "out"
+    # Permission bits do not bind root, so the check's view of them is stubbed.
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked and real_access(p, mode))
+    assert job.main([*_TINY_JOB, "--arch", "dit", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write in" in err and str(locked) in err
+    assert list(locked.iterdir()) == []
+
+
+def test_digits_job_out_name_taken_by_a_folder(tmp_path, capsys, monkeypatch):
+    job = _refuse_sampling(monkeypatch)
+    out = tmp_path / "out"
+    (out / "results.json").mkdir(parents=True)
+    assert job.main([*_TINY_JOB, "--arch", "dit", "--out", str(out)]) == 2
+    assert "results.json exists and is not a file" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["results.json"]
+
+
+# ------------------------------------------------------------------------------- train_digits
+def test_train_digits_objective_settings():
+    parse = _train_digits_parse()
+    flow = parse(["--out", "x.msgpack"])
+    assert flow.objective == "flow" and flow.min_snr_gamma is None
+    eps = parse(["--objective", "eps", "--out", "x.msgpack"])
+    assert eps.min_snr_gamma == 5.0 and eps.eval_steps is None  # the recipe's 50 DDIM steps
+    assert parse(["--objective", "eps", "--min-snr-gamma", "0", "--out", "x"]).min_snr_gamma is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--min-snr-gamma", "5"], "--min-snr-gamma applies to --objective eps only"),
+    (["--objective", "eps", "--min-snr-gamma", "-1"], "--min-snr-gamma must be >= 0"),
+    (["--steps", "0"], "--steps must be an int >= 1, got 0"),
+    (["--eval-steps", "0"], "--eval-steps must be an int >= 1, got 0"),
+])
+def test_train_digits_rejects(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _train_digits_parse()([*argv, "--out", "x.msgpack"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
