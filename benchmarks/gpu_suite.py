@@ -18,81 +18,53 @@ import jax
 
 from jaxcache.evaluation.bench import build_model, run_benchmark
 
+DIT = dict(model=("dit", "dit-xl"), common=dict(batch=8, steps=50, dtype="bfloat16", repeats=10))
+FLUX = dict(model=("mmdit", "flux"), common=dict(batch=1, steps=50, dtype="bfloat16", repeats=3))
+INTERVAL = dict(policy="interval", interval=3)  # cached_layers: 14 of 28 (DiT), 25 of 60 (FLUX)
+ROWS = {
+    "interval/output": dict(INTERVAL),
+    "interval/taylor1": dict(INTERVAL, reuse="taylor"),
+    "interval/taylor1/f32": dict(INTERVAL, reuse="taylor", forecast_dtype="float32"),
+    "interval/taylor0": dict(INTERVAL, reuse="taylor", order=0),
+    "interval/hermite2": dict(INTERVAL, reuse="hermite", order=2),
+    "interval/output/device": dict(INTERVAL, decide="device"),
+    "first-block/residual": dict(policy="first-block", refresh_target=0.34),
+    "first-block/taylor1": dict(policy="first-block", refresh_target=0.34, reuse="taylor"),
+    "first-block/residual/host": dict(policy="first-block", refresh_target=0.34, host_loop=True),
+    "first-block/res/0.2+host": dict(policy="first-block", refresh_target=0.2, host_loop=True),
+    "teacache/residual": dict(policy="teacache", refresh_target=0.34),
+    "dbcache/residual": dict(policy="dbcache", refresh_target=0.34, first=1, warmup=2),
+}
+
+
+def _suite(base, cached_layers, names):
+    rows = []
+    for name in names:
+        row = dict(ROWS[name])
+        if row["policy"] == "interval":
+            row["cached_layers"] = cached_layers
+        rows.append((name, row))
+    return dict(base, rows=rows)
+
+
 SUITES = {
-    "dit": dict(
-        model=("dit", "dit-xl"), common=dict(batch=8, steps=50, dtype="bfloat16", repeats=10),
-        rows=[
-            ("interval/output", dict(policy="interval", interval=3, cached_layers=14)),
-            ("interval/taylor1", dict(policy="interval", interval=3, cached_layers=14,
-                                      reuse="taylor")),
-            ("interval/hermite2", dict(policy="interval", interval=3, cached_layers=14,
-                                       reuse="hermite", order=2)),
-            ("interval/output/device", dict(policy="interval", interval=3, cached_layers=14,
-                                            decide="device")),
-            ("first-block/residual", dict(policy="first-block", refresh_target=0.34,
-                                          host_loop=True)),
-            ("first-block/taylor1", dict(policy="first-block", refresh_target=0.34,
-                                         reuse="taylor")),
-            ("teacache/residual", dict(policy="teacache", refresh_target=0.34)),
-            ("dbcache/residual", dict(policy="dbcache", refresh_target=0.34, first=1,
-                                      warmup=2)),
-        ],
-    ),
+    # Pass 1 (no flags, one-stage signal reductions at the time).
+    "dit": _suite(DIT, 14, ["interval/output", "interval/taylor1", "interval/hermite2",
+                            "interval/output/device", "first-block/residual/host",
+                            "first-block/taylor1", "teacache/residual", "dbcache/residual"]),
     # The per-step decision's cost with other structures (run with XLA_FLAGS set).
-    "dit-decisions": dict(
-        model=("dit", "dit-xl"), common=dict(batch=8, steps=50, dtype="bfloat16", repeats=10),
-        rows=[
-            ("interval/output/device", dict(policy="interval", interval=3, cached_layers=14,
-                                            decide="device")),
-            ("first-block/residual", dict(policy="first-block", refresh_target=0.34)),
-        ],
-    ),
-    # Second pass (run with the command-buffer XLA flags): forecast variants and every policy.
-    "dit-b": dict(
-        model=("dit", "dit-xl"), common=dict(batch=8, steps=50, dtype="bfloat16", repeats=10),
-        rows=[
-            ("interval/output", dict(policy="interval", interval=3, cached_layers=14)),
-            ("interval/taylor1", dict(policy="interval", interval=3, cached_layers=14,
-                                      reuse="taylor")),
-            ("interval/taylor1/f32", dict(policy="interval", interval=3, cached_layers=14,
-                                          reuse="taylor", forecast_dtype="float32")),
-            ("interval/taylor0", dict(policy="interval", interval=3, cached_layers=14,
-                                      reuse="taylor", order=0)),
-            ("first-block/residual", dict(policy="first-block", refresh_target=0.34)),
-            ("first-block/res/0.2+host", dict(policy="first-block", refresh_target=0.2,
-                                              host_loop=True)),
-            ("teacache/residual", dict(policy="teacache", refresh_target=0.34)),
-            ("dbcache/residual", dict(policy="dbcache", refresh_target=0.34, first=1,
-                                      warmup=2)),
-        ],
-    ),
-    # Third pass (no XLA flags): two-stage signal reductions.
-    "dit-c": dict(
-        model=("dit", "dit-xl"), common=dict(batch=8, steps=50, dtype="bfloat16", repeats=10),
-        rows=[
-            ("interval/output", dict(policy="interval", interval=3, cached_layers=14)),
-            ("interval/taylor1", dict(policy="interval", interval=3, cached_layers=14,
-                                      reuse="taylor")),
-            ("interval/output/device", dict(policy="interval", interval=3, cached_layers=14,
-                                            decide="device")),
-            ("first-block/residual", dict(policy="first-block", refresh_target=0.34)),
-            ("first-block/res/0.2+host", dict(policy="first-block", refresh_target=0.2,
-                                              host_loop=True)),
-            ("teacache/residual", dict(policy="teacache", refresh_target=0.34)),
-            ("dbcache/residual", dict(policy="dbcache", refresh_target=0.34, first=1,
-                                      warmup=2)),
-        ],
-    ),
-    "flux": dict(
-        model=("mmdit", "flux"), common=dict(batch=1, steps=50, dtype="bfloat16", repeats=3),
-        rows=[
-            ("interval/output", dict(policy="interval", interval=3, cached_layers=25)),
-            ("interval/taylor1", dict(policy="interval", interval=3, cached_layers=25,
-                                      reuse="taylor")),
-            ("first-block/residual", dict(policy="first-block", refresh_target=0.34)),
-            ("teacache/residual", dict(policy="teacache", refresh_target=0.34)),
-        ],
-    ),
+    "dit-decisions": _suite(DIT, 14, ["interval/output/device", "first-block/residual"]),
+    # Pass 2 (run with the command-buffer XLA flags): forecast variants and every policy.
+    "dit-b": _suite(DIT, 14, ["interval/output", "interval/taylor1", "interval/taylor1/f32",
+                              "interval/taylor0", "first-block/residual",
+                              "first-block/res/0.2+host", "teacache/residual",
+                              "dbcache/residual"]),
+    # Pass 3, the current code without flags (the BENCHMARKS.md table).
+    "dit-c": _suite(DIT, 14, ["interval/output", "interval/taylor1", "interval/output/device",
+                              "first-block/residual", "first-block/res/0.2+host",
+                              "teacache/residual", "dbcache/residual"]),
+    "flux": _suite(FLUX, 25, ["interval/output", "interval/taylor1", "first-block/residual",
+                              "teacache/residual"]),
 }
 
 
