@@ -35,9 +35,8 @@ def main() -> None:
     print("|---|---:|---:|---|---:|---:|---:|---:|")
     for arch, size, batch, n in rows:
         config = get_config(arch, size)
-        model = nnx.eval_shape(lambda: create_model(arch, size, rngs=nnx.Rngs(0),
-                                                    dtype=jnp.bfloat16,
-                                                    param_dtype=jnp.bfloat16))
+        model = nnx.eval_shape(lambda a=arch, s=size: create_model(
+            a, s, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
         network, params = jc.from_nnx(model)
         plan = jc.CachePlan(network, n)
         seg = jax.eval_shape(plan.split, params)
@@ -48,7 +47,7 @@ def main() -> None:
         _, body, _ = jax.eval_shape(plan.run_head, seg, noise, t, constant)
         activation = nbytes(body)
         for name, mode in modes.items():
-            state = jax.eval_shape(lambda c, m=mode: m.init(plan, body, c), constant)
+            state = jax.eval_shape(lambda c, m=mode, p=plan, b=body: m.init(p, b, c), constant)
             held = nbytes(state)
             const = nbytes(constant) if isinstance(mode, jc.OutputReuse) else 0
             held -= const  # the caption constant rides in the StepCache's constant slot
