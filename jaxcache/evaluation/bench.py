@@ -42,6 +42,7 @@ from flax import nnx
 import jaxcache as jc
 from jaxcache.evaluation.flops import ideal_speedup
 from jaxcache.models import ARCHS, SIZES, create_model, get_config
+from jaxcache.policies.signals import signal_function
 from jaxcache.reuse import Position
 
 __all__ = ["POLICIES", "REUSE_MODES", "main", "run_benchmark"]
@@ -188,10 +189,8 @@ def _host_loop(plan, seg, policy, mode, solver, steps, guidance):
     Jitted pieces (head and signal, decision, body and store, reuse, tail and solver step)
     called from a Python loop; the batch computes when any row asks (``bool(any)``).
     """
-    from jaxcache import sampler as _sampler
-
     guided = guidance is not None
-    signal_of = _sampler._signal_function(policy.signal_kind, plan, seg)
+    signal_of = signal_function(policy.signal_kind, plan, seg)
 
     @jax.jit
     def head(seg, x, t, constant):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
-__all__ = ["relative_l1"]
+__all__ = ["relative_l1", "signal_function"]
 
 # A floor for the denominator: a signal that is exactly zero (a block that does nothing) must
 # read as "no change", never as 0 / 0 = NaN, which compares False with every threshold and
@@ -43,3 +45,35 @@ def _row_mean(x: jax.Array) -> jax.Array:
     if x.ndim > 2:
         x = jnp.mean(x, axis=-1)
     return jnp.mean(x.reshape(x.shape[0], -1), axis=1)
+
+
+def signal_function(kind: str | None, plan, params) -> Callable | None:
+    """``signal(embedded, h, ctx) -> [rows, ...]`` for a policy's ``signal_kind`` (or None).
+
+    Args:
+      kind: the policy's ``signal_kind``.
+      plan: the :class:`~jaxcache.CachePlan`.
+      params: its split parameters.
+
+    Returns:
+      A function of the embedding's output, the head's output and the step context; None when
+      the policy reads no signal.
+    """
+    if kind is None:
+        return None
+    if kind == "head_residual":
+
+        def head_residual(embedded, h, ctx):
+            after, before = plan.streams(h)[0], plan.streams(embedded)[0]
+            return after.astype(jnp.float32) - before.astype(jnp.float32)
+
+        return head_residual
+    if kind == "modulated_input":
+        first = params.head if plan.first_layers else params.body
+        layer0 = jax.tree.map(lambda a: a[0], first)
+
+        def modulated_input(embedded, h, ctx):
+            return plan.network.modulated_input(layer0, embedded, ctx)
+
+        return modulated_input
+    raise ValueError(f"unknown signal_kind {kind!r}")
