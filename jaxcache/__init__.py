@@ -4,7 +4,10 @@ The public API (the core; it imports nothing from :mod:`jaxcache.models`,
 :mod:`jaxcache.evaluation` or :mod:`jaxcache.digits`):
 
 * :class:`StepCache`, :func:`should_refresh`: the reference step cache, as an immutable pytree.
-* :class:`Network`, :class:`NetworkParams`, :func:`from_nnx`: a model cut into cacheable pieces.
+* :class:`Network`, :class:`NetworkParams`, :func:`from_nnx`, :func:`from_linen`: a model cut
+  into cacheable pieces; :class:`TimeConvention`, the time the model reads;
+  :func:`check_parity` (raises :class:`ParityError`): the glued network against the model's
+  own forward.
 * :class:`CachePlan`, :class:`SegmentParams`: head, cached body and tail; parameters split per
   segment.
 * Policies, when the body is recomputed: :class:`RefreshPolicy`; schedules known before
@@ -13,11 +16,21 @@ The public API (the core; it imports nothing from :mod:`jaxcache.models`,
   :func:`calibrate_teacache`), :class:`DBCachePolicy`; :class:`OnDevice`.
 * Reuse modes, what a skipped step uses: :class:`ReuseMode`, :class:`OutputReuse`,
   :class:`ResidualReuse`, :class:`TaylorForecast`, :class:`HermiteForecast`.
-* :class:`Solver`, :class:`FlowMatchEuler`, :class:`DDIM`: solver steps.
+* :class:`Solver` and solvers: :class:`FlowMatchEuler`, :class:`FlowMatchHeun` (rectified flow);
+  :class:`DDIM`, :class:`DDPM`, :class:`EulerAncestral`, :class:`DPMSolverPP2M` (noise
+  prediction on the DDPM schedule).
 * :func:`sample`, :func:`lower`, :class:`SampleResult`: the cached sampling loop, one program.
 """
 
-from jaxcache.network import Network, NetworkParams, from_nnx
+from jaxcache.linen import from_linen
+from jaxcache.network import (
+    Network,
+    NetworkParams,
+    ParityError,
+    TimeConvention,
+    check_parity,
+    from_nnx,
+)
 from jaxcache.plan import CachePlan, SegmentParams
 from jaxcache.policies import (
     DBCachePolicy,
@@ -31,23 +44,36 @@ from jaxcache.policies import (
 )
 from jaxcache.reuse import HermiteForecast, OutputReuse, ResidualReuse, ReuseMode, TaylorForecast
 from jaxcache.sampler import SampleResult, lower, sample
-from jaxcache.solvers import DDIM, FlowMatchEuler, Solver
+from jaxcache.solvers import (
+    DDIM,
+    DDPM,
+    DPMSolverPP2M,
+    EulerAncestral,
+    FlowMatchEuler,
+    FlowMatchHeun,
+    Solver,
+)
 from jaxcache.step_cache import StepCache, should_refresh
 
 __version__ = "0.2.0"
 
 __all__ = [
     "DDIM",
+    "DDPM",
     "CachePlan",
     "DBCachePolicy",
+    "DPMSolverPP2M",
+    "EulerAncestral",
     "FirstBlockPolicy",
     "FlowMatchEuler",
+    "FlowMatchHeun",
     "HermiteForecast",
     "IntervalPolicy",
     "Network",
     "NetworkParams",
     "OnDevice",
     "OutputReuse",
+    "ParityError",
     "RefreshPolicy",
     "ResidualReuse",
     "ReuseMode",
@@ -58,7 +84,10 @@ __all__ = [
     "StepMaskPolicy",
     "TaylorForecast",
     "TeaCachePolicy",
+    "TimeConvention",
     "calibrate_teacache",
+    "check_parity",
+    "from_linen",
     "from_nnx",
     "lower",
     "sample",

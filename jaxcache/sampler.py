@@ -16,6 +16,12 @@ mode stand in for it, then runs the tail:
 Classifier-free guidance runs both branches as one batch of ``2B`` rows; every row keeps its
 own decisions and cached values, so branch state cannot mix (the reference shared one cache,
 and its negative pass reused the positive caption).
+
+A step of the loop is one model evaluation (one entry of ``solver.times``): a two-stage solver
+such as :class:`~jaxcache.FlowMatchHeun` makes two per solver step, and the cache counts both.
+The solver's state (a multistep solver's earlier predictions, Heun's predictor) rides in the
+loop's carry; an ancestral solver's key is folded with the evaluation index inside the loop, so
+the seed is traced and a new one reuses the compiled program.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ import numpy as np
 from jaxcache._checks import check_int
 from jaxcache.plan import CachePlan, SegmentParams
 from jaxcache.policies.base import RefreshPolicy
+from jaxcache.policies.signals import signal_function
 from jaxcache.reuse.base import Position, ReuseMode, select_rows
+from jaxcache.reuse.forecast import TaylorForecast
 from jaxcache.reuse.output import OutputReuse
 from jaxcache.solvers import Solver
 
@@ -42,14 +50,17 @@ __all__ = ["SampleResult", "lower", "sample"]
 class SampleResult(NamedTuple):
     """What :func:`sample` returns.
 
+    Steps here are model evaluations (``len(solver.times(num_steps)[0])``: ``num_steps`` for
+    one-stage solvers, ``2 num_steps - 1`` for :class:`~jaxcache.FlowMatchHeun`).
+
     Attributes:
       sample: the final sample, shaped like the noise.
-      refreshed: ``[num_steps]`` bool, the steps whose cached body ran (for any row).
-      layers_computed: ``[num_steps, num_layers]`` bool, which layer ran at which step.
+      refreshed: ``[evaluations]`` bool, the steps whose cached body ran (for any row).
+      layers_computed: ``[evaluations, num_layers]`` bool, which layer ran at which step.
       caches: the reuse mode's final state for each guidance branch (conditional first, then
         unconditional): a :class:`~jaxcache.StepCache` for :class:`~jaxcache.OutputReuse`.
         None when sampling uncached.
-      body_computed: ``[num_steps, branches, batch]`` bool: whether each sample's body output
+      body_computed: ``[evaluations, branches, batch]`` bool: whether each sample's body output
         at each step was computed (True) or came from the reuse mode (False), per guidance
         branch.
     """
@@ -78,6 +89,7 @@ def sample(
     reuse: ReuseMode | None = None,
     uncond: PyTree = None,
     guidance_scale: float | None = None,
+    key: jax.Array | None = None,
 ) -> SampleResult:
     """Samples with the cached body of ``plan`` reused between refreshes, in one program.
 
@@ -86,13 +98,20 @@ def sample(
       params: parameters split by ``plan.split`` (once, before sampling).
       noise: the initial sample, ``[batch, ...]``.
       cond: the condition (e.g. caption token ids), batch-major.
-      solver: the solver step (:class:`~jaxcache.FlowMatchEuler`, :class:`~jaxcache.DDIM`).
-      num_steps: the number of denoising steps (static).
+      solver: the solver (:class:`~jaxcache.FlowMatchEuler`, :class:`~jaxcache.DDIM`, ...).
+        Static: it must be hashable (a frozen dataclass), and equal settings share a program.
+      num_steps: the number of solver steps (static). The cache steps are the model
+        evaluations: ``num_steps`` for one-stage solvers, ``2 num_steps - 1`` for Heun; the
+        policy (an interval, a mask's length) counts evaluations.
       policy: when the body runs; None samples uncached (every layer, every step). Its numeric
         settings are traced: a new threshold reuses the compiled program.
       reuse: what a skipped step uses; default :class:`~jaxcache.OutputReuse` (the reference).
-      uncond: the negative condition for classifier-free guidance.
-      guidance_scale: the guidance scale; None turns guidance off. Static.
+      uncond: the negative condition for classifier-free guidance, shaped like ``cond``.
+      guidance_scale: the guidance scale (>= 0); None turns guidance off. Static.
+      key: a PRNG key (``jax.random.key(seed)``) for an ancestral solver
+        (:class:`~jaxcache.DDPM`, :class:`~jaxcache.EulerAncestral`); traced, so a new seed
+        reuses the compiled program. Evaluation ``i`` gets ``jax.random.fold_in(key, i)``.
+        Solvers that draw no noise refuse it.
 
     Returns:
       A :class:`SampleResult`.
@@ -107,7 +126,7 @@ def sample(
       ...                       policy=jaxcache.IntervalPolicy(3))
     """
     args = _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond,
-                    guidance_scale)
+                    guidance_scale, key)
     return _sample(*args)
 
 
@@ -123,6 +142,7 @@ def lower(
     reuse: ReuseMode | None = None,
     uncond: PyTree = None,
     guidance_scale: float | None = None,
+    key: jax.Array | None = None,
 ) -> jax.stages.Lowered:
     """The lowered (not yet compiled) program of :func:`sample` for these arguments.
 
@@ -131,44 +151,158 @@ def lower(
     decisions).
     """
     args = _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond,
-                    guidance_scale)
+                    guidance_scale, key)
     return _sample.lower(*args)
 
 
-def _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond, scale):
+def _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond, scale, key):
     """Validates every argument (before tracing) and returns ``_sample``'s arguments."""
     if not isinstance(plan, CachePlan):
         raise TypeError(f"plan must be a CachePlan, got {type(plan).__name__}")
     plan.check(params)
-    if not isinstance(solver, Solver):
-        raise TypeError(f"solver must be a jaxcache Solver, got {type(solver).__name__}")
+    _check_solver(solver, key)
     check_int(num_steps, "num_steps")
+    times, next_times = solver.times(num_steps)
+    evaluations = len(times)
+    if np.shape(times) != (evaluations,) or np.shape(next_times) != (evaluations,):
+        raise ValueError(
+            f"{type(solver).__name__}.times({num_steps}) must return two 1-D arrays of equal "
+            f"length, got shapes {np.shape(times)} and {np.shape(next_times)}"
+        )
+    plan.network.time.check_times(times, solver)
+    counted = "" if evaluations == num_steps else (
+        f" (the cache counts model evaluations: {type(solver).__name__} makes {evaluations} in "
+        f"{num_steps} steps)"
+    )
+    schedule = None
     if policy is not None:
         if not isinstance(policy, RefreshPolicy):
             raise TypeError(f"policy must be a RefreshPolicy or None, got {type(policy).__name__}")
         _check_signal(policy, plan)
-        policy.check(plan, num_steps)
+        try:
+            policy.check(plan, evaluations)
+        except ValueError as error:
+            raise ValueError(f"{error}{counted}") from error
     if reuse is not None and not isinstance(reuse, ReuseMode):
         raise TypeError(f"reuse must be a ReuseMode or None, got {type(reuse).__name__}")
     if policy is not None and plan.cached_layers > 0:
-        schedule = policy.static_schedule(num_steps)
+        schedule = policy.static_schedule(evaluations)
         refreshes = None if schedule is None else int(np.sum(schedule))
-        (reuse or OutputReuse()).check(plan, num_steps, refreshes)
+        mode = reuse or OutputReuse()
+        try:
+            mode.check(plan, evaluations, refreshes)
+        except ValueError as error:
+            raise ValueError(f"{error}{counted}") from error
+        _check_forecast_times(mode, solver, times, schedule)
     if np.ndim(noise) < 1:
         raise ValueError("noise must have a leading batch axis")
     if (scale is None) != (uncond is None):
         raise ValueError("classifier-free guidance needs both uncond and guidance_scale")
-    if scale is not None and not isinstance(scale, (int, float)):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise ValueError(f"guidance_scale must be a Python number (static), got {scale!r}")
+    if scale is not None and not (np.isfinite(scale) and scale >= 0):
+        raise ValueError(
+            f"guidance_scale must be a finite number >= 0 (1 is the conditional prediction, 0 "
+            f"the unconditional one, above 1 guides), got {scale!r}"
+        )
+    _check_conditions(noise, cond, uncond)
+    return plan, params, noise, cond, uncond, solver, num_steps, policy, reuse, scale, key
+
+
+def _check_solver(solver: Solver, key) -> None:
+    """The solver can be a static argument, and the key fits what it draws."""
+    if not isinstance(solver, Solver):
+        raise TypeError(f"solver must be a jaxcache Solver, got {type(solver).__name__}")
+    name = type(solver).__name__
+    try:
+        hash(solver)
+    except TypeError as error:
+        raise TypeError(
+            f"solver {name} must be hashable: it is a static argument of the compiled program, "
+            "looked up by hash and ==. Make it a frozen dataclass "
+            "(@dataclasses.dataclass(frozen=True)) of numbers, strings and tuples"
+        ) from error
+    if not solver.defines_update():
+        raise TypeError(
+            f"solver {name} defines neither step(x, prediction, t, t_next) nor "
+            "advance(state, x, prediction, t, t_next, index=..., key=...)"
+        )
+    if solver.uses_key and key is None:
+        raise ValueError(
+            f"{name} draws fresh noise at every step: pass key=jax.random.key(seed) (traced, so "
+            "a new seed reuses the compiled program)"
+        )
+    if key is not None:
+        if not solver.uses_key:
+            raise ValueError(
+                f"key= was given, but {name} draws no noise (its uses_key is False): drop key=, "
+                "or use an ancestral solver (DDPM, EulerAncestral)"
+            )
+        dtype = getattr(key, "dtype", None)
+        typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+        raw = dtype == np.uint32 and np.shape(key) == (2,)
+        if not ((typed and np.shape(key) == ()) or raw):
+            raise ValueError(
+                "key must be one PRNG key, jax.random.key(seed) (or jax.random.PRNGKey(seed)), "
+                f"got {type(key).__name__} of shape {np.shape(key)} and dtype {dtype}"
+            )
+
+
+def _check_forecast_times(mode, solver, times, schedule) -> None:
+    """A Taylor forecast divides by the time between stored steps: none may share a time."""
+    if not (isinstance(mode, TaylorForecast) and mode.order >= 1):
+        return
+    stored = np.asarray(times) if schedule is None else np.asarray(times)[np.asarray(schedule)]
+    same = np.flatnonzero(np.diff(stored) == 0)
+    if len(same):
+        raise ValueError(
+            f"TaylorForecast(order={mode.order}) divides by the time between the steps it "
+            f"stores, and this run could store two evaluations at t={float(stored[same[0]]):.6g} "
+            f"({type(solver).__name__} evaluates twice at some times). Use HermiteForecast (it "
+            "counts in steps), OutputReuse, or a schedule that never refreshes two evaluations "
+            "at one time (an interval of 2 or more)"
+        )
+
+
+def _describe(leaf) -> str:
+    return f"shape {np.shape(leaf)} {getattr(leaf, 'dtype', type(leaf).__name__)}"
+
+
+def _check_conditions(noise, cond, uncond) -> None:
+    """cond and uncond are arrays with the noise's batch axis, and alike."""
     batch = noise.shape[0]
     for name, tree in (("cond", cond), ("uncond", uncond)):
         for leaf in jax.tree.leaves(tree):
+            if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+                raise TypeError(
+                    f"{name} must be an array, or a pytree of arrays, with a leading batch axis; "
+                    f"it holds a {type(leaf).__name__} leaf (a Python list or tuple is a pytree "
+                    "of its items: convert it with jnp.asarray)"
+                )
             if np.ndim(leaf) < 1 or leaf.shape[0] != batch:
                 raise ValueError(
                     f"{name} leaves need a leading batch axis of {batch} (the noise's), "
-                    f"got shape {np.shape(leaf)}"
+                    f"got shape {np.shape(leaf)}. noise is [batch, ...]: its shape "
+                    f"{tuple(noise.shape)} reads as {batch} samples of shape "
+                    f"{tuple(noise.shape[1:])}; for one sample without a batch axis pass "
+                    "noise[None]"
                 )
-    return plan, params, noise, cond, uncond, solver, num_steps, policy, reuse, scale
+    if uncond is None:
+        return
+    cond_leaves, cond_def = jax.tree.flatten(cond)
+    uncond_leaves, uncond_def = jax.tree.flatten(uncond)
+    if cond_def != uncond_def:
+        raise ValueError(
+            f"uncond must have cond's structure (both branches run as one batch): cond is "
+            f"{cond_def}, uncond is {uncond_def}"
+        )
+    for a, b in zip(cond_leaves, uncond_leaves):
+        if np.shape(a) != np.shape(b) or a.dtype != b.dtype:
+            raise ValueError(
+                f"uncond must match cond leaf for leaf (both branches run as one batch): cond "
+                f"has {_describe(a)}, uncond {_describe(b)}; pad or cast the negative condition "
+                "to cond's shape and dtype"
+            )
 
 
 def _check_signal(policy: RefreshPolicy, plan: CachePlan) -> None:
@@ -189,7 +323,8 @@ def _check_signal(policy: RefreshPolicy, plan: CachePlan) -> None:
 
 # ------------------------------------------------------------------------------- the program
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 9))
-def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse, guidance_scale):
+def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse, guidance_scale,
+            key):
     guided = guidance_scale is not None
     batch = noise.shape[0]
     branches = 2 if guided else 1
@@ -199,60 +334,70 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse,
     cond_rows = _concat(cond, uncond) if guided else cond
     constant = plan.network.condition(params.condition, cond_rows)
 
-    def head(x, t):
+    # The loop carries z = (x, solver state); the state is None for stateless solvers.
+    def head(z, t):
+        x = z[0]
         rows = jnp.concatenate([x, x]) if guided else x
         t_rows = jnp.full((rows.shape[0],), t, jnp.float32)
         return plan.run_head(params, rows, t_rows, constant)
 
-    def finish(x, h, ctx, t, t_next):
+    def finish(z, h, ctx, i, t, t_next):
+        x, solver_state = z
         prediction = plan.run_tail(params, h, ctx)
         if guided:
             positive, negative = jnp.split(prediction, 2)
             prediction = negative + guidance_scale * (positive - negative)
-        return solver.step(x, prediction, t, t_next)
+        step_key = None if key is None else jax.random.fold_in(key, i)
+        return solver.advance(solver_state, x, prediction, t, t_next, index=i, key=step_key)
 
     times, next_times = solver.times(num_steps)
-    xs = (jnp.arange(num_steps, dtype=jnp.int32), jnp.asarray(times), jnp.asarray(next_times))
+    steps = len(times)  # model evaluations: the cache's steps
+    xs = (jnp.arange(steps, dtype=jnp.int32), jnp.asarray(times), jnp.asarray(next_times))
+    start = (noise, solver.init_state(noise))
 
     if policy is None or plan.cached_layers == 0:
 
-        def plain_step(x, step_t):
-            _, t, t_next = step_t
-            _, h, ctx = head(x, t)
-            return finish(x, plan.run_body(params, h, ctx), ctx, t, t_next), None
+        def plain_step(z, step_t):
+            i, t, t_next = step_t
+            _, h, ctx = head(z, t)
+            return finish(z, plan.run_body(params, h, ctx), ctx, i, t, t_next), None
 
-        x, _ = jax.lax.scan(plain_step, noise, xs)
-        every = jnp.ones((num_steps, branches, batch), bool)
-        return SampleResult(x, jnp.ones((num_steps,), bool), jnp.ones((num_steps, depth), bool),
+        (x, _), _ = jax.lax.scan(plain_step, start, xs)
+        every = jnp.ones((steps, branches, batch), bool)
+        return SampleResult(x, jnp.ones((steps,), bool), jnp.ones((steps, depth), bool),
                             None, every)
 
     mode = reuse if reuse is not None else OutputReuse()
-    _, body_shape, _ = jax.eval_shape(head, noise, jnp.zeros((), jnp.float32))
+    _, body_shape, _ = jax.eval_shape(head, start, jnp.zeros((), jnp.float32))
     state = mode.init(plan, body_shape, constant)
     loop = _Loop(plan, params, mode, head, finish)
 
-    schedule = policy.static_schedule(num_steps)
+    schedule = policy.static_schedule(steps)
     if schedule is not None:
-        x, state = loop.static(noise, state, xs, np.asarray(schedule, bool))
+        (x, _), state = loop.static(start, state, xs, np.asarray(schedule, bool))
         rows_computed = jnp.broadcast_to(
-            jnp.asarray(_computed_steps(schedule))[:, None], (num_steps, branches * batch)
+            jnp.asarray(_computed_steps(schedule))[:, None], (steps, branches * batch)
         )
     else:
-        x, state, rows_computed = loop.dynamic(noise, state, xs, policy, num_steps)
+        (x, _), state, rows_computed = loop.dynamic(start, state, xs, policy, steps)
 
     body_ran = jnp.any(rows_computed, axis=1)
-    columns = [jnp.ones((num_steps, plan.first_layers), bool)]
-    columns.append(jnp.broadcast_to(body_ran[:, None], (num_steps, plan.cached_layers)))
-    columns.append(jnp.ones((num_steps, depth - plan.body_stop), bool))
+    columns = [jnp.ones((steps, plan.first_layers), bool)]
+    columns.append(jnp.broadcast_to(body_ran[:, None], (steps, plan.cached_layers)))
+    columns.append(jnp.ones((steps, depth - plan.body_stop), bool))
     caches = tuple(mode.rows(state, j * batch, (j + 1) * batch) for j in range(branches))
     return SampleResult(
         x, body_ran, jnp.concatenate(columns, axis=1), caches,
-        rows_computed.reshape(num_steps, branches, batch),
+        rows_computed.reshape(steps, branches, batch),
     )
 
 
 class _Loop:
-    """The step functions of one cached program (built inside the trace)."""
+    """The step functions of one cached program (built inside the trace).
+
+    ``x`` in the carries below is the pair (sample, solver state) that ``head`` reads and
+    ``finish`` returns.
+    """
 
     def __init__(self, plan, params, mode, head, finish):
         self.plan, self.params, self.mode = plan, params, mode
@@ -285,7 +430,7 @@ class _Loop:
                 h = self.plan.run_body(self.params, h, ctx)
             else:
                 h = self.mode.reuse(state, h, position)
-            return self.finish(x, h, ctx, t, t_next), state
+            return self.finish(x, h, ctx, i, t, t_next), state
 
         def group(carry, group_xs):
             """One refresh step, then a scan of the reuse steps after it."""
@@ -329,7 +474,7 @@ class _Loop:
     def dynamic(self, noise, state, xs, policy, num_steps):
         """The loop of a policy that decides each step on the device, per row."""
         plan = self.plan
-        signal_of = _signal_function(policy.signal_kind, plan, self.params)
+        signal_of = signal_function(policy.signal_kind, plan, self.params)
         rows = jax.eval_shape(self.head, noise, jnp.zeros((), jnp.float32))[1]
         rows = jax.tree.leaves(rows)[0].shape[0]
         if signal_of is None:
@@ -351,7 +496,7 @@ class _Loop:
             # A row with nothing stored yet runs without storing, as the reference did.
             compute = refresh | ~stored
             out, state = self.run_or_reuse(compute, refresh, h, ctx, state, position)
-            x = self.finish(x, out, ctx, t, t_next)
+            x = self.finish(x, out, ctx, i, t, t_next)
             return (x, state, policy_state, stored | refresh), compute
 
         carry = (noise, state, policy_state, jnp.zeros((rows,), bool))
@@ -377,28 +522,6 @@ class _Loop:
         # Rows that did not store kept their state, so this is their own reuse value.
         reused = self.mode.reuse(state, h, position)
         return select_rows(compute, ran, reused), state
-
-
-def _signal_function(kind, plan, params):
-    """``signal(embedded, h, ctx) -> [rows, ...]`` for a policy's ``signal_kind`` (or None)."""
-    if kind is None:
-        return None
-    if kind == "head_residual":
-
-        def head_residual(embedded, h, ctx):
-            after, before = plan.streams(h)[0], plan.streams(embedded)[0]
-            return after.astype(jnp.float32) - before.astype(jnp.float32)
-
-        return head_residual
-    if kind == "modulated_input":
-        first = params.head if plan.first_layers else params.body
-        layer0 = jax.tree.map(lambda a: a[0], first)
-
-        def modulated_input(embedded, h, ctx):
-            return plan.network.modulated_input(layer0, embedded, ctx)
-
-        return modulated_input
-    raise ValueError(f"unknown signal_kind {kind!r}")
 
 
 def _computed_steps(schedule: np.ndarray) -> np.ndarray:
