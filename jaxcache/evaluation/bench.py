@@ -335,10 +335,10 @@ def run_benchmark(
     for name, pol in (("uncached", None), ("cached", rule)):
         lowered = jc.lower(plan, seg, noise, cond, policy=pol, reuse=mode, **common)
         start = time.perf_counter()
-        # A compiled sampler takes (params, noise, cond, uncond, policy, reuse).
+        # A compiled sampler takes (params, noise, cond, uncond, policy, reuse, key).
         compiled = lowered.compile()
         compile_s[name] = time.perf_counter() - start
-        programs[name] = (lambda p=pol, c=compiled: c(seg, noise, cond, uncond, p, mode))
+        programs[name] = (lambda p=pol, c=compiled: c(seg, noise, cond, uncond, p, mode, None))
     if refresh_target is not None:
         if policy == "interval":
             raise ValueError("--refresh-target applies to the signal-driven policies")
