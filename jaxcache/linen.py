@@ -6,6 +6,9 @@ layer are created inline, so ``apply(..., method=...)`` cannot reach them one at
 :func:`from_linen` traces ``__call__`` once (shapes only), records every submodule it creates
 with its settings, stacks the blocks' parameters by name, and builds the four pieces from small
 functions that say what ``__call__`` does around the blocks.
+
+jaxcache imports no Linen (the core is NNX; ``tests/test_layout.py`` keeps it so): this module
+works on the Linen that the user's model has already loaded.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 
 from jaxcache.network import (
@@ -30,14 +33,23 @@ from jaxcache.network import (
 )
 
 PyTree = Any
+LinenModule = Any  # a flax.linen.Module
 
 __all__ = ["LinenParts", "from_linen"]
+
+
+def _linen(model: Any):
+    """``flax.linen`` as the model loaded it; a TypeError unless ``model`` is a Linen Module."""
+    linen = sys.modules.get("flax.linen")
+    if linen is None or not isinstance(model, linen.Module):
+        raise TypeError(f"from_linen needs a flax.linen Module, got {type(model).__name__}")
+    return linen
 
 
 class _Bound:
     """One Linen submodule and its variables: call it, or call its methods, by name."""
 
-    def __init__(self, definition: nn.Module, variables: Mapping[str, Any]):
+    def __init__(self, definition: LinenModule, variables: Mapping[str, Any]):
         self._definition = definition
         self._variables = variables
 
@@ -57,7 +69,7 @@ class _Bound:
         return getattr(self._definition, name)
 
 
-def _is_method(module: nn.Module, name: str) -> bool:
+def _is_method(module: LinenModule, name: str) -> bool:
     """Whether ``name`` is a method of the module's class (not a setting, even a callable one)."""
     if name in {f.name for f in dataclasses.fields(module)}:
         return False
@@ -75,7 +87,7 @@ class LinenParts:
       model itself.
     """
 
-    def __init__(self, model: nn.Module, definitions: Mapping[str, nn.Module],
+    def __init__(self, model: LinenModule, definitions: Mapping[str, LinenModule],
                  variables: Mapping[str, Any]):
         self._model = model
         self._definitions = definitions
@@ -109,9 +121,9 @@ class LinenParts:
             ) from None
 
 
-def _submodules(model: nn.Module, variables, inputs, kwargs) -> dict[str, nn.Module]:
+def _submodules(model: LinenModule, variables, inputs, kwargs) -> dict[str, LinenModule]:
     """Every direct submodule ``model.__call__`` creates, unbound, with its settings."""
-    found: dict[str, nn.Module] = {}
+    found: dict[str, LinenModule] = {}
 
     def record(next_fun, args, call_kwargs, context):
         module = context.module
@@ -122,7 +134,7 @@ def _submodules(model: nn.Module, variables, inputs, kwargs) -> dict[str, nn.Mod
         return next_fun(*args, **call_kwargs)
 
     try:
-        with nn.intercept_methods(record):
+        with _linen(model).intercept_methods(record):
             jax.eval_shape(lambda v, a: model.apply(v, *a, **kwargs), variables, tuple(inputs))
     except Exception as error:  # noqa: BLE001 (re-raised with what was being done)
         raise ValueError(
@@ -132,7 +144,8 @@ def _submodules(model: nn.Module, variables, inputs, kwargs) -> dict[str, nn.Mod
     return found
 
 
-def _block_names(blocks: str | Sequence[str], names: Sequence[str], model: nn.Module) -> list[str]:
+def _block_names(blocks: str | Sequence[str], names: Sequence[str], model: LinenModule
+                 ) -> list[str]:
     """The blocks' submodule names, in layer order (numeric suffixes sorted as numbers)."""
     if isinstance(blocks, str):
         pattern = re.compile(re.escape(blocks.rstrip("_")) + r"_?(\d+)$")
@@ -160,7 +173,7 @@ _CACHE: dict[tuple, Network] = {}
 
 
 def from_linen(
-    model: nn.Module,
+    model: LinenModule,
     variables: Mapping[str, Any],
     inputs: Sequence[Any],
     *,
@@ -232,8 +245,7 @@ def from_linen(
         shapes, or the traced call fails.
     """
     time = _check_time(time, "from_linen")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"from_linen needs a flax.linen Module, got {type(model).__name__}")
+    _linen(model)
     if "params" not in variables:
         raise ValueError(
             f"variables must be the model's variable dict {{'params': ...}}, got keys "

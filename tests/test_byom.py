@@ -205,6 +205,8 @@ def test_linen_errors_name_what_was_expected():
         jc.from_linen(model, variables, inputs, **_linen_kwargs(blocks=["VBlock_0", "VBlock_7"]))
     with pytest.raises(TypeError, match=r"needs time=.*TimeConvention.continuous\(\)"):
         jc.from_linen(model, variables, inputs, **_linen_kwargs(time=None))
+    with pytest.raises(TypeError, match="needs a flax.linen Module, got Linear"):
+        jc.from_linen(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), variables, inputs, **_linen_kwargs())
     with pytest.raises(ValueError, match="that call failed"):
         jc.from_linen(model, variables, (inputs[0][:, :, :2], *inputs[1:]), **_linen_kwargs())
     model, variables, inputs = _varied((8, 16, 8))
