@@ -278,6 +278,9 @@ def check_parity(
     Returns:
       The largest absolute difference.
 
+    On a GPU, float32 matrix products default to TF32: run the check under
+    ``jax.default_matmul_precision("float32")``, or loosen ``rtol``.
+
     Raises:
       ParityError: if shapes differ or any element differs by more than
         ``atol + rtol * |model output|``; the message gives the largest difference.
