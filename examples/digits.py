@@ -36,7 +36,7 @@ import numpy as np
 
 from jaxcache._checks import check_int
 from jaxcache.digits import pretrained
-from jaxcache.digits.quality import SettingReport, evaluate_settings
+from jaxcache.digits.quality import REUSE_MODES, SettingReport, evaluate_settings
 
 SWEEP_INTERVALS = (1, 2, 3, 4, 5)
 SWEEP_LAYERS = (2, 4, 6, 8)
@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
                                         "architecture and recipe come from the file)")
     p.add_argument("--cached-layers", type=int, default=4, help="layers [0, n) cached")
     p.add_argument("--interval", type=int, default=3, help="refresh every this many steps")
+    p.add_argument("--reuse", default="reuse,taylor1",
+                   help="what skipped steps use, comma-separated, of "
+                   f"{sorted(REUSE_MODES)} (default: plain reuse beside the order-1 forecast)")
     p.add_argument("--sweep", action="store_true",
                    help=f"intervals {SWEEP_INTERVALS} x cached layers {SWEEP_LAYERS}")
     p.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9", help="comma-separated classes")
@@ -70,6 +73,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out", help="output folder (created if missing)")
     return p
+
+
+def _reuse_names(args) -> list[str]:
+    names = [r.strip() for r in args.reuse.split(",") if r.strip()]
+    unknown = [r for r in names if r not in REUSE_MODES]
+    if unknown or not names:
+        raise ValueError(f"--reuse takes names of {sorted(REUSE_MODES)}, got {args.reuse!r}")
+    return names
 
 
 def _check(args) -> list[int]:
@@ -89,6 +100,7 @@ def _check(args) -> list[int]:
             f"--arch {args.arch} cannot go with --checkpoint: the checkpoint decides the model "
             "(leave --arch out)"
         )
+    _reuse_names(args)
     return classes
 
 
@@ -139,12 +151,12 @@ def _grid(images: np.ndarray, rows: int) -> np.ndarray:
     return out
 
 
-def _save_side_by_side(path: Path, full: np.ndarray, cached: np.ndarray, rows: int, scale=6):
+def _save_side_by_side(path: Path, panels: list[np.ndarray], rows: int, scale=6):
     from matplotlib import image as mpimg
 
-    left, right = _grid(full, rows), _grid(cached, rows)
-    gap = np.ones((left.shape[0], 4), np.float32)
-    both = np.concatenate([left, gap, right], axis=1)
+    grids = [_grid(p, rows) for p in panels]
+    gap = np.ones((grids[0].shape[0], 4), np.float32)
+    both = np.concatenate([x for g in grids for x in (g, gap)][:-1], axis=1)
     both = np.kron(both, np.ones((scale, scale), np.float32))  # nearest-neighbour upscale
     mpimg.imsave(path, both, cmap="gray", vmin=0.0, vmax=1.0)
 
@@ -176,13 +188,14 @@ def _save_sweep_plot(path: Path, sweeps: dict[str, list[SettingReport]]):
 
 
 def _table(title: str, full: SettingReport, reports: list[SettingReport]) -> str:
-    head = ("layers", "interval", "layer evals", "ideal x", "speedup x", "PSNR dB", "SSIM",
+    head = ("layers", "interval", "reuse", "layer evals", "ideal x", "speedup x", "PSNR dB", "SSIM",
             "rel L1", "class acc", "Frechet")
     rows = [head]
     for r in [full, *reports]:
         rows.append((
             "full" if r.cached_layers == 0 else str(r.cached_layers),
             "-" if r.cached_layers == 0 else str(r.interval),
+            "-" if r.cached_layers == 0 else r.reuse,
             str(r.layer_evaluations), f"{r.ideal_speedup:.2f}", f"{r.speedup:.2f}",
             "inf" if np.isinf(r.psnr) else f"{r.psnr:.1f}", f"{r.ssim:.4f}",
             f"{r.relative_l1:.4f}", f"{r.accuracy:.3f}", f"{r.frechet:.2f}",
@@ -222,21 +235,30 @@ def main(argv=None) -> int:
 
     labels = [c for c in classes for _ in range(args.per_class)]
     guidance = args.guidance if args.guidance else None
-    main_setting = (args.cached_layers, args.interval)
+    main_settings = [(args.cached_layers, args.interval, r) for r in _reuse_names(args)]
     scored = (f"class acc, Frechet: over the {len(labels)} samples of each setting "
               f"({args.per_class} per class x {len(classes)} classes, noise seed {args.seed}), "
               "scored by the shipped digit classifier")
     results, recipes, images, sweeps = {}, {}, {}, {}
     for name, model in models.items():
-        settings = [main_setting]
+        settings = list(main_settings)
         if args.sweep:
             depth = model.config.depth
             settings += [
-                (n, k) for n in SWEEP_LAYERS if n <= depth for k in SWEEP_INTERVALS
-                if (n, k) != main_setting
+                (n, k, "reuse") for n in SWEEP_LAYERS if n <= depth for k in SWEEP_INTERVALS
+                if (n, k, "reuse") not in main_settings
             ]
         recipe = pretrained.recipe_of(model)
         steps = args.steps or recipe.num_steps
+        # A forecast needs order + 1 computed steps; drop those a short run cannot feed.
+        fed = [key for key in settings
+               if REUSE_MODES[key[2]].history() <= len(range(0, steps, key[1]))]
+        for n, k, reuse in settings:
+            if (n, k, reuse) not in fed:
+                print(f"{name}: skipping {reuse} at interval {k}: it needs "
+                      f"{REUSE_MODES[reuse].history()} computed steps, {steps} steps give "
+                      f"{len(range(0, steps, k))}", flush=True)
+        settings = fed
         solver = type(recipe.solver).__name__
         recipes[name] = dict(objective=recipe.objective, solver=solver, num_steps=steps,
                              guidance_scale=guidance)
@@ -253,13 +275,13 @@ def main(argv=None) -> int:
                  f"steps, guidance {guidance})\n{scored}")
         print(_table(title, full, reports) + f"\n({time.perf_counter() - start:.1f} s)",
               flush=True)
-        images[name] = (imgs[(0, 1)], imgs[main_setting])
+        images[name] = [imgs[(0, 1, "reuse")]] + [imgs[s] for s in main_settings if s in imgs]
         results[name] = [vars(full)] + [vars(r) for r in reports]
         sweeps[name] = reports
 
     os.makedirs(out, exist_ok=True)
-    for name, (full_imgs, cached_imgs) in images.items():
-        _save_side_by_side(out / f"digits_{name}.png", full_imgs, cached_imgs, rows=len(classes))
+    for name, panels in images.items():
+        _save_side_by_side(out / f"digits_{name}.png", panels, rows=len(classes))
     payload = dict(
         settings=dict(vars(args)), labels=labels, models=recipes, scored=scored,
         results={a: [{k: (None if isinstance(v, float) and np.isinf(v) else v)
@@ -269,8 +291,9 @@ def main(argv=None) -> int:
     if args.sweep:
         _save_sweep_plot(out / "sweep.png", sweeps)
     print(f"\nwrote {out}/: " + ", ".join(files))
-    print("left half of each PNG: full compute; right half: cached "
-          f"({args.cached_layers} layers, interval {args.interval})")
+    panels = ", then ".join(f"cached with {r}" for r in _reuse_names(args))
+    print(f"each PNG, left to right: full compute, then {panels} ({args.cached_layers} layers, "
+          f"interval {args.interval})")
     return 0
 
 

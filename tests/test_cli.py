@@ -90,11 +90,15 @@ def test_digits_job_end_to_end(tmp_path, capsys):
                                                 "results.json"}
     results = json.loads((out / "results.json").read_text())["results"]
     for arch in ("dit", "mmdit"):
-        full, cached = results[arch]
-        assert full["cached_layers"] == 0 and cached["cached_layers"] == 4
-        assert cached["layer_evaluations"] < full["layer_evaluations"]
-        assert cached["ideal_speedup"] > 1.0
-        assert 0.0 < cached["ssim"] <= 1.0
+        full, reused, forecast = results[arch]  # by default plain reuse beside the forecast
+        assert (reused["reuse"], forecast["reuse"]) == ("reuse", "taylor1")
+        for cached in (reused, forecast):
+            assert full["cached_layers"] == 0 and cached["cached_layers"] == 4
+            assert cached["layer_evaluations"] < full["layer_evaluations"]
+            assert cached["ideal_speedup"] > 1.0
+            assert 0.0 < cached["ssim"] <= 1.0
+        assert forecast["layer_evaluations"] == reused["layer_evaluations"]
+        assert forecast["psnr"] > reused["psnr"]  # the forecast is closer to full compute
         assert full["accuracy"] >= 0.5  # trained models make recognisable digits
 
 
@@ -102,9 +106,10 @@ def test_digits_job_interval_one_is_identical(tmp_path, capsys):
     out = tmp_path / "o"
     assert _digits_main()(["--arch", "dit", "--interval", "1", "--per-class", "1",
                            "--repeats", "1", "--out", str(out)]) == 0
-    full, cached = json.loads((out / "results.json").read_text())["results"]["dit"]
-    assert cached["psnr"] is None  # infinite: bitwise identical to full compute
-    assert cached["ssim"] == 1.0 and cached["relative_l1"] == 0.0
+    full, *cached = json.loads((out / "results.json").read_text())["results"]["dit"]
+    for row in cached:
+        assert row["psnr"] is None  # infinite: bitwise identical to full compute
+        assert row["ssim"] == 1.0 and row["relative_l1"] == 0.0
 
 
 @pytest.mark.parametrize(

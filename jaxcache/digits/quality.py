@@ -36,9 +36,10 @@ from jaxcache.evaluation.flops import ideal_speedup
 from jaxcache.network import from_nnx
 from jaxcache.plan import CachePlan
 from jaxcache.policies import IntervalPolicy
+from jaxcache.reuse import HermiteForecast, OutputReuse, TaylorForecast
 from jaxcache.solvers import Solver
 
-__all__ = ["SettingReport", "digit_scores", "evaluate_settings"]
+__all__ = ["REUSE_MODES", "SettingReport", "digit_scores", "evaluate_settings"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,25 @@ class SettingReport:
     relative_l1: float
     accuracy: float
     frechet: float
+    reuse: str = "reuse"
+
+
+#: What a skipped step uses, by the name a setting gives it.
+REUSE_MODES = {
+    "reuse": OutputReuse(),
+    "taylor1": TaylorForecast(1),
+    "taylor2": TaylorForecast(2),
+    "hermite2": HermiteForecast(2),
+}
+
+
+def _key(setting: Sequence) -> tuple[int, int, str]:
+    """A setting as ``(cached_layers, interval, reuse)`` (plain reuse when not given)."""
+    n, interval, *rest = setting
+    reuse = rest[0] if rest else "reuse"
+    if reuse not in REUSE_MODES:
+        raise ValueError(f"reuse must be one of {sorted(REUSE_MODES)}, got {reuse!r}")
+    return int(n), int(interval), reuse
 
 
 def _seconds(fn, repeats: int) -> list[float]:
@@ -99,7 +119,9 @@ def evaluate_settings(
     Args:
       model: a digit model (:func:`jaxcache.digits.pretrained.load_digits_model`).
       labels: the requested classes, one sample each.
-      settings: ``(cached_layers, interval)`` pairs; ``cached_layers`` in ``[1, depth]``.
+      settings: ``(cached_layers, interval)`` or ``(cached_layers, interval, reuse)``, with
+        ``cached_layers`` in ``[1, depth]`` and ``reuse`` a :data:`REUSE_MODES` name (default
+        ``"reuse"``: the reference's plain reuse; ``"taylor1"``: the order-1 forecast).
       seed: seed of the shared initial noise.
       num_steps: solver steps; None: the model's recipe's
         (:func:`jaxcache.digits.pretrained.recipe_of`: 20 Euler steps for flow matching, 50 DDIM
@@ -112,7 +134,8 @@ def evaluate_settings(
 
     Returns:
       ``(full, reports, images)``: the full-compute report, one report per setting, and the
-      images of every setting keyed by ``(cached_layers, interval)`` (``(0, 1)``: full).
+      images of every setting keyed by ``(cached_layers, interval, reuse)`` (``(0, 1,
+      "reuse")``: full compute).
 
     Raises:
       ValueError: for a setting outside the model's depth or an interval below 1.
@@ -121,7 +144,8 @@ def evaluate_settings(
     solver = solver or recipe.solver
     num_steps = recipe.num_steps if num_steps is None else check_int(num_steps, "num_steps")
     depth = model.config.depth
-    for n, interval in settings:
+    settings = [_key(s) for s in settings]
+    for n, interval, _ in settings:
         if not 1 <= n <= depth:
             raise ValueError(f"cached layers must be in [1, {depth}], got {n}")
         check_int(interval, "interval")
@@ -140,12 +164,15 @@ def evaluate_settings(
     # ones: the compiled program's argument layout is the sampler's own business. Its jit cache
     # keeps one program per setting.
     programs, segments = {}, {}
-    for n, interval in [(0, 1), *settings]:
+    full_key = (0, 1, "reuse")
+    for key in [full_key, *settings]:
+        n, interval, reuse = key
         plan = CachePlan(network, n)
-        seg = segments[(n, interval)] = plan.split(params)
+        seg = segments[key] = plan.split(params)
         policy = None if n == 0 else IntervalPolicy(interval)
-        programs[(n, interval)] = functools.partial(
-            sampler.sample, plan, seg, noise, cond, policy=policy, **common
+        programs[key] = functools.partial(
+            sampler.sample, plan, seg, noise, cond, policy=policy, reuse=REUSE_MODES[reuse],
+            **common,
         )
     # Compile everything first (the first call of each), so timing sees only execution.
     outputs = jax.block_until_ready({key: fn() for key, fn in programs.items()})
@@ -153,16 +180,16 @@ def evaluate_settings(
     # switching programs runs slower, which would bias an interleaved comparison. Full compute
     # is timed first and again last, so a drift during the sweep shows in its spread.
     seconds = {}
-    for key in [*programs, (0, 1)]:
+    for key in [*programs, full_key]:
         fn = programs[key]
         jax.block_until_ready(fn())
         seconds.setdefault(key, []).extend(_seconds(fn, repeats))
 
-    full = jnp.clip(outputs[(0, 1)].sample, -1.0, 1.0)
-    full_seconds = statistics.median(seconds[(0, 1)])
+    full = jnp.clip(outputs[full_key].sample, -1.0, 1.0)
+    full_seconds = statistics.median(seconds[full_key])
 
     def report(key) -> SettingReport:
-        n, interval = key
+        n, interval, reuse = key
         out = outputs[key]
         images = jnp.clip(out.sample, -1.0, 1.0)
         evaluations = int(out.layer_evaluations)
@@ -183,11 +210,12 @@ def evaluate_settings(
             relative_l1=float(jnp.mean(metrics.relative_l1(images, full))),
             accuracy=accuracy(classifier, images, jnp.asarray(labels)),
             frechet=metrics.frechet_distance(feats, real_features),
+            reuse=reuse,
         )
 
     reports = {key: report(key) for key in programs}
     images = {key: np.asarray(jnp.clip(outputs[key].sample, -1, 1)) for key in programs}
-    return reports[(0, 1)], [reports[key] for key in [tuple(s) for s in settings]], images
+    return reports[full_key], [reports[key] for key in settings], images
 
 
 def digit_scores(
