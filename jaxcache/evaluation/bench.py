@@ -165,8 +165,8 @@ def _hand_loop(plan, seg, solver, steps, guidance):
     @jax.jit
     def run(seg, noise, cond, uncond):
         cond_rows = cond if guidance is None else jnp.concatenate([cond, uncond])
-        x = noise
-        for t, t_next in zip(times, next_times):
+        x, state = noise, solver.init_state(noise)
+        for i, (t, t_next) in enumerate(zip(times, next_times)):
             rows = x if guidance is None else jnp.concatenate([x, x])
             t_rows = jnp.full((rows.shape[0],), t, jnp.float32)
             constant = network.condition(seg.condition, cond_rows)
@@ -177,7 +177,7 @@ def _hand_loop(plan, seg, solver, steps, guidance):
             if guidance is not None:
                 positive, negative = jnp.split(prediction, 2)
                 prediction = negative + guidance * (positive - negative)
-            x = solver.step(x, prediction, t, t_next)
+            x, state = solver.advance(state, x, prediction, t, t_next, index=jnp.int32(i))
         return x
 
     return run
@@ -213,25 +213,26 @@ def _host_loop(plan, seg, policy, mode, solver, steps, guidance):
         return mode.reuse(state, h, Position(step, t))
 
     @jax.jit
-    def tail(seg, x, h, ctx, t, t_next):
+    def tail(seg, x, solver_state, h, ctx, t, t_next, step):
         prediction = plan.run_tail(seg, h, ctx)
         if guided:
             positive, negative = jnp.split(prediction, 2)
             prediction = negative + guidance * (positive - negative)
-        return solver.step(x, prediction, t, t_next)
+        return solver.advance(solver_state, x, prediction, t, t_next, index=step)
 
     times, next_times = solver.times(steps)
 
     def run(seg, noise, cond, uncond):
         cond_rows = jnp.concatenate([cond, uncond]) if guided else cond
         constant = jax.jit(plan.network.condition)(seg.condition, cond_rows)
-        x = noise
+        x, solver_state = noise, solver.init_state(noise)
         h0, _, signal = head(seg, x, jnp.float32(times[0]), constant)
         state = mode.init(plan, jax.eval_shape(lambda: h0), constant)
-        policy_state = (policy.init(steps) if signal is None
-                        else policy.init(steps, jax.eval_shape(lambda: signal)))
+        evaluations = len(times)  # the cache counts model evaluations
+        policy_state = (policy.init(evaluations) if signal is None
+                        else policy.init(evaluations, jax.eval_shape(lambda: signal)))
         refreshes = 0
-        for i in range(steps):
+        for i in range(evaluations):
             step, t, t_next = jnp.int32(i), jnp.float32(times[i]), jnp.float32(next_times[i])
             h, ctx, signal = head(seg, x, t, constant)
             refresh, policy_state = decide(policy_state, step, signal)
@@ -240,7 +241,7 @@ def _host_loop(plan, seg, policy, mode, solver, steps, guidance):
                 refreshes += 1
             else:
                 out = reuse(state, h, step, t)
-            x = tail(seg, x, out, ctx, t, t_next)
+            x, solver_state = tail(seg, x, solver_state, out, ctx, t, t_next, step)
         return x, refreshes
 
     return run

@@ -122,6 +122,7 @@ def teacache_calibration_data(
     num_steps: int,
     uncond: PyTree = None,
     guidance_scale: float | None = None,
+    key: jax.Array | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Runs full compute and records TeaCache's input and output change at every step.
 
@@ -140,9 +141,11 @@ def teacache_calibration_data(
       uncond: the negative condition, with ``guidance_scale``, to calibrate guided sampling
         (each branch's rows are recorded apart, as TeaCache's authors advise).
       guidance_scale: the guidance scale.
+      key: the PRNG key of an ancestral solver (as for :func:`jaxcache.sample`).
 
     Returns:
-      ``(x, y)``, float64 arrays of ``(num_steps - 1) * rows`` pairs.
+      ``(x, y)``, float64 arrays of one pair per row for every model evaluation after the
+      first.
 
     Raises:
       ValueError: if the network has no ``modulated_input`` or ``num_steps < 2``.
@@ -153,11 +156,15 @@ def teacache_calibration_data(
             "modulated_input"
         )
     check_int(num_steps, "num_steps", minimum=2)
-    x, y = _calibration_pairs(plan, params, noise, cond, uncond, solver, num_steps, guidance_scale)
+    if solver.uses_key and key is None:
+        raise ValueError(f"{type(solver).__name__} draws noise: pass key=jax.random.key(seed)")
+    x, y = _calibration_pairs(plan, params, noise, cond, uncond, solver, num_steps,
+                              guidance_scale, key)
     return np.asarray(x[1:], np.float64).ravel(), np.asarray(y[1:], np.float64).ravel()
 
 
-def _calibration_pairs(plan, params, noise, cond, uncond, solver, num_steps, guidance_scale):
+def _calibration_pairs(plan, params, noise, cond, uncond, solver, num_steps, guidance_scale,
+                       key):
     guided = guidance_scale is not None
     cond_rows = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), cond, uncond) if guided else cond
     first = params.head if plan.first_layers else params.body
@@ -165,12 +172,12 @@ def _calibration_pairs(plan, params, noise, cond, uncond, solver, num_steps, gui
     times, next_times = solver.times(num_steps)
 
     @jax.jit
-    def run(params, noise, cond_rows):
+    def run(params, noise, cond_rows, key):
         constant = plan.network.condition(params.condition, cond_rows)
 
         def step(carry, step_t):
-            x, previous_signal, previous_out = carry
-            t, t_next = step_t
+            x, solver_state, previous_signal, previous_out = carry
+            i, t, t_next = step_t
             rows = jnp.concatenate([x, x]) if guided else x
             t_rows = jnp.full((rows.shape[0],), t, jnp.float32)
             embedded, h, ctx = plan.run_head(params, rows, t_rows, constant)
@@ -181,8 +188,10 @@ def _calibration_pairs(plan, params, noise, cond, uncond, solver, num_steps, gui
             if guided:
                 positive, negative = jnp.split(out, 2)
                 prediction = negative + guidance_scale * (positive - negative)
-            x = solver.step(x, prediction, t, t_next)
-            return (x, signal.astype(jnp.float32), out.astype(jnp.float32)), pairs
+            step_key = None if key is None else jax.random.fold_in(key, i)
+            x, solver_state = solver.advance(solver_state, x, prediction, t, t_next, index=i,
+                                             key=step_key)
+            return (x, solver_state, signal.astype(jnp.float32), out.astype(jnp.float32)), pairs
 
         def first_signal():
             rows = jnp.concatenate([noise, noise]) if guided else noise
@@ -192,11 +201,13 @@ def _calibration_pairs(plan, params, noise, cond, uncond, solver, num_steps, gui
 
         signal_shape = jax.eval_shape(first_signal).shape
         out_shape = (noise.shape[0] * (2 if guided else 1), *noise.shape[1:])
-        init = (noise, jnp.zeros(signal_shape, jnp.float32), jnp.zeros(out_shape, jnp.float32))
-        _, pairs = jax.lax.scan(step, init, (jnp.asarray(times), jnp.asarray(next_times)))
+        init = (noise, solver.init_state(noise), jnp.zeros(signal_shape, jnp.float32),
+                jnp.zeros(out_shape, jnp.float32))
+        steps = jnp.arange(len(times), dtype=jnp.int32)
+        _, pairs = jax.lax.scan(step, init, (steps, jnp.asarray(times), jnp.asarray(next_times)))
         return pairs
 
-    return run(params, noise, cond_rows)
+    return run(params, noise, cond_rows, key)
 
 
 def fit_teacache_coefficients(x: Any, y: Any, degree: int = 4) -> tuple[float, ...]:
@@ -243,6 +254,7 @@ def calibrate_teacache(
     uncond: PyTree = None,
     guidance_scale: float | None = None,
     degree: int = 4,
+    key: jax.Array | None = None,
 ) -> tuple[float, ...]:
     """TeaCache's rescaling coefficients for any network, fitted from full-compute runs.
 
@@ -259,6 +271,6 @@ def calibrate_teacache(
     """
     x, y = teacache_calibration_data(
         plan, params, noise, cond, solver=solver, num_steps=num_steps, uncond=uncond,
-        guidance_scale=guidance_scale,
+        guidance_scale=guidance_scale, key=key,
     )
     return fit_teacache_coefficients(x, y, degree)
