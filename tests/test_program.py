@@ -53,6 +53,7 @@ MODES = {
     "hermite": jc.HermiteForecast(2),
 }
 POLICIES = ["interval", "mask", "on_device", "first_block", "teacache", "dbcache"]
+MODES_CYCLE = sorted(MODES)
 STATIC = {"interval", "mask"}
 
 
@@ -67,8 +68,14 @@ def _lower(policy_name, mode, steps=12, policy=None, guided=True):
     )
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
-@pytest.mark.parametrize("policy", POLICIES)
+# Every policy with one mode, and every mode with a known and a device-decided policy.
+CASES = sorted(
+    {(policy, MODES_CYCLE[i % len(MODES_CYCLE)]) for i, policy in enumerate(POLICIES)}
+    | {(policy, mode) for policy in ("interval", "first_block") for mode in MODES}
+)
+
+
+@pytest.mark.parametrize("policy, mode", CASES)
 def test_no_host_round_trip_and_decisions_only_where_needed(policy, mode):
     lowered = _lower(policy, MODES[mode])
     assert host_round_trips(lowered.as_text()) == []
@@ -102,8 +109,11 @@ def test_the_decision_check_catches_a_bypassed_fast_path(monkeypatch):
     assert runtime_decisions(_lower("interval", jc.TaylorForecast(1)).compile().as_text())
 
 
-@pytest.mark.parametrize("policy", ["interval", "mask", "first_block", "teacache"])
-@pytest.mark.parametrize("mode", ["output", "taylor"])
+@pytest.mark.parametrize(
+    "policy, mode",
+    [("interval", "output"), ("mask", "taylor"), ("first_block", "taylor"),
+     ("teacache", "output")],
+)
 def test_program_size_does_not_grow_with_steps(policy, mode):
     # 13 and 97 steps end on the same partial group of the interval (3) and the mask (4).
     sizes = {steps: normalized_size(_lower(policy, MODES[mode], steps).as_text())
