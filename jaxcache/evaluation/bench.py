@@ -74,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", choices=ARCHS, default="dit", help="architecture (default: dit)")
     p.add_argument("--size", choices=SIZES, default="small", help="named size (default: small)")
+    p.add_argument("--depth", type=_positive("depth"), default=None,
+                   help="override the size's number of blocks")
+    p.add_argument("--attn", choices=["xla", "cudnn"], default=None,
+                   help="attention implementation (cudnn: GPU, bfloat16)")
     p.add_argument("--steps", type=_positive("steps"), default=30, help="denoising steps")
     p.add_argument("--policy", choices=POLICIES, default="interval", help="refresh policy")
     p.add_argument("--interval", type=_positive("interval"), default=3,
@@ -118,6 +122,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields the command line changes."""
+    overrides: dict[str, Any] = {}
+    if args.depth is not None:
+        overrides["depth"] = args.depth
+    if args.attn is not None:
+        overrides["attn_implementation"] = args.attn
+    return overrides
 
 
 def _time(fn: Callable[[], Any]) -> float:
@@ -247,11 +261,16 @@ def _host_loop(plan, seg, policy, mode, solver, steps, guidance):
     return run
 
 
-def build_model(model: str, size: str, dtype: str, seed: int = 0):
-    """A reference model with random (non-zero) weights, as ``(network, params)``."""
+def build_model(model: str, size: str, dtype: str, seed: int = 0, **overrides: Any):
+    """A reference model with random (non-zero) weights, as ``(network, params)``.
+
+    ``overrides`` change fields of the named config (``depth=19``,
+    ``attn_implementation="cudnn"``), as in :func:`jaxcache.models.create_model`.
+    """
     compute_dtype = jnp.dtype(dtype)
     net_model = create_model(
-        model, size, rngs=nnx.Rngs(seed), dtype=compute_dtype, param_dtype=compute_dtype
+        model, size, rngs=nnx.Rngs(seed), dtype=compute_dtype, param_dtype=compute_dtype,
+        **overrides,
     )
     return jc.from_nnx(net_model)
 
@@ -295,22 +314,25 @@ def run_benchmark(
     refresh_target: float | None = None,
     forecast_dtype: str | None = None,
     built: tuple[jc.Network, jc.NetworkParams] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Runs the benchmark and returns its figures (see the module docstring).
 
     ``refresh_target`` (signal-driven policies) replaces ``threshold`` by the one whose run
     refreshes that fraction of the steps, found by bisection on the compiled program (a new
     threshold does not recompile). ``built`` reuses a model from :func:`build_model` across
-    runs (its parameters are then kept, not donated).
+    runs (its parameters are then kept, not donated); ``overrides`` are the config fields it
+    was built with (``depth=19``), so the benchmark counts the same layers.
 
     Raises:
       ValueError: for settings that cannot run (a cached-layer count outside ``[1, depth]``,
         ``first + last`` at or above the depth, ...).
     """
-    config = get_config(model, size)
+    overrides = dict(overrides or {})
+    config = dataclasses.replace(get_config(model, size), **overrides)
     depth = config.depth
     if built is None:
-        network, params = build_model(model, size, dtype, seed)
+        network, params = build_model(model, size, dtype, seed, **overrides)
     else:
         network, params = built
     plan, rule, mode, reuse, threshold = _setting(
@@ -383,6 +405,7 @@ def run_benchmark(
         "jax": jax.__version__,
         "model": model,
         "size": size,
+        "overrides": {k: str(v) for k, v in overrides.items()},
         "dtype": dtype,
         "batch": batch,
         "steps": steps,
@@ -477,6 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             order=args.order, first=args.first, last=args.last, warmup=args.warmup,
             hand_loop=not args.no_hand_loop, host_loop=args.host_loop,
             refresh_target=args.refresh_target, forecast_dtype=args.forecast_dtype,
+            overrides=_overrides(args),
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
