@@ -63,6 +63,8 @@ SUITES = {
     "dit-c": _suite(DIT, 14, ["interval/output", "interval/taylor1", "interval/output/device",
                               "first-block/residual", "first-block/res/0.2+host",
                               "teacache/residual", "dbcache/residual"]),
+    # Pass 4 (2026-11-30, afternoon): the forecast and TeaCache rows again, beside their baseline.
+    "dit-d": _suite(DIT, 14, ["interval/output", "interval/taylor1", "teacache/residual"]),
     "flux": _suite(FLUX, 25, ["interval/output", "interval/taylor1", "first-block/residual",
                               "teacache/residual"]),
 }

@@ -186,7 +186,9 @@ class CachePlan:
           layers (the body's input) and the per-step context.
         """
         embedded, ctx = self.network.embed(params.embed, x, t, constant)
-        return embedded, run_layers(self.network.layer, params.head, embedded, ctx), ctx
+        h = run_layers(self.network.layer, params.head, embedded, ctx,
+                       unroll=self.network.layer_unroll)
+        return embedded, h, ctx
 
     def run_body(
         self,
@@ -199,12 +201,13 @@ class CachePlan:
     ) -> PyTree:
         """The body's layers (see :func:`jaxcache.stack.run_layers` for ``observe``)."""
         return run_layers(
-            self.network.layer, params.body, h, ctx, observe=observe, state=state
+            self.network.layer, params.body, h, ctx, observe=observe, state=state,
+            unroll=self.network.layer_unroll,
         )
 
     def run_tail(self, params: SegmentParams, h: PyTree, ctx: PyTree) -> jax.Array:
         """The tail layers and the final projection: the network's prediction."""
-        h = run_layers(self.network.layer, params.tail, h, ctx)
+        h = run_layers(self.network.layer, params.tail, h, ctx, unroll=self.network.layer_unroll)
         return self.network.final(params.final, h, ctx)
 
     def streams(self, h: PyTree) -> tuple[PyTree, PyTree]:

@@ -35,6 +35,7 @@ def run_layers(
     *,
     observe: Observer | None = None,
     state: PyTree = None,
+    unroll: int | bool = 1,
 ) -> PyTree | tuple[PyTree, PyTree]:
     """Runs a stack of layers in order with ``lax.scan``.
 
@@ -48,6 +49,8 @@ def run_layers(
         the layer's index in the stack (an int32 scalar) and its output; it threads ``state``
         through the scan (e.g. to write each output into a cache slot in place).
       state: the initial observer state.
+      unroll: layers per iteration of the scan (``lax.scan``'s ``unroll``; ``True``: the whole
+        stack, no loop). See :attr:`jaxcache.Network.layer_unroll`.
 
     Returns:
       ``h`` after the stack, or ``(h, state)`` when ``observe`` is given.
@@ -60,7 +63,7 @@ def run_layers(
         def plain(h, layer_params):
             return layer(layer_params, h, ctx), None
 
-        h, _ = jax.lax.scan(plain, h, stacked_params)
+        h, _ = jax.lax.scan(plain, h, stacked_params, unroll=unroll)
         return h
 
     def observed(carry, xs):
@@ -70,5 +73,5 @@ def run_layers(
         return (h, observe(state, index, h)), None
 
     indices = jnp.arange(length, dtype=jnp.int32)
-    (h, state), _ = jax.lax.scan(observed, (h, state), (indices, stacked_params))
+    (h, state), _ = jax.lax.scan(observed, (h, state), (indices, stacked_params), unroll=unroll)
     return h, state

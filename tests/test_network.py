@@ -325,3 +325,37 @@ def test_modulated_input_is_the_attention_branch_input(arch):
 
 def test_public_names():
     assert jc.from_nnx is from_nnx and jc.Network is Network and jc.NetworkParams is NetworkParams
+
+
+# ------------------------------------------------------------------------------ layer_unroll
+
+
+@pytest.mark.parametrize("unroll", [True, 2])
+def test_unrolled_layer_stack_samples_the_same_with_fewer_loops(unroll):
+    import dataclasses
+
+    network, params = toy.single_stream()
+    unrolled = dataclasses.replace(network, layer_unroll=unroll)
+    noise, cond, _ = toy.inputs()
+    common = dict(solver=jc.FlowMatchEuler(), num_steps=6, policy=jc.IntervalPolicy(2))
+    runs = {}
+    loops = {}
+    for name, net in (("scan", network), ("unrolled", unrolled)):
+        plan = jc.CachePlan(net, 2)
+        seg = plan.split(params)
+        runs[name] = jc.sample(plan, seg, noise, cond, **common).sample
+        text = jc.lower(plan, seg, noise, cond, **common).as_text()
+        loops[name] = text.count("stablehlo.while")
+    np.testing.assert_allclose(np.asarray(runs["unrolled"]), np.asarray(runs["scan"]),
+                               rtol=1e-6, atol=1e-6)
+    if unroll is True:  # no loop over layers is left, only the steps' loops
+        assert loops["unrolled"] < loops["scan"]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "yes"])
+def test_layer_unroll_must_be_a_bool_or_a_positive_int(bad):
+    import dataclasses
+
+    network, _ = toy.single_stream()
+    with pytest.raises(ValueError, match="layer_unroll"):
+        dataclasses.replace(network, layer_unroll=bad)
