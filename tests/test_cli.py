@@ -49,20 +49,26 @@ def test_bench_json_has_the_promised_fields(capsys):
     # 6 steps, interval 3: steps 0 and 3 refresh; 2 of 4 layers cached.
     assert result["layer_evaluations"] == 6 * 4 - 4 * 2
     assert math.isclose(result["efficiency"], result["speedup"] / result["ideal_speedup"])
+    # The hand-written loop's column: its time, and the speedups stated against it.
+    assert result["hand_loop_s"] > 0
+    assert math.isclose(result["speedup_over_hand_loop"],
+                        result["hand_loop_s"] / result["cached_s"])
+    assert "hand loop" in bench._table(result)
 
 
 def test_bench_interval_one_is_exact(capsys):
     assert bench.main(["--model", "mmdit", "--size", "tiny", "--steps", "4", "--interval", "1",
-                       "--repeats", "1", "--json"]) == 0
+                       "--repeats", "1", "--no-hand-loop", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["max_abs_diff"] == 0.0
     assert result["ideal_speedup"] == 1.0
 
 
 def test_bench_table(capsys):
-    assert bench.main(["--size", "tiny", "--steps", "4", "--repeats", "1"]) == 0
+    assert bench.main(["--size", "tiny", "--steps", "4", "--repeats", "1", "--no-hand-loop"]) == 0
     out = capsys.readouterr().out
     assert "speedup" in out and "efficiency" in out and "uncached" in out
+    assert "hand loop" not in out  # the JSON test covers the hand-written loop's column
 
 
 @pytest.mark.parametrize("flag", ["--steps", "--interval", "--batch"])
@@ -164,24 +170,18 @@ def test_digits_job_checkpoint_alone(tmp_path, capsys):
     assert {p.name for p in out.iterdir()} == {"digits_dit.png", "results.json"}
 
 
-def test_digits_job_lists_only_what_it_wrote(tmp_path, capsys):
+def test_digits_job_lists_what_it_wrote_and_says_what_accuracy_is_measured_on(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("from an earlier run")
     (out / "digits_mmdit.png").write_bytes(b"old")
-    assert _digits_main()([*_TINY_JOB, "--arch", "dit", "--out", str(out)]) == 0
+    assert _digits_main()([*_TINY_JOB, "--arch", "dit", "--classes", "1,7",
+                           "--out", str(out)]) == 0
     text = capsys.readouterr().out
     wrote = next(line for line in text.splitlines() if line.startswith("wrote "))
     assert wrote == f"wrote {out}/: digits_dit.png, results.json"
     assert (out / "stale.txt").read_text() == "from an earlier run"  # left alone
     assert (out / "digits_mmdit.png").read_bytes() == b"old"
-
-
-def test_digits_job_says_what_accuracy_is_measured_on(tmp_path, capsys):
-    out = tmp_path / "out"
-    assert _digits_main()([*_TINY_JOB, "--arch", "dit", "--classes", "1,7",
-                           "--out", str(out)]) == 0
-    text = capsys.readouterr().out
     assert ("class acc, Frechet: over the 2 samples of each setting (1 per class x 2 classes, "
             "noise seed 0), scored by the shipped digit classifier") in text
     assert "2 FlowMatchEuler steps, guidance 1.5" in text

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from random_models import random_model
 
 import jaxcache as jc
-from jaxcache.models import create_model
 from jaxcache.network import Network, NetworkParams, from_nnx, num_layers
 from jaxcache.stack import run_layers, stack_length
 
@@ -158,15 +158,9 @@ def test_network_params_fields():
 # --------------------------------------------------------------------------------- from_nnx
 
 
-@functools.cache
 def _reference(arch: str, seed: int = 0, **overrides):
     """A reference model of the tiny config with seeded random weights (see the module doc)."""
-    abstract = nnx.eval_shape(lambda: create_model(arch, "tiny", rngs=nnx.Rngs(0), **overrides))
-    graphdef, state = nnx.split(abstract)
-    leaves, treedef = jax.tree.flatten(state)
-    rng = np.random.default_rng(seed)
-    values = [jnp.asarray(0.3 * rng.normal(size=a.shape), a.dtype) for a in leaves]
-    return nnx.merge(graphdef, jax.tree.unflatten(treedef, values))
+    return random_model(arch, "tiny", seed, **overrides)
 
 
 def _model_inputs(config):

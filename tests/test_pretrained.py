@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -20,8 +21,15 @@ _TINY = dict(channels=1, vocab_size=11, caption_len=1, depth=2)
 _BATCH = 16
 
 
+@functools.cache
+def _tiny_parts(arch: str, seed: int):
+    # create_model runs its initialisers op by op (seconds each time): once per arch and seed.
+    return nnx.split(create_model(arch, "tiny", rngs=nnx.Rngs(seed), **_TINY))
+
+
 def _tiny(arch: str = "dit", seed: int = 0) -> nnx.Module:
-    return create_model(arch, "tiny", rngs=nnx.Rngs(seed), **_TINY)
+    """A fresh tiny model (new Variables over the same immutable initial arrays)."""
+    return nnx.merge(*_tiny_parts(arch, seed))
 
 
 @pytest.fixture(scope="module")

@@ -257,11 +257,9 @@ def test_bad_arguments_raise_clear_errors():
 # ------------------------------------------------------------------------------- reference models
 @pytest.fixture(scope="module", params=["dit", "mmdit"])
 def tiny_model(request):
-    from flax import nnx
+    from random_models import random_model
 
-    from jaxcache.models import create_model
-
-    model = create_model(request.param, "tiny", rngs=nnx.Rngs(0))
+    model = random_model(request.param, "tiny")
     network, params = jc.from_nnx(model)
     config = model.config
     k1, k2 = jax.random.split(jax.random.key(7))

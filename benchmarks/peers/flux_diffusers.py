@@ -229,7 +229,8 @@ def main(argv=None) -> None:
             if "fbc-compile" not in skip:
                 compiled = torch.compile(hook_model)
                 compiled_count, on_step = fbc_counter(hook_model)
-                row = timed("diffusers FBC torch.compile", fbc_run(compiled, data, args.steps, owner=hook_model),
+                row = timed("diffusers FBC torch.compile",
+                            fbc_run(compiled, data, args.steps, owner=hook_model),
                             args.repeats, fbc_flops, rate, threshold=best["threshold"],
                             blocks=f"{args.double}+0")
                 compiled_count.clear()
