@@ -108,6 +108,28 @@ def test_parity_raises_with_the_largest_difference(linen):
         jc.check_parity(network, params, lambda x, t, y: x[..., :1], noise, T_SOLVER, labels)
 
 
+def test_parity_compiles_the_forward_unless_told_not_to():
+    network, params = toy_networks.single_stream()
+    noise, cond, _ = toy_networks.inputs()
+    t = jnp.float32(0.4)
+    traces = []
+
+    def forward(x, t_model, y):
+        traces.append(isinstance(x, jax.core.Tracer))
+        return network(params, x, t_model, y)
+
+    assert jc.check_parity(network, params, forward, noise, t, cond) == 0.0
+    assert traces == [True]  # traced once by jax.jit
+
+    def host_forward(x, t_model, y):  # numpy on the way: JAX cannot trace it
+        return jnp.asarray(np.asarray(network(params, x, t_model, y)))
+
+    with pytest.raises(jax.errors.TracerArrayConversionError):
+        jc.check_parity(network, params, host_forward, noise, t, cond)
+    assert jc.check_parity(network, params, host_forward, noise, t, cond,
+                           jit_forward=False) == 0.0
+
+
 def test_rebuilding_a_linen_network_reuses_the_program(linen):
     model, variables, noise, labels = linen
     first, params = _wrap(model, variables, noise, labels, embed=_counted_embed)
