@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, default=50, help="digits per class (default 50)")
     p.add_argument("--targets", default="2,2.86",
                    help="ideal speedups for the signal-driven rows (empty: none)")
+    p.add_argument("--signal-only", action="store_true",
+                   help="full compute and the signal-driven rows only (no fewer-steps or "
+                        "interval rows), e.g. to add a speedup target to an earlier run")
     p.add_argument("--guidance", type=float, default=pretrained.DEFAULT_GUIDANCE)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting")
     p.add_argument("--seed", type=int, default=0)
@@ -103,11 +106,12 @@ def main(argv=None) -> int:
     for arch in archs:
         solver, steps, intervals = MODELS[arch]
         model = pretrained.load_digits_model(arch)
+        settings = tradeoff.default_settings(steps, intervals)
         print(f"\n{arch}: {len(labels)} digits, {type(solver).__name__} {steps} steps, "
               f"guidance {guidance}; scored against full compute\n{tradeoff.TABLE_HEADER}",
               flush=True)
         results[arch] = tradeoff.evaluate(
-            model, labels, tradeoff.default_settings(steps, intervals), seed=args.seed,
+            model, labels, settings[:1] if args.signal_only else settings, seed=args.seed,
             guidance=guidance, solver=solver, repeats=args.repeats, signal_targets=targets,
             log=lambda line: print(line, flush=True),
         )
