@@ -1,6 +1,9 @@
 #!/bin/bash
 # The FLUX peer benchmark, both sides in one run on one card (GPU machine; diffusers as a wheel
 # in .whl/, see README.md's "Benchmarks"). Usage: bash benchmarks/peers/run.sh OUTDIR
+# The wheels, fetched where pip can reach a registry (pure Python, any platform):
+#   pip download --no-deps -d .whl diffusers==0.42.1 importlib_metadata "huggingface_hub>=1.32,<2"
+# Row settings: flux_diffusers.py --help and flux_jax.py --help.
 set -u
 out=${1:-out/peers}
 mkdir -p "$out"
