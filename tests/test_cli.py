@@ -275,3 +275,24 @@ def test_train_digits_rejects(argv, message, capsys):
         _train_digits_parse()([*argv, "--out", "x.msgpack"])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- tradeoff
+def _tradeoff_main():
+    spec = importlib.util.spec_from_file_location("tradeoff_job", ROOT / "examples" / "tradeoff.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "unet"], "--arch must name models"),
+    (["--arch", ""], "--arch must name models"),
+    (["--targets", "2,fast"], "--targets must be comma-separated numbers"),
+    (["--per-class", "0"], "--per-class must be positive"),
+])
+def test_tradeoff_rejects_bad_input_before_sampling(argv, message, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert _tradeoff_main()([*argv, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was written
