@@ -13,11 +13,16 @@ from jaxcache.evaluation import bench
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _digits_job():
-    spec = importlib.util.spec_from_file_location("digits_job", ROOT / "examples" / "digits.py")
+def _example(name: str):
+    """Imports ``examples/<name>.py`` as a module (the examples are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_job", ROOT / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _digits_job():
+    return _example("digits")
 
 
 def _digits_main():
@@ -25,12 +30,7 @@ def _digits_main():
 
 
 def _train_digits_parse():
-    spec = importlib.util.spec_from_file_location(
-        "train_digits", ROOT / "examples" / "train_digits.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module._parse
+    return _example("train_digits")._parse
 
 
 # The smallest real run of the digits job: one shipped model, one digit per class, two steps.
@@ -279,10 +279,7 @@ def test_train_digits_rejects(argv, message, capsys):
 
 # ------------------------------------------------------------------------------- tradeoff
 def _tradeoff_main():
-    spec = importlib.util.spec_from_file_location("tradeoff_job", ROOT / "examples" / "tradeoff.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return _example("tradeoff").main
 
 
 @pytest.mark.parametrize("argv, message", [
