@@ -212,3 +212,14 @@ def test_digit_scores_on_real_and_noisy_digits():
     x8, y8 = digits.load_digits_images(8, "test")
     with pytest.raises(ValueError, match="16x16"):
         digit_scores(x8, y8)
+
+
+def test_mean_image_scores_are_the_metrics_means_in_one_program():
+    rng = np.random.default_rng(4)
+    a = rng.uniform(-1, 1, (3, 16, 16, 1)).astype(np.float32)
+    b = np.clip(a + 0.05 * rng.normal(size=a.shape), -1, 1).astype(np.float32)
+    got = M.mean_image_scores(a, b)
+    want = (np.mean(M.psnr(a, b)), np.mean(M.ssim(a, b)),
+            np.mean(M.relative_l1(a, b)))
+    np.testing.assert_allclose(got, [float(w) for w in want], rtol=1e-5)
+    assert M.mean_image_scores(a, a) == (float("inf"), 1.0, 0.0)

@@ -92,13 +92,6 @@ def _key(setting: Sequence) -> tuple[int, int, str]:
     return int(n), int(interval), reuse
 
 
-@jax.jit
-def _image_scores(images: jax.Array, full: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Mean PSNR, SSIM and relative L1 of ``images`` against ``full``, as one program."""
-    return (jnp.mean(metrics.psnr(images, full)), jnp.mean(metrics.ssim(images, full)),
-            jnp.mean(metrics.relative_l1(images, full)))
-
-
 def _seconds(fn, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
@@ -202,7 +195,7 @@ def evaluate_settings(
         evaluations = int(out.layer_evaluations)
         med = statistics.median(seconds[key])
         feats = np.asarray(extract_features(classifier, images))
-        psnr, ssim, relative_l1 = (float(v) for v in _image_scores(images, full))
+        psnr, ssim, relative_l1 = metrics.mean_image_scores(images, full)
         return SettingReport(
             cached_layers=n,
             interval=interval,

@@ -296,6 +296,7 @@ def evaluate(
         seconds = full_seconds if setting is full_setting else bench.seconds(setting)
         computed = (np.ones(setting.num_steps) if out.body_computed is None
                     else np.asarray(out.body_computed).mean(axis=(1, 2)))
+        psnr, ssim, relative_l1 = metrics.mean_image_scores(images, reference)
         rows.append(Row(
             family=setting.family,
             mode=setting.mode,
@@ -306,9 +307,9 @@ def evaluate(
             ideal_speedup=bench.ideal(setting.num_steps, evaluations, full_steps),
             speedup=full_seconds / seconds,
             seconds=seconds,
-            psnr=float(jnp.mean(metrics.psnr(images, reference))),
-            ssim=float(jnp.mean(metrics.ssim(images, reference))),
-            relative_l1=float(jnp.mean(metrics.relative_l1(images, reference))),
+            psnr=psnr,
+            ssim=ssim,
+            relative_l1=relative_l1,
             accuracy=accuracy(bench.classifier, images, jnp.asarray(bench.labels)),
             frechet=metrics.frechet_distance(
                 np.asarray(extract_features(bench.classifier, images)), bench.real_features
