@@ -65,6 +65,10 @@ SUITES = {
                               "teacache/residual", "dbcache/residual"]),
     # Pass 4 (2026-11-30, afternoon): the forecast and TeaCache rows again, beside their baseline.
     "dit-d": _suite(DIT, 14, ["interval/output", "interval/taylor1", "teacache/residual"]),
+    # Pass 5: every layer stack unrolled with one weight array per layer (no weight copies).
+    "dit-u": dict(_suite(DIT, 14, ["interval/output", "interval/taylor1"]),
+                  common=dict(DIT["common"], layer_unroll=True)),
+    "flux-dbcache": _suite(FLUX, 25, ["dbcache/residual"]),
     "flux": _suite(FLUX, 25, ["interval/output", "interval/taylor1", "first-block/residual",
                               "teacache/residual"]),
 }

@@ -22,7 +22,7 @@ import jax
 
 from jaxcache._checks import check_int
 from jaxcache.network import Network, NetworkParams, num_layers
-from jaxcache.stack import Observer, run_layers, stack_length
+from jaxcache.stack import LayerList, Observer, run_layers, stack_length
 
 PyTree = Any
 
@@ -114,7 +114,9 @@ class CachePlan:
     def split(self, params: NetworkParams, *, donate: bool = False) -> SegmentParams:
         """Splits stacked layer parameters into head ``[0, F)``, body and tail.
 
-        Call it once, eagerly, and pass the result to the sampler.
+        Call it once, eagerly, and pass the result to the sampler. With
+        ``network.layer_unroll=True`` each segment is a :class:`~jaxcache.stack.LayerList`
+        (one array per layer, run in straight-line code): no weight slicing inside the program.
 
         Args:
           params: the network's parameters.
@@ -133,21 +135,40 @@ class CachePlan:
                 f"network's {total} layers"
             )
         leaves, treedef = jax.tree.flatten(params.layers)
+        unstacked = self.network.layer_unroll is True
         head, body, tail = [], [], []
         for leaf in leaves:
             parts = (leaf[:start], leaf[start:stop], leaf[stop:])
             for segment, part in zip((head, body, tail), parts):
+                if unstacked:
+                    # One array per layer; the segment's own slice is a temporary.
+                    layers = [part[i] for i in range(part.shape[0])]
+                    if part is not leaf and isinstance(part, jax.Array):
+                        part.delete()
+                    part = layers
                 segment.append(part)
             # A slice that spans the whole stack may be the stack itself: keep it then.
-            if donate and isinstance(leaf, jax.Array) and all(p is not leaf for p in parts):
+            if donate and isinstance(leaf, jax.Array) and (
+                unstacked or all(p is not leaf for p in parts)
+            ):
                 leaf.delete()
+
+        def rebuild(segment):
+            if not unstacked:
+                return jax.tree.unflatten(treedef, segment)
+            count = len(segment[0]) if segment else 0
+            return LayerList(
+                jax.tree.unflatten(treedef, [per_layer[i] for per_layer in segment])
+                for i in range(count)
+            )
+
         return SegmentParams(
             condition=params.condition,
             embed=params.embed,
-            body=jax.tree.unflatten(treedef, body),
-            tail=jax.tree.unflatten(treedef, tail),
+            body=rebuild(body),
+            tail=rebuild(tail),
             final=params.final,
-            head=jax.tree.unflatten(treedef, head),
+            head=rebuild(head),
         )
 
     @staticmethod

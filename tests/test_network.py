@@ -346,6 +346,57 @@ def test_unrolled_layer_stack_samples_the_same_with_fewer_loops(unroll):
         assert loops["unrolled"] < loops["scan"]
 
 
+def test_fully_unrolled_network_keeps_one_array_per_layer():
+    """layer_unroll=True: split gives LayerLists, so the program slices no stacked weight."""
+    import dataclasses
+
+    from jaxcache.stack import LayerList
+
+    network, params = toy.single_stream()
+    unrolled = dataclasses.replace(network, layer_unroll=True)
+    noise, cond, _ = toy.inputs()
+    depth = jc.network.num_layers(params)
+    common = dict(solver=jc.FlowMatchEuler(), num_steps=6)
+    for first, policy in ((0, jc.IntervalPolicy(2)), (1, jc.FirstBlockPolicy(0.05))):
+        runs, slices = {}, {}
+        for name, net in (("scan", network), ("unrolled", unrolled)):
+            plan = jc.CachePlan.around(net, depth, first=first) if first else jc.CachePlan(net, 2)
+            seg = plan.split(params)
+            runs[name] = jc.sample(plan, seg, noise, cond, policy=policy, **common)
+            text = jc.lower(plan, seg, noise, cond, policy=policy, **common).as_text()
+            slices[name] = text.count("stablehlo.dynamic_slice")
+        seg = jc.CachePlan(unrolled, 2, first_layers=first).split(params)
+        assert all(isinstance(s, LayerList) for s in (seg.head, seg.body, seg.tail))
+        assert (len(seg.head), len(seg.body)) == (first, 2)
+        assert slices["unrolled"] < slices["scan"]  # the scan's per-layer weight slices
+        np.testing.assert_allclose(np.asarray(runs["unrolled"].sample),
+                                   np.asarray(runs["scan"].sample), rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(runs["unrolled"].refreshed),
+                                      np.asarray(runs["scan"].refreshed))
+        # The FLOP count (and so every ideal speedup) reads a LayerList like a stack.
+        from jaxcache.evaluation.flops import step_flops
+
+        scan_seg = jc.CachePlan(network, 2, first_layers=first).split(params)
+        assert step_flops(unrolled, seg, noise, cond) == step_flops(network, scan_seg, noise, cond)
+    # Interval 1 still equals uncached sampling bitwise.
+    plan = jc.CachePlan(unrolled, 2)
+    seg = plan.split(params)
+    exact = jc.sample(plan, seg, noise, cond, policy=jc.IntervalPolicy(1), **common).sample
+    uncached = jc.sample(plan, seg, noise, cond, **common).sample
+    np.testing.assert_array_equal(np.asarray(exact), np.asarray(uncached))
+
+
+def test_unrolled_split_can_donate_the_stack():
+    import dataclasses
+
+    network, params = toy.single_stream()
+    params = jax.tree.map(jnp.array, params)  # our own copy to donate
+    unrolled = dataclasses.replace(network, layer_unroll=True)
+    seg = jc.CachePlan(unrolled, 2).split(params, donate=True)
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(params.layers))
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves((seg.body, seg.tail)))
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "yes"])
 def test_layer_unroll_must_be_a_bool_or_a_positive_int(bad):
     import dataclasses

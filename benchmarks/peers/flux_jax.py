@@ -56,6 +56,8 @@ def main(argv=None) -> None:
                    help="blocks of the row matching diffusers' reduced 19 + 38 layout in FLOPs")
     p.add_argument("--hand-loop", choices=["xla", "cudnn", "none"], default="xla",
                    help="which attention's row also times the hand-written loop")
+    p.add_argument("--unroll-layers", action="store_true",
+                   help="Network.layer_unroll=True: one weight array per block, no layer loop")
     p.add_argument("--tag", default="", help="a label for this process (e.g. its XLA flags)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -66,7 +68,8 @@ def main(argv=None) -> None:
     def emit(name, result):
         row = {k: result[k] for k in KEEP if k in result}
         uncached = per_block * result["depth"] * args.steps
-        row.update(row=name, tag=args.tag, jax=jax.__version__, device=result["device"],
+        row.update(row=name + (" unrolled" if args.unroll_layers else ""), tag=args.tag,
+                   jax=jax.__version__, device=result["device"],
                    steps=args.steps, blocks=f"{result['depth']} dual",
                    uncached_tflops=uncached / result["uncached_s"] / 1e12,
                    cached_tflops_equiv=uncached / result["cached_s"] / 1e12)
@@ -79,7 +82,7 @@ def main(argv=None) -> None:
                 f.write(line + "\n")
 
     common = dict(model="mmdit", size=args.size, steps=args.steps, batch=1, dtype="bfloat16",
-                  repeats=args.repeats)
+                  repeats=args.repeats, layer_unroll=args.unroll_layers)
     for attn in ("xla", "cudnn"):
         wanted = [r for r in ("xla", "cudnn", "taylor", "first-block") if r in rows
                   and (r == attn or (attn == "cudnn" and r in ("taylor", "first-block")))]

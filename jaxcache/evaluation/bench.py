@@ -111,6 +111,10 @@ def _parser() -> argparse.ArgumentParser:
         help="interval only. static: the schedule compiles to a loop with no decision in it; "
         "device: decide every step on the device, as signal-driven policies must",
     )
+    p.add_argument("--unroll-layers", action="store_true",
+                   help="run each layer stack in straight-line code with one weight array per "
+                   "layer (Network.layer_unroll=True): no per-step weight copies on a GPU, "
+                   "compile time grows with the depth")
     p.add_argument("--no-hand-loop", action="store_true",
                    help="skip the hand-written loop (it compiles one copy of the model per step)")
     p.add_argument("--host-loop", action="store_true",
@@ -316,6 +320,7 @@ def run_benchmark(
     forecast_dtype: str | None = None,
     built: tuple[jc.Network, jc.NetworkParams] | None = None,
     overrides: dict[str, Any] | None = None,
+    layer_unroll: bool = False,
 ) -> dict[str, Any]:
     """Runs the benchmark and returns its figures (see the module docstring).
 
@@ -323,7 +328,9 @@ def run_benchmark(
     refreshes that fraction of the steps, found by bisection on the compiled program (a new
     threshold does not recompile). ``built`` reuses a model from :func:`build_model` across
     runs (its parameters are then kept, not donated); ``overrides`` are the config fields it
-    was built with (``depth=19``), so the benchmark counts the same layers.
+    was built with (``depth=19``), so the benchmark counts the same layers. ``layer_unroll``
+    runs the network with ``Network.layer_unroll=True`` (every program: uncached, cached and
+    the hand-written loop).
 
     Raises:
       ValueError: for settings that cannot run (a cached-layer count outside ``[1, depth]``,
@@ -336,6 +343,8 @@ def run_benchmark(
         network, params = build_model(model, size, dtype, seed, **overrides)
     else:
         network, params = built
+    if layer_unroll:
+        network = dataclasses.replace(network, layer_unroll=True)
     plan, rule, mode, reuse, threshold = _setting(
         policy, network, depth, interval=interval, threshold=threshold, reuse=reuse, order=order,
         cached_layers=cached_layers, first=first, last=last, warmup=warmup, decide=decide,
@@ -421,6 +430,7 @@ def run_benchmark(
         "depth": depth,
         "guidance": guidance,
         "decide": decide if policy == "interval" else "device",
+        "layer_unroll": layer_unroll,
         "refresh_fraction": float(np.mean(np.asarray(cached.refreshed))),
         "refreshes": int(np.sum(np.asarray(cached.refreshed))),
         "layer_evaluations": evaluations,
@@ -501,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             order=args.order, first=args.first, last=args.last, warmup=args.warmup,
             hand_loop=not args.no_hand_loop, host_loop=args.host_loop,
             refresh_target=args.refresh_target, forecast_dtype=args.forecast_dtype,
-            overrides=_overrides(args),
+            overrides=_overrides(args), layer_unroll=args.unroll_layers,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from jaxcache.stack import layer_at, stack_length
+
 __all__ = ["StepFlops", "ideal_speedup", "jaxpr_flops", "matmul_flops", "step_flops"]
 
 
@@ -74,11 +76,8 @@ def step_flops(network, params, noise: Any, cond: Any, *, uncond: Any = None) ->
             cond, uncond,
         )
     t = jax.ShapeDtypeStruct((rows.shape[0],), np.float32)
-    stacks = [
-        p for p in (params.head, params.body, params.tail)
-        if jax.tree.leaves(p) and jax.tree.leaves(p)[0].shape[0] > 0
-    ]
-    first = jax.tree.map(lambda a: a[0], stacks[0])
+    stacks = [p for p in (params.head, params.body, params.tail) if stack_length(p) > 0]
+    first = layer_at(stacks[0], 0)
     constant = jax.eval_shape(network.condition, params.condition, cond_rows)
     head = jax.eval_shape(network.embed, params.embed, rows, t, constant)
     return StepFlops(
@@ -86,7 +85,7 @@ def step_flops(network, params, noise: Any, cond: Any, *, uncond: Any = None) ->
         step=matmul_flops(network.embed, params.embed, rows, t, constant)
         + matmul_flops(network.final, params.final, *head),
         layer=matmul_flops(network.layer, first, *head),
-        depth=sum(int(jax.tree.leaves(p)[0].shape[0]) for p in stacks),
+        depth=sum(stack_length(p) for p in stacks),
     )
 
 

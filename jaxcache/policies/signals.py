@@ -7,6 +7,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxcache.stack import layer_at
+
 __all__ = ["relative_l1", "signal_function"]
 
 # A floor for the denominator: a signal that is exactly zero (a block that does nothing) must
@@ -70,7 +72,7 @@ def signal_function(kind: str | None, plan, params) -> Callable | None:
         return head_residual
     if kind == "modulated_input":
         first = params.head if plan.first_layers else params.body
-        layer0 = jax.tree.map(lambda a: a[0], first)
+        layer0 = layer_at(first, 0)
 
         def modulated_input(embedded, h, ctx):
             return plan.network.modulated_input(layer0, embedded, ctx)

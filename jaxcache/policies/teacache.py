@@ -16,6 +16,7 @@ from jaxcache._checks import check_int, check_number
 from jaxcache._dataclass import settings_dataclass
 from jaxcache.policies.base import RefreshPolicy
 from jaxcache.policies.signals import relative_l1
+from jaxcache.stack import layer_at
 
 PyTree = Any
 
@@ -168,7 +169,7 @@ def _calibration_pairs(plan, params, noise, cond, uncond, solver, num_steps, gui
     guided = guidance_scale is not None
     cond_rows = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), cond, uncond) if guided else cond
     first = params.head if plan.first_layers else params.body
-    layer0 = jax.tree.map(lambda a: a[0], first)
+    layer0 = layer_at(first, 0)
     times, next_times = solver.times(num_steps)
 
     @jax.jit
