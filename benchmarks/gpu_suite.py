@@ -68,6 +68,8 @@ SUITES = {
     # Pass 5: every layer stack unrolled with one weight array per layer (no weight copies).
     "dit-u": dict(_suite(DIT, 14, ["interval/output", "interval/taylor1"]),
                   common=dict(DIT["common"], layer_unroll=True)),
+    "dit-u-teacache": dict(_suite(DIT, 14, ["teacache/residual"]),
+                           common=dict(DIT["common"], layer_unroll=True)),
     "flux-dbcache": _suite(FLUX, 25, ["dbcache/residual"]),
     "flux": _suite(FLUX, 25, ["interval/output", "interval/taylor1", "first-block/residual",
                               "teacache/residual"]),
