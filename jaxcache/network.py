@@ -199,11 +199,13 @@ class Network:
         solver's times against it.
 
       layer_unroll: how many layers one iteration of the layer scan runs (``lax.scan``'s
-        ``unroll``); ``True`` unrolls the whole stack. On a GPU every loop iteration costs a
-        predicate read-back, which shows on small models (a 12-layer, width-256 DiT); unrolling
-        removes it, and compile time then grows with the depth. Default 1 (one layer in the
-        program whatever the depth). Change it with ``dataclasses.replace(network,
-        layer_unroll=True)``.
+        ``unroll``). ``True``: no scan at all; :meth:`~jaxcache.CachePlan.split` then keeps
+        each layer's parameters in arrays of their own (a :class:`~jaxcache.stack.LayerList`),
+        so the program never slices a stacked weight: on a GPU a scan copies every layer's
+        weights out of the stack each step (a third of the time of a FLUX-size block), and each
+        iteration reads its predicate back to the host. Compile time then grows with the depth.
+        Default 1 (one layer in the program whatever the depth). Change it with
+        ``dataclasses.replace(network, layer_unroll=True)``.
 
     A Network compares by identity and the sampler compiles once per Network object: build it
     once and reuse it (:func:`from_nnx` and :func:`jaxcache.from_linen` return the same object
