@@ -62,7 +62,7 @@ def step_flops(network, params, noise: Any, cond: Any, *, uncond: Any = None) ->
 
     Args:
       network: the :class:`~jaxcache.Network`.
-      params: its :class:`~jaxcache.SegmentParams`.
+      params: its :class:`~jaxcache.SegmentParams` (arrays or ``jax.ShapeDtypeStruct``s).
       noise: the initial sample (arrays or ``jax.ShapeDtypeStruct``s: shapes only).
       cond: the condition (shapes only).
       uncond: the negative condition when sampling with guidance (doubles the rows).
@@ -77,7 +77,9 @@ def step_flops(network, params, noise: Any, cond: Any, *, uncond: Any = None) ->
         )
     t = jax.ShapeDtypeStruct((rows.shape[0],), np.float32)
     stacks = [p for p in (params.head, params.body, params.tail) if stack_length(p) > 0]
-    first = layer_at(stacks[0], 0)
+    # Shapes only: slicing a concrete layer out of a stack would run (and compile) a slice per
+    # parameter array.
+    first = jax.eval_shape(lambda stack: layer_at(stack, 0), stacks[0])
     constant = jax.eval_shape(network.condition, params.condition, cond_rows)
     head = jax.eval_shape(network.embed, params.embed, rows, t, constant)
     return StepFlops(
