@@ -374,12 +374,6 @@ def stack_trees(trees: Sequence[PyTree], names: Sequence[str]) -> PyTree:
                     f"{np.shape(a)} {a.dtype} in {names[0]}; only blocks of equal parameter "
                     "shapes can share a stack"
                 )
-    return _stack(list(trees))
-
-
-@jax.jit
-def _stack(trees: list[PyTree]) -> PyTree:
-    # One compiled program for every leaf (eager stacking compiles one per leaf shape).
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 

@@ -16,7 +16,6 @@ array inside the loop body would copy weights every step.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -28,19 +27,6 @@ from jaxcache.stack import LayerList, Observer, run_layers, stack_length
 PyTree = Any
 
 __all__ = ["CachePlan", "SegmentParams"]
-
-
-def _split_leaf(leaf, start: int, stop: int, unstacked: bool):
-    """``leaf``'s head, body and tail parts; each a list of per-layer arrays if ``unstacked``."""
-    parts = (leaf[:start], leaf[start:stop], leaf[stop:])
-    if unstacked:
-        return tuple([part[i] for i in range(part.shape[0])] for part in parts)
-    return parts
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _split_leaves(leaves, start: int, stop: int, unstacked: bool):
-    return [_split_leaf(leaf, start, stop, unstacked) for leaf in leaves]
 
 
 class SegmentParams(NamedTuple):
@@ -150,20 +136,22 @@ class CachePlan:
             )
         leaves, treedef = jax.tree.flatten(params.layers)
         unstacked = self.network.layer_unroll is True
-        if donate:
-            # Leaf by leaf, deleting each stacked array as soon as its parts exist.
-            parts = []
-            for leaf in leaves:
-                parts.append(_split_leaf(leaf, start, stop, unstacked))
-                # A slice that spans the whole stack may be the stack itself: keep it then.
-                if isinstance(leaf, jax.Array) and (
-                    unstacked or all(p is not leaf for p in parts[-1])
-                ):
-                    leaf.delete()
-        else:
-            # One compiled program for every slice (eager slicing compiles one per shape).
-            parts = _split_leaves(leaves, start, stop, unstacked)
-        head, body, tail = ([p[k] for p in parts] for k in range(3))
+        head, body, tail = [], [], []
+        for leaf in leaves:
+            parts = (leaf[:start], leaf[start:stop], leaf[stop:])
+            for segment, part in zip((head, body, tail), parts):
+                if unstacked:
+                    # One array per layer; the segment's own slice is a temporary.
+                    layers = [part[i] for i in range(part.shape[0])]
+                    if part is not leaf and isinstance(part, jax.Array):
+                        part.delete()
+                    part = layers
+                segment.append(part)
+            # A slice that spans the whole stack may be the stack itself: keep it then.
+            if donate and isinstance(leaf, jax.Array) and (
+                unstacked or all(p is not leaf for p in parts)
+            ):
+                leaf.delete()
 
         def rebuild(segment):
             if not unstacked:
