@@ -318,7 +318,7 @@ def main(argv=None) -> dict:
     shape = (args.batch, model.input_size, model.input_size, model.in_channels)
     noise = jax.random.normal(k_noise, shape)
     labels = jax.random.randint(k_label, (args.batch,), 0, model.num_classes)
-    variables = model.init(k_init, noise, jnp.zeros((args.batch,), jnp.int32), labels)
+    variables = jax.jit(model.init)(k_init, noise, jnp.zeros((args.batch,), jnp.int32), labels)
 
     network, params = wrap(model, variables, noise, labels)
 
