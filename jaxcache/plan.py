@@ -139,18 +139,12 @@ class CachePlan:
         head, body, tail = [], [], []
         for leaf in leaves:
             parts = (leaf[:start], leaf[start:stop], leaf[stop:])
+            if unstacked:  # one array per layer (the segment slices are temporaries)
+                parts = tuple([part[i] for i in range(part.shape[0])] for part in parts)
             for segment, part in zip((head, body, tail), parts):
-                if unstacked:
-                    # One array per layer; the segment's own slice is a temporary.
-                    layers = [part[i] for i in range(part.shape[0])]
-                    if part is not leaf and isinstance(part, jax.Array):
-                        part.delete()
-                    part = layers
                 segment.append(part)
             # A slice that spans the whole stack may be the stack itself: keep it then.
-            if donate and isinstance(leaf, jax.Array) and (
-                unstacked or all(p is not leaf for p in parts)
-            ):
+            if donate and isinstance(leaf, jax.Array) and all(p is not leaf for p in parts):
                 leaf.delete()
 
         def rebuild(segment):

@@ -1,6 +1,8 @@
 """The compiled sampler's program: no host round trips, no decisions for known schedules, a size
 that does not grow with the step count, no recompiles for new policy settings."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -57,8 +59,10 @@ MODES_CYCLE = sorted(MODES)
 STATIC = {"interval", "mask"}
 
 
-def _lower(policy_name, mode, steps=12, policy=None, guided=True):
+def _lower(policy_name, mode, steps=12, policy=None, guided=True, unrolled=False):
     network, params = _network()
+    if unrolled:  # one weight array per layer, straight-line layer code
+        network = dataclasses.replace(network, layer_unroll=True)
     plan = _plans(network)[policy_name]
     noise, cond, uncond = toy_networks.inputs(2)
     kwargs = dict(uncond=uncond, guidance_scale=2.0) if guided else {}
@@ -87,6 +91,17 @@ def test_no_host_round_trip_and_decisions_only_where_needed(policy, mode):
         assert decisions == [], decisions
     else:
         assert decisions, "a device-decided policy must decide in the program"
+
+
+@pytest.mark.parametrize("policy, mode", [("interval", "taylor"), ("teacache", "output")])
+def test_unrolled_layer_stacks_keep_the_program_checks(policy, mode):
+    lowered = _lower(policy, MODES[mode], unrolled=True)
+    compiled = lowered.compile().as_text()
+    assert host_round_trips(lowered.as_text()) == [] and host_round_trips(compiled) == []
+    assert (runtime_decisions(compiled) == []) == (policy in STATIC)
+    sizes = {steps: normalized_size(_lower(policy, MODES[mode], steps, unrolled=True).as_text())
+             for steps in (13, 97)}
+    assert sizes[13] == sizes[97], sizes
 
 
 def test_the_host_check_catches_a_planted_callback():
