@@ -37,6 +37,11 @@ ROWS = {
 }
 
 
+def _unrolled(suite):
+    """The suite with one weight array per layer (``Network.layer_unroll=True``)."""
+    return dict(suite, common=dict(suite["common"], layer_unroll=True))
+
+
 def _suite(base, cached_layers, names):
     rows = []
     for name in names:
@@ -66,10 +71,8 @@ SUITES = {
     # Pass 4 (2026-11-30, afternoon): the forecast and TeaCache rows again, beside their baseline.
     "dit-d": _suite(DIT, 14, ["interval/output", "interval/taylor1", "teacache/residual"]),
     # Pass 5: every layer stack unrolled with one weight array per layer (no weight copies).
-    "dit-u": dict(_suite(DIT, 14, ["interval/output", "interval/taylor1"]),
-                  common=dict(DIT["common"], layer_unroll=True)),
-    "dit-u-teacache": dict(_suite(DIT, 14, ["teacache/residual"]),
-                           common=dict(DIT["common"], layer_unroll=True)),
+    "dit-u": _unrolled(_suite(DIT, 14, ["interval/output", "interval/taylor1"])),
+    "dit-u-teacache": _unrolled(_suite(DIT, 14, ["teacache/residual"])),
     "flux-dbcache": _suite(FLUX, 25, ["dbcache/residual"]),
     "flux": _suite(FLUX, 25, ["interval/output", "interval/taylor1", "first-block/residual",
                               "teacache/residual"]),

@@ -33,16 +33,17 @@ from jaxcache.models import get_config
 DIT = ("dit", "dit-xl", dict(), 8, 50)
 FLUX19 = ("mmdit", "flux", dict(depth=19, attn_implementation="cudnn"), 1, 28)
 
+# name -> (model, policy: None or (rule, cached layers, reuse mode), one array per layer?)
 SETTINGS = {
-    "dit/uncached": (DIT, None),
-    "dit/uncached/unroll": (DIT, "unroll"),
-    "dit/interval3/output": (DIT, ("interval", 14, jc.OutputReuse())),
-    "dit/interval3/taylor1": (DIT, ("interval", 14, jc.TaylorForecast(1))),
-    "dit/interval3/output/unroll": (DIT, ("interval", 14, jc.OutputReuse(), "unroll")),
-    "dit/teacache": (DIT, ("teacache", None, jc.ResidualReuse())),
-    "dit/first-block": (DIT, ("first-block", None, jc.ResidualReuse())),
-    "flux19/uncached": (FLUX19, None),
-    "flux19/uncached/unroll": (FLUX19, "unroll"),
+    "dit/uncached": (DIT, None, False),
+    "dit/uncached/unroll": (DIT, None, True),
+    "dit/interval3/output": (DIT, ("interval", 14, jc.OutputReuse()), False),
+    "dit/interval3/taylor1": (DIT, ("interval", 14, jc.TaylorForecast(1)), False),
+    "dit/interval3/output/unroll": (DIT, ("interval", 14, jc.OutputReuse()), True),
+    "dit/teacache": (DIT, ("teacache", None, jc.ResidualReuse()), False),
+    "dit/first-block": (DIT, ("first-block", None, jc.ResidualReuse()), False),
+    "flux19/uncached": (FLUX19, None, False),
+    "flux19/uncached/unroll": (FLUX19, None, True),
 }
 
 
@@ -59,9 +60,6 @@ def _kind(name: str) -> str:
     return "other"
 
 
-_verbose = True
-
-
 def _kernels(trace_dir: str) -> list[tuple[str, str, float, float]]:
     """(kernel name, HLO op, duration, start) of every device event in the trace (us)."""
     path = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0]
@@ -70,8 +68,6 @@ def _kernels(trace_dir: str) -> list[tuple[str, str, float, float]]:
         if not plane.name.startswith("/device:GPU"):
             continue
         for line in plane.lines:
-            if _verbose:
-                print(f"   [{plane.name}] line {line.name!r}", flush=True)
             if "stream" not in line.name.lower():
                 continue
             for e in line.events:
@@ -95,15 +91,13 @@ def _gaps(events, minimum_us: float = 5.0) -> tuple[float, list]:
 
 
 def _program(setting, built):
-    (model, size, overrides, batch, steps), cached = setting
+    (model, size, overrides, batch, steps), cached, unrolled = setting
     network, params = built
     config = get_config(model, size)
     depth = overrides.get("depth", config.depth)
     policy, reuse = None, None
-    if cached == "unroll" or (cached and cached[-1] == "unroll"):
-        # Every layer in straight-line code, one weight array per layer (no layer loop).
+    if unrolled:  # every layer in straight-line code, one weight array per layer
         network = dataclasses.replace(network, layer_unroll=True)
-        cached = None if cached == "unroll" else cached[:3]
     if cached is None:
         plan = jc.CachePlan(network, 0)
     else:
@@ -136,9 +130,7 @@ def profile(name: str, run, repeats: int = 5) -> dict:
     trace_dir = tempfile.mkdtemp()
     with jax.profiler.trace(trace_dir):
         out = jax.block_until_ready(run())
-    global _verbose
     events = _kernels(trace_dir)
-    _verbose = False
     by_kind = collections.Counter()
     by_op: dict[str, list[float]] = collections.defaultdict(list)
     for kernel, op, us, _ in events:

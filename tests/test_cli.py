@@ -84,6 +84,14 @@ def test_bench_rejects_too_many_cached_layers(capsys):
     assert "--cached-layers must be in [1, 4]" in capsys.readouterr().err
 
 
+def _assert_refused(main, argv, message, tmp_path, capsys):
+    """``main`` exits 2 with ``message`` on stderr, having written nothing to its ``--out``."""
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was written
+
+
 # ------------------------------------------------------------------------------- digits job
 def test_digits_job_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
@@ -130,10 +138,7 @@ def test_digits_job_interval_one_is_identical(tmp_path, capsys):
     ],
 )
 def test_digits_job_bad_input_writes_nothing(argv, message, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert _digits_main()([*argv, "--out", str(out)]) == 2
-    assert message in capsys.readouterr().err
-    assert not out.exists()
+    _assert_refused(_digits_main(), argv, message, tmp_path, capsys)
 
 
 def test_digits_job_corrupt_checkpoint(tmp_path, capsys):
@@ -289,7 +294,4 @@ def _tradeoff_main():
     (["--per-class", "0"], "--per-class must be positive"),
 ])
 def test_tradeoff_rejects_bad_input_before_sampling(argv, message, tmp_path, capsys):
-    out = tmp_path / "o"
-    assert _tradeoff_main()([*argv, "--out", str(out)]) == 2
-    assert message in capsys.readouterr().err
-    assert not out.exists()  # refused before anything was written
+    _assert_refused(_tradeoff_main(), argv, message, tmp_path, capsys)
