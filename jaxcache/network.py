@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -206,6 +206,11 @@ class Network:
         iteration reads its predicate back to the host. Compile time then grows with the depth.
         Default 1 (one layer in the program whatever the depth). Change it with
         ``dataclasses.replace(network, layer_unroll=True)``.
+      compiler_options: XLA options by name for this network's sampling programs only (not
+        process-wide like ``XLA_FLAGS``), e.g. ``{"xla_gpu_enable_triton_gemm": False}``:
+        cuBLAS instead of XLA's Triton GEMMs, which on an H200 compiled the FLUX-size model with
+        ``layer_unroll=True`` in 7.3 s instead of 11.5 s and ran 1.5% faster (BENCHMARKS.md).
+        Stored as a sorted tuple of ``(name, value)`` pairs. Default: none.
 
     A Network compares by identity and the sampler compiles once per Network object: build it
     once and reuse it (:func:`from_nnx` and :func:`jaxcache.from_linen` return the same object
@@ -220,6 +225,7 @@ class Network:
     modulated_input: Callable[[PyTree, PyTree, PyTree], jax.Array] | None = None
     time: TimeConvention | None = None
     layer_unroll: int | bool = 1
+    compiler_options: Mapping[str, bool | int | float | str] | tuple = ()
 
     def __post_init__(self):
         unroll = self.layer_unroll
@@ -227,6 +233,7 @@ class Network:
             raise ValueError(
                 f"Network.layer_unroll must be True, False or an int >= 1, got {unroll!r}"
             )
+        object.__setattr__(self, "compiler_options", _option_pairs(self.compiler_options))
         # An embed that already converts (from another Network) is unwrapped, so a rebuilt or
         # replaced Network converts exactly once.
         raw, inherited = getattr(self.embed, "jaxcache_time", (self.embed, None))
@@ -245,6 +252,19 @@ class Network:
         h, ctx = self.embed(params.embed, x, t, constant)
         h = run_layers(self.layer, params.layers, h, ctx, unroll=self.layer_unroll)
         return self.final(params.final, h, ctx)
+
+
+def _option_pairs(options) -> tuple[tuple[str, bool | int | float | str], ...]:
+    """``Network.compiler_options`` as sorted, hashable ``(name, value)`` pairs."""
+    pairs = tuple(options.items()) if isinstance(options, Mapping) else tuple(options or ())
+    for pair in pairs:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
+                and isinstance(pair[1], (bool, int, float, str))):
+            raise TypeError(
+                "Network.compiler_options must map XLA option names to a bool, int, float or "
+                f"str (e.g. {{'xla_gpu_enable_triton_gemm': False}}), got {options!r}"
+            )
+    return tuple(sorted(pairs))
 
 
 def num_layers(params: NetworkParams) -> int:

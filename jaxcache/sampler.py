@@ -127,7 +127,7 @@ def sample(
     """
     args = _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond,
                     guidance_scale, key)
-    return _sample(*args)
+    return _program(plan)(*args)
 
 
 def lower(
@@ -152,7 +152,7 @@ def lower(
     """
     args = _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond,
                     guidance_scale, key)
-    return _sample.lower(*args)
+    return _program(plan).lower(*args)
 
 
 def _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond, scale, key):
@@ -322,7 +322,16 @@ def _check_signal(policy: RefreshPolicy, plan: CachePlan) -> None:
 
 
 # ------------------------------------------------------------------------------- the program
-@functools.partial(jax.jit, static_argnums=(0, 5, 6, 9))
+def _program(plan: CachePlan):
+    """The jitted sampler for the plan's network's compiler options (one per option set)."""
+    return _jitted_sample(plan.network.compiler_options)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_sample(options: tuple[tuple[str, Any], ...]):
+    return jax.jit(_sample, static_argnums=(0, 5, 6, 9), compiler_options=dict(options) or None)
+
+
 def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse, guidance_scale,
             key):
     guided = guidance_scale is not None

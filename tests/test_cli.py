@@ -58,8 +58,10 @@ def test_bench_json_has_the_promised_fields(capsys):
 
 def test_bench_interval_one_is_exact(capsys):
     assert bench.main(["--model", "mmdit", "--size", "tiny", "--steps", "4", "--interval", "1",
-                       "--repeats", "1", "--no-hand-loop", "--json"]) == 0
+                       "--repeats", "1", "--no-hand-loop", "--json",
+                       "--compiler-options", '{"xla_cpu_enable_fast_math": false}']) == 0
     result = json.loads(capsys.readouterr().out)
+    assert result["compiler_options"] == {"xla_cpu_enable_fast_math": False}
     assert result["max_abs_diff"] == 0.0
     assert result["ideal_speedup"] == 1.0
 
@@ -77,6 +79,14 @@ def test_bench_rejects_non_positive_counts(flag, capsys):
         bench.main([flag, "0"])
     assert exit_info.value.code == 2
     assert f"{flag} must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, message", [("{nope", "not JSON"), ("[1]", "a JSON object")])
+def test_bench_rejects_bad_compiler_options(text, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--compiler-options", text])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_bench_rejects_too_many_cached_layers(capsys):

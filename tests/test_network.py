@@ -404,3 +404,37 @@ def test_layer_unroll_must_be_a_bool_or_a_positive_int(bad):
     network, _ = toy.single_stream()
     with pytest.raises(ValueError, match="layer_unroll"):
         dataclasses.replace(network, layer_unroll=bad)
+
+
+# -------------------------------------------------------------------------- compiler_options
+
+
+def test_compiler_options_reach_the_sampling_program_only():
+    import dataclasses
+
+    network, params = toy.single_stream()
+    noise, cond, _ = toy.inputs()
+    common = dict(solver=jc.FlowMatchEuler(), num_steps=4, policy=jc.IntervalPolicy(2))
+
+    def run(net):
+        plan = jc.CachePlan(net, 2)
+        return jc.sample(plan, plan.split(params), noise, cond, **common).sample
+
+    same = dataclasses.replace(network, compiler_options={"xla_cpu_enable_fast_math": False})
+    assert same.compiler_options == (("xla_cpu_enable_fast_math", False),)
+    assert hash(same.compiler_options) is not None
+    np.testing.assert_array_equal(np.asarray(run(same)), np.asarray(run(network)))
+    # An option XLA does not know fails the compile: the options are really passed.
+    unknown = dataclasses.replace(network, compiler_options={"xla_no_such_option": True})
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        run(unknown)
+    run(network)  # the default program is unaffected
+
+
+@pytest.mark.parametrize("bad", [{"xla_cpu_enable_fast_math": None}, {1: True}, "fast"])
+def test_compiler_options_must_map_names_to_values(bad):
+    import dataclasses
+
+    network, _ = toy.single_stream()
+    with pytest.raises(TypeError, match="compiler_options"):
+        dataclasses.replace(network, compiler_options=bad)

@@ -58,6 +58,8 @@ def main(argv=None) -> None:
                    help="which attention's row also times the hand-written loop")
     p.add_argument("--unroll-layers", action="store_true",
                    help="Network.layer_unroll=True: one weight array per block, no layer loop")
+    p.add_argument("--compiler-options", type=json.loads, default=None,
+                   help='XLA options for every compile, as JSON: \'{"xla_gpu_autotune_level": 0}\'')
     p.add_argument("--tag", default="", help="a label for this process (e.g. its XLA flags)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -69,6 +71,7 @@ def main(argv=None) -> None:
         row = {k: result[k] for k in KEEP if k in result}
         uncached = per_block * result["depth"] * args.steps
         row.update(row=name + (" unrolled" if args.unroll_layers else ""), tag=args.tag,
+                   compiler_options=args.compiler_options,
                    jax=jax.__version__, device=result["device"],
                    steps=args.steps, blocks=f"{result['depth']} dual",
                    uncached_tflops=uncached / result["uncached_s"] / 1e12,
@@ -82,7 +85,8 @@ def main(argv=None) -> None:
                 f.write(line + "\n")
 
     common = dict(model="mmdit", size=args.size, steps=args.steps, batch=1, dtype="bfloat16",
-                  repeats=args.repeats, layer_unroll=args.unroll_layers)
+                  repeats=args.repeats, layer_unroll=args.unroll_layers,
+                  compiler_options=args.compiler_options)
     for attn in ("xla", "cudnn"):
         wanted = [r for r in ("xla", "cudnn", "taylor", "first-block") if r in rows
                   and (r == attn or (attn == "cudnn" and r in ("taylor", "first-block")))]

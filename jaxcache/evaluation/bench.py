@@ -115,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="run each layer stack in straight-line code with one weight array per "
                    "layer (Network.layer_unroll=True): no per-step weight copies on a GPU, "
                    "compile time grows with the depth")
+    p.add_argument("--compiler-options", type=_compiler_options, default=None,
+                   help='XLA options for every program of the run (Network.compiler_options), '
+                   'as JSON: \'{"xla_gpu_enable_triton_gemm": false}\' (cuBLAS GEMMs on a GPU)')
     p.add_argument("--no-hand-loop", action="store_true",
                    help="skip the hand-written loop (it compiles one copy of the model per step)")
     p.add_argument("--host-loop", action="store_true",
@@ -294,6 +297,17 @@ def _threshold_for(run_cached, rule, target: float, iterations: int = 10) -> flo
     return high
 
 
+def _compiler_options(text: str) -> dict[str, Any]:
+    """``--compiler-options``: a JSON object of XLA option names and values."""
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text!r}") from None
+    if not isinstance(options, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of option: value, got {text!r}")
+    return options
+
+
 def run_benchmark(
     model: str = "dit",
     size: str = "small",
@@ -321,6 +335,7 @@ def run_benchmark(
     built: tuple[jc.Network, jc.NetworkParams] | None = None,
     overrides: dict[str, Any] | None = None,
     layer_unroll: bool = False,
+    compiler_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Runs the benchmark and returns its figures (see the module docstring).
 
@@ -330,7 +345,9 @@ def run_benchmark(
     runs (its parameters are then kept, not donated); ``overrides`` are the config fields it
     was built with (``depth=19``), so the benchmark counts the same layers. ``layer_unroll``
     runs the network with ``Network.layer_unroll=True`` (every program: uncached, cached and
-    the hand-written loop).
+    the hand-written loop). ``compiler_options`` sets ``Network.compiler_options`` (XLA options by
+    name, e.g. ``{"xla_gpu_enable_triton_gemm": False}``) for every program of the run, the
+    hand-written loop's included.
 
     Raises:
       ValueError: for settings that cannot run (a cached-layer count outside ``[1, depth]``,
@@ -345,6 +362,8 @@ def run_benchmark(
         network, params = built
     if layer_unroll:
         network = dataclasses.replace(network, layer_unroll=True)
+    if compiler_options:
+        network = dataclasses.replace(network, compiler_options=compiler_options)
     plan, rule, mode, reuse, threshold = _setting(
         policy, network, depth, interval=interval, threshold=threshold, reuse=reuse, order=order,
         cached_layers=cached_layers, first=first, last=last, warmup=warmup, decide=decide,
@@ -382,7 +401,8 @@ def run_benchmark(
     if hand_loop:
         fn = _hand_loop(plan, seg, the_solver, steps, scale)
         start = time.perf_counter()
-        compiled = fn.lower(seg, noise, cond, uncond).compile()
+        compiled = fn.lower(seg, noise, cond, uncond).compile(
+            dict(plan.network.compiler_options) or None)
         compile_s["hand_loop"] = time.perf_counter() - start
         programs["hand_loop"] = lambda c=compiled: c(seg, noise, cond, uncond)
     host_refreshes: list[int] = []
@@ -431,6 +451,7 @@ def run_benchmark(
         "guidance": guidance,
         "decide": decide if policy == "interval" else "device",
         "layer_unroll": layer_unroll,
+        "compiler_options": dict(plan.network.compiler_options),
         "refresh_fraction": float(np.mean(np.asarray(cached.refreshed))),
         "refreshes": int(np.sum(np.asarray(cached.refreshed))),
         "layer_evaluations": evaluations,
@@ -512,6 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hand_loop=not args.no_hand_loop, host_loop=args.host_loop,
             refresh_target=args.refresh_target, forecast_dtype=args.forecast_dtype,
             overrides=_overrides(args), layer_unroll=args.unroll_layers,
+            compiler_options=args.compiler_options,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
