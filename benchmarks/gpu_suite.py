@@ -42,6 +42,12 @@ def _unrolled(suite):
     return dict(suite, common=dict(suite["common"], layer_unroll=True))
 
 
+def _cublas(suite):
+    """The suite with cuBLAS GEMMs instead of XLA's Triton GEMMs, for its programs only."""
+    options = {"xla_gpu_enable_triton_gemm": False}
+    return dict(suite, common=dict(suite["common"], compiler_options=options))
+
+
 def _suite(base, cached_layers, names):
     rows = []
     for name in names:
@@ -74,6 +80,10 @@ SUITES = {
     "dit-u": _unrolled(_suite(DIT, 14, ["interval/output", "interval/taylor1"])),
     "dit-u-teacache": _unrolled(_suite(DIT, 14, ["teacache/residual"])),
     "flux-dbcache": _suite(FLUX, 25, ["dbcache/residual"]),
+    # Pass 6: one array per layer and cuBLAS GEMMs (Network.compiler_options): every policy.
+    "dit-uc": _cublas(_unrolled(_suite(DIT, 14, [
+        "interval/output", "interval/taylor1", "first-block/residual", "teacache/residual",
+        "dbcache/residual"]))),
     "flux": _suite(FLUX, 25, ["interval/output", "interval/taylor1", "first-block/residual",
                               "teacache/residual"]),
 }

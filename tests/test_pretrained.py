@@ -217,7 +217,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path, data, arch):
     optimizer = training.make_optimizer(1e-3, 10)
     params = nnx.to_pure_dict(nnx.state(model))
     # One eager update: Adam moments and the step count become non-trivial.
-    grads = jax.tree.map(lambda p: jnp.sin(p) + 0.1, params)
+    grads = jax.jit(lambda ps: jax.tree.map(lambda p: jnp.sin(p) + 0.1, ps))(params)
     with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 counts with floats
         _, opt_state = jax.jit(optimizer.update)(grads, optimizer.init(params), params)
     extra = {"note": "x", "key": np.asarray(jax.random.key_data(jax.random.key(5)))}
