@@ -38,15 +38,22 @@ def data():
     return jnp.asarray(images[:256]), jnp.asarray(labels[:256])
 
 
+def _quick_compile(step, optimizer, data):
+    """The step compiled with XLA's backend optimisation off: half the compile time of this
+    tiny model's step (13 s -> 6 s on two cores) for 40 steps of 17 ms instead of 6 ms."""
+    state = training.init_train_state(_tiny(), optimizer)
+    return step.lower(state, *data, jnp.int32(0)).compile({"xla_backend_optimization_level": 0})
+
+
 @pytest.fixture(scope="module")
-def trainer():
+def trainer(data):
     """One optimizer and one compiled step for every training test (compiling dominates)."""
     optimizer = training.make_optimizer(3e-3, 40, warmup_steps=2)
     step = training.make_train_step(
         nnx.graphdef(_tiny()), optimizer, key=jax.random.key(1), batch_size=_BATCH,
         caption_len=1, null_class=pretrained.NULL_CLASS, ema_decay=0.9,
     )
-    return optimizer, step
+    return optimizer, _quick_compile(step, optimizer, data)
 
 
 def _run(step, state, data, start, stop):
@@ -83,6 +90,7 @@ def test_loss_goes_down(data, trainer, objective):
             nnx.graphdef(model), optimizer, key=jax.random.key(1), batch_size=_BATCH,
             caption_len=1, null_class=pretrained.NULL_CLASS, ema_decay=0.9, objective="eps",
         )
+        step = _quick_compile(step, optimizer, data)
     state = training.init_train_state(model, optimizer)
     graphdef = nnx.graphdef(model)
     x, y = data[0][:64], data[1][:64]
