@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from jaxcache._checks import check_int
-from jaxcache.stack import run_layers
+from jaxcache.stack import run_layers, stack_length
 
 PyTree = Any
 
@@ -269,10 +269,9 @@ def _option_pairs(options) -> tuple[tuple[str, bool | int | float | str], ...]:
 
 def num_layers(params: NetworkParams) -> int:
     """The number of stacked layers in ``params`` (the leading axis of ``params.layers``)."""
-    leaves = jax.tree.leaves(params.layers)
-    if not leaves:
+    if not jax.tree.leaves(params.layers):
         raise ValueError("params.layers holds no arrays; a network needs at least one layer")
-    return int(leaves[0].shape[0])
+    return stack_length(params.layers)
 
 
 class ParityError(AssertionError):

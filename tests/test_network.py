@@ -18,7 +18,7 @@ from random_models import random_model
 
 import jaxcache as jc
 from jaxcache.network import Network, NetworkParams, from_nnx, num_layers
-from jaxcache.stack import run_layers, stack_length
+from jaxcache.stack import layer_at, run_layers, stack_length
 
 import toy_networks as toy
 
@@ -300,7 +300,7 @@ def test_modulated_input_is_the_attention_branch_input(arch):
     ctx = rng.normal(size=(BATCH, cfg.width))
     # The hidden state the block reads: (image, text) for MMDiT, the joint sequence for DiT.
     h = (image, text) if arch == "mmdit" else np.concatenate([image, text], axis=1)
-    layer0 = jax.tree.map(lambda a: a[0], params.layers)
+    layer0 = layer_at(params.layers, 0)
     as_f32 = functools.partial(jax.tree.map, lambda a: jnp.asarray(a, jnp.float32))
     signal = np.asarray(jax.jit(network.modulated_input)(layer0, as_f32(h), as_f32(ctx)))
     # adaLN of the attention branch: SiLU -> Linear to 6 D, the first two chunks are its shift
