@@ -42,10 +42,16 @@ def _unrolled(suite):
     return dict(suite, common=dict(suite["common"], layer_unroll=True))
 
 
-def _cublas(suite):
-    """The suite with cuBLAS GEMMs instead of XLA's Triton GEMMs, for its programs only."""
-    options = {"xla_gpu_enable_triton_gemm": False}
+def _with_options(suite, options):
+    """The suite with XLA options for its programs only (``Network.compiler_options``)."""
     return dict(suite, common=dict(suite["common"], compiler_options=options))
+
+
+CUBLAS = {"xla_gpu_enable_triton_gemm": False}  # cuBLAS GEMMs instead of XLA's Triton GEMMs
+# CUDA-graph command buffers with device-side conditionals and loops: no predicate read-backs.
+GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
+          "CONDITIONAL,WHILE"}
+SIGNAL_ROWS = ["first-block/residual", "teacache/residual", "dbcache/residual"]
 
 
 def _suite(base, cached_layers, names):
@@ -81,9 +87,12 @@ SUITES = {
     "dit-u-teacache": _unrolled(_suite(DIT, 14, ["teacache/residual"])),
     "flux-dbcache": _suite(FLUX, 25, ["dbcache/residual"]),
     # Pass 6: one array per layer and cuBLAS GEMMs (Network.compiler_options): every policy.
-    "dit-uc": _cublas(_unrolled(_suite(DIT, 14, [
-        "interval/output", "interval/taylor1", "first-block/residual", "teacache/residual",
-        "dbcache/residual"]))),
+    "dit-uc": _with_options(_unrolled(_suite(DIT, 14, [
+        "interval/output", "interval/taylor1", *SIGNAL_ROWS])), CUBLAS),
+    # Pass 7: the signal-driven rows with one array per layer, without and with device-side
+    # decisions in CUDA graphs (run one after the other, on one machine).
+    "dit-u-signal": _unrolled(_suite(DIT, 14, SIGNAL_ROWS)),
+    "dit-ug": _with_options(_unrolled(_suite(DIT, 14, SIGNAL_ROWS)), GRAPHS),
     "flux": _suite(FLUX, 25, ["interval/output", "interval/taylor1", "first-block/residual",
                               "teacache/residual"]),
 }
