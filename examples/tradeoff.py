@@ -1,13 +1,15 @@
 """Quality at equal compute on the shipped digit models: caching against fewer steps.
 
 For each model: full compute, fewer steps (the baseline), the interval schedule with plain reuse
-and every forecast, and the signal-driven policies (First-Block, TeaCache, DBCache) with residual
+and every forecast (with --fitted, also the forecast whose per-step gains are fitted to the
+model on a batch of its own), and the signal-driven policies (First-Block, TeaCache, DBCache) with residual
 reuse and with the Taylor forecast at the same compute. Prints a markdown table per model (the
 one in BENCHMARKS.md), and writes ``tradeoff.json`` and ``tradeoff.png`` (PSNR against ideal
 speedup, the fewer-steps curve drawn in) to --out.
 
     python examples/tradeoff.py                       # both flow models, 500 digits each
     python examples/tradeoff.py --arch dit --per-class 8 --targets ""   # a quick look
+    python examples/tradeoff.py --modes taylor1 --fitted --targets ""   # the fitted forecast
 """
 
 from __future__ import annotations
@@ -41,6 +43,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--signal-only", action="store_true",
                    help="full compute and the signal-driven rows only (no fewer-steps or "
                         "interval rows), e.g. to add a speedup target to an earlier run")
+    p.add_argument("--modes", default=",".join(tradeoff.REUSE_MODES),
+                   help="comma-separated reuse modes of the interval rows "
+                        f"(default: all of {list(tradeoff.REUSE_MODES)}; empty: none)")
+    p.add_argument("--fitted", action="store_true",
+                   help="add interval rows with a FittedForecast, its gains fitted per interval "
+                        "with Optax on a batch of its own (seed + 1)")
+    p.add_argument("--fit-per-class", type=int, default=20,
+                   help="digits per class of the fitting batch (default 20)")
+    p.add_argument("--fit-iterations", type=int, default=60,
+                   help="Adam steps of each fit (default 60)")
     p.add_argument("--guidance", type=float, default=pretrained.DEFAULT_GUIDANCE)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting")
     p.add_argument("--seed", type=int, default=0)
@@ -91,8 +103,14 @@ def main(argv=None) -> int:
         print(f"error: --targets must be comma-separated numbers, got {args.targets!r}",
               file=sys.stderr)
         return 2
-    if args.per_class < 1:
-        print("error: --per-class must be positive", file=sys.stderr)
+    if args.per_class < 1 or args.fit_per_class < 1 or args.fit_iterations < 1:
+        print("error: --per-class, --fit-per-class and --fit-iterations must be positive",
+              file=sys.stderr)
+        return 2
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if any(m not in tradeoff.REUSE_MODES for m in modes):
+        print(f"error: --modes must name modes of {list(tradeoff.REUSE_MODES)}, got "
+              f"{args.modes!r}", file=sys.stderr)
         return 2
     out = Path(args.out)
     try:
@@ -106,7 +124,13 @@ def main(argv=None) -> int:
     for arch in archs:
         solver, steps, intervals = MODELS[arch]
         model = pretrained.load_digits_model(arch)
-        settings = tradeoff.default_settings(steps, intervals)
+        settings = tradeoff.default_settings(steps, intervals, modes)
+        if args.fitted and not args.signal_only:
+            settings += tradeoff.fitted_settings(
+                model, steps, intervals, seed=args.seed + 1, per_class=args.fit_per_class,
+                guidance=guidance, solver=solver, iterations=args.fit_iterations,
+                log=lambda line: print(line, flush=True),
+            )
         print(f"\n{arch}: {len(labels)} digits, {type(solver).__name__} {steps} steps, "
               f"guidance {guidance}; scored against full compute\n{tradeoff.TABLE_HEADER}",
               flush=True)

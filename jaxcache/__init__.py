@@ -15,7 +15,8 @@ The public API (the core; it imports nothing from :mod:`jaxcache.models`,
   device per sample, :class:`FirstBlockPolicy`, :class:`TeaCachePolicy` (with
   :func:`calibrate_teacache`), :class:`DBCachePolicy`; :class:`OnDevice`.
 * Reuse modes, what a skipped step uses: :class:`ReuseMode`, :class:`OutputReuse`,
-  :class:`ResidualReuse`, :class:`TaylorForecast`, :class:`HermiteForecast`.
+  :class:`ResidualReuse`, :class:`TaylorForecast`, :class:`HermiteForecast`,
+  :class:`FittedForecast` (with :func:`fit_forecast`).
 * :class:`Solver` and solvers: :class:`FlowMatchEuler`, :class:`FlowMatchHeun` (rectified flow);
   :class:`DDIM`, :class:`DDPM`, :class:`EulerAncestral`, :class:`DPMSolverPP2M` (noise
   prediction on the DDPM schedule).
@@ -42,7 +43,15 @@ from jaxcache.policies import (
     TeaCachePolicy,
     calibrate_teacache,
 )
-from jaxcache.reuse import HermiteForecast, OutputReuse, ResidualReuse, ReuseMode, TaylorForecast
+from jaxcache.reuse import (
+    FittedForecast,
+    HermiteForecast,
+    OutputReuse,
+    ResidualReuse,
+    ReuseMode,
+    TaylorForecast,
+    fit_forecast,
+)
 from jaxcache.sampler import SampleResult, lower, sample
 from jaxcache.solvers import (
     DDIM,
@@ -65,6 +74,7 @@ __all__ = [
     "DPMSolverPP2M",
     "EulerAncestral",
     "FirstBlockPolicy",
+    "FittedForecast",
     "FlowMatchEuler",
     "FlowMatchHeun",
     "HermiteForecast",
@@ -87,6 +97,7 @@ __all__ = [
     "TimeConvention",
     "calibrate_teacache",
     "check_parity",
+    "fit_forecast",
     "from_linen",
     "from_nnx",
     "lower",

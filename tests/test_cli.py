@@ -301,7 +301,9 @@ def _tradeoff_main():
     (["--arch", "unet"], "--arch must name models"),
     (["--arch", ""], "--arch must name models"),
     (["--targets", "2,fast"], "--targets must be comma-separated numbers"),
-    (["--per-class", "0"], "--per-class must be positive"),
+    (["--per-class", "0"], "--per-class, --fit-per-class and --fit-iterations must be positive"),
+    (["--fit-iterations", "0"], "--fit-iterations must be positive"),
+    (["--modes", "taylor1,taylor9"], "--modes must name modes of"),
 ])
 def test_tradeoff_rejects_bad_input_before_sampling(argv, message, tmp_path, capsys):
     _assert_refused(_tradeoff_main(), argv, message, tmp_path, capsys)

@@ -6,7 +6,8 @@ classes for every setting) under
 
 * full compute at the reference step count (what everything is scored against),
 * fewer steps, uncached (the baseline),
-* the reference interval schedule with each reuse mode (plain reuse, Taylor, Hermite),
+* the reference interval schedule with each reuse mode (plain reuse, Taylor, Hermite, and the
+  fitted forecast, its gains fitted on a batch of their own),
 * the signal-driven policies (First-Block, TeaCache, DBCache) with residual reuse and with the
   Taylor forecast, their thresholds searched to land at the interval rows' compute,
 
@@ -36,7 +37,7 @@ from jaxcache.digits.data import load_digits_images
 from jaxcache.evaluation import metrics
 from jaxcache.evaluation.flops import step_flops
 
-__all__ = ["Row", "Setting", "default_settings", "evaluate", "find_threshold"]
+__all__ = ["Row", "Setting", "default_settings", "evaluate", "find_threshold", "fitted_settings"]
 
 PlanFn = Callable[[jc.Network, int], jc.CachePlan]
 
@@ -110,21 +111,73 @@ SIGNAL_POLICIES: dict[str, tuple[PlanFn, Callable[[float], jc.RefreshPolicy], st
 }
 
 
-def default_settings(num_steps: int, intervals: Sequence[int] = (2, 3, 4)) -> list[Setting]:
-    """Full compute, fewer steps and the interval schedule with every reuse mode.
+def default_settings(
+    num_steps: int,
+    intervals: Sequence[int] = (2, 3, 4),
+    modes: Sequence[str] = tuple(REUSE_MODES),
+) -> list[Setting]:
+    """Full compute, fewer steps and the interval schedule with each reuse mode of ``modes``.
 
     The body is every layer (the final projection runs each step), the setting where caching
     saves the most per refresh.
+
+    Raises:
+      ValueError: for a mode that is not a :data:`REUSE_MODES` key.
     """
+    unknown = [m for m in modes if m not in REUSE_MODES]
+    if unknown:
+        raise ValueError(f"unknown reuse modes {unknown}; choose from {sorted(REUSE_MODES)}")
     settings = [Setting("full", "-", num_steps, knob=num_steps)]
     for k in intervals:
         steps = max(1, round(num_steps * _interval_fraction(num_steps, k)))
         settings.append(Setting("fewer steps", "-", steps, knob=steps))
     for k in intervals:
-        for name, mode in REUSE_MODES.items():
-            settings.append(
-                Setting("interval", name, num_steps, _full, jc.IntervalPolicy(k), mode, knob=k)
-            )
+        for name in modes:
+            settings.append(Setting("interval", name, num_steps, _full, jc.IntervalPolicy(k),
+                                    REUSE_MODES[name], knob=k))
+    return settings
+
+
+def fitted_settings(
+    model,
+    num_steps: int,
+    intervals: Sequence[int] = (2, 3, 4),
+    *,
+    seed: int,
+    per_class: int = 20,
+    guidance: float | None = pretrained.DEFAULT_GUIDANCE,
+    solver: jc.Solver | None = None,
+    order: int = 1,
+    iterations: int = 60,
+    log: Callable[[str], None] = lambda s: None,
+) -> list[Setting]:
+    """The interval schedule with a :class:`~jaxcache.FittedForecast` fitted per interval.
+
+    The gains are fitted (:func:`jaxcache.fit_forecast`) on a batch of its own,
+    ``per_class`` digits of each class drawn with ``seed``: give a seed other than the
+    evaluation's, so that the rows are scored on samples the fit never saw.
+
+    Returns:
+      One ``"interval"`` setting per interval, its mode labelled ``fitted{order}``.
+    """
+    solver = solver or jc.FlowMatchEuler()
+    network, params = jc.from_nnx(model)
+    plan = _full(network, model.config.depth)
+    seg = plan.split(params)
+    labels = [c for c in range(10) for _ in range(per_class)]
+    cond = pretrained.class_condition(labels)
+    uncond = None if guidance is None else jnp.full_like(cond, pretrained.NULL_CLASS)
+    noise = jax.random.normal(jax.random.key(seed), (len(labels), *model.config.image_shape))
+    settings = []
+    for k in intervals:
+        start = time.perf_counter()
+        policy = jc.IntervalPolicy(k)
+        fitted = jc.fit_forecast(plan, seg, noise, cond, solver=solver, num_steps=num_steps,
+                                 policy=policy, order=order, uncond=uncond,
+                                 guidance_scale=guidance, iterations=iterations)
+        log(f"fitted interval {k} on {len(labels)} digits in {time.perf_counter() - start:.0f} s")
+        settings.append(Setting("interval", f"fitted{order}", num_steps, _full, policy, fitted,
+                                knob=k))
     return settings
 
 

@@ -31,7 +31,7 @@ from jaxcache.reuse.base import Position, ReuseMode, select_rows
 
 PyTree = Any
 
-__all__ = ["ForecastState", "HermiteForecast", "TaylorForecast"]
+__all__ = ["ForecastState", "HermiteForecast", "Ladder", "TaylorForecast"]
 
 MAX_ORDER = 2
 
@@ -64,7 +64,21 @@ def _per_row(w: jax.Array, a: jax.Array) -> jax.Array:
     return w.reshape((-1,) + (1,) * (a.ndim - 1)).astype(a.dtype)
 
 
-class _Ladder(ReuseMode):
+def newton_gaps(state: ForecastState, s: jax.Array, order: int) -> list[jax.Array]:
+    """Divisors of Newton's divided differences: order ``j`` spans the newest ``j + 1`` times."""
+    return [s - state.positions[j - 1] for j in range(1, order + 1)]
+
+
+def newton_weights(state: ForecastState, s: jax.Array, order: int) -> list[jax.Array]:
+    """Newton's weights ``prod_{i<j} (s - s_i)`` of the differences of order ``1..order``."""
+    weights, w = [], jnp.ones_like(state.positions[0])
+    for j in range(1, order + 1):
+        w = w * (s - state.positions[j - 1])
+        weights.append(w)
+    return weights
+
+
+class Ladder(ReuseMode):
     """The shared ladder of differences; subclasses say where a step is and how to expand."""
 
     order: int
@@ -120,14 +134,16 @@ class _Ladder(ReuseMode):
             count=select_rows(rows, updated.count, state.count),
         )
 
-    def _weights(self, state: ForecastState, s: jax.Array) -> list[jax.Array]:
-        """The ``[rows]`` weight of each difference of order ``1..order``."""
+    def _weights(
+        self, state: ForecastState, s: jax.Array, position: Position
+    ) -> list[jax.Array]:
+        """The ``[rows]`` weight of each difference of order ``1..order`` at ``position``."""
         raise NotImplementedError
 
     def reuse(self, state, body_in, position):
         s = self._position(position)
         out = state.factors[0]
-        for j, weight in enumerate(self._weights(state, s), start=1):
+        for j, weight in enumerate(self._weights(state, s, position), start=1):
             weight = jnp.where(state.count > j, weight, 0.0)
             out = jax.tree.map(lambda o, f, w=weight: o + _per_row(w, f) * f, out, state.factors[j])
         if self.residual:
@@ -158,7 +174,7 @@ class _Ladder(ReuseMode):
 
 
 @settings_dataclass(static=("order", "dtype", "residual"))
-class TaylorForecast(_Ladder):
+class TaylorForecast(Ladder):
     """TaylorSeer: forecast the body's output by a Taylor expansion in the solver's time.
 
     Attributes:
@@ -184,19 +200,14 @@ class TaylorForecast(_Ladder):
         return position.t.astype(jnp.float32)
 
     def _gaps(self, state, s):
-        # Newton divided differences: order j spans the newest j + 1 stored times.
-        return [s - state.positions[j - 1] for j in range(1, self.order + 1)]
+        return newton_gaps(state, s, self.order)
 
-    def _weights(self, state, s):
-        weights, w = [], jnp.ones_like(state.positions[0])
-        for j in range(1, self.order + 1):
-            w = w * (s - state.positions[j - 1])
-            weights.append(w)
-        return weights
+    def _weights(self, state, s, position):
+        return newton_weights(state, s, self.order)
 
 
 @settings_dataclass(static=("order", "dtype", "residual"))
-class HermiteForecast(_Ladder):
+class HermiteForecast(Ladder):
     """HiCache: TaylorSeer's differences expanded in scaled Hermite polynomials.
 
     With ``x`` the steps since the last computed step and ``D_k`` the order-``k`` difference
@@ -228,7 +239,7 @@ class HermiteForecast(_Ladder):
         gap = s - state.positions[0]
         return [gap] * self.order
 
-    def _weights(self, state, s):
+    def _weights(self, state, s, position):
         sigma = jnp.asarray(self.scale, jnp.float32)
         y = sigma * (s - state.positions[0])
         hermite = [jnp.ones_like(y), 2.0 * y]
