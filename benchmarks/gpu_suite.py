@@ -25,6 +25,7 @@ ROWS = {
     "interval/output": dict(INTERVAL),
     "interval/taylor1": dict(INTERVAL, reuse="taylor"),
     "interval/taylor1/f32": dict(INTERVAL, reuse="taylor", forecast_dtype="float32"),
+    "interval/fitted1": dict(INTERVAL, reuse="fitted"),  # FittedForecast (gains of one)
     "interval/taylor0": dict(INTERVAL, reuse="taylor", order=0),
     "interval/hermite2": dict(INTERVAL, reuse="hermite", order=2),
     "interval/output/device": dict(INTERVAL, decide="device"),
@@ -95,6 +96,9 @@ SUITES = {
     "dit-ug": _with_options(_unrolled(_suite(DIT, 14, SIGNAL_ROWS)), GRAPHS),
     "flux": _suite(FLUX, 25, ["interval/output", "interval/taylor1", "first-block/residual",
                               "teacache/residual"]),
+    # Pass 8 (2026-12-01): the fitted forecast beside Taylor and plain reuse, scanned default.
+    "dit-fitted": _suite(DIT, 14, ["interval/output", "interval/taylor1", "interval/fitted1"]),
+    "flux-fitted": _suite(FLUX, 25, ["interval/output", "interval/taylor1", "interval/fitted1"]),
 }
 
 

@@ -49,7 +49,7 @@ __all__ = ["POLICIES", "REUSE_MODES", "main", "run_benchmark"]
 
 _SOLVERS = {"euler": jc.FlowMatchEuler, "ddim": jc.DDIM}
 POLICIES = ("interval", "first-block", "teacache", "dbcache")
-REUSE_MODES = ("output", "residual", "taylor", "hermite")
+REUSE_MODES = ("output", "residual", "taylor", "hermite", "fitted")
 _DEFAULT_THRESHOLDS = {"first-block": 0.1, "teacache": 0.3, "dbcache": 0.1}
 
 
@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", choices=REUSE_MODES, default=None,
                    help="what a skipped step uses (default: output for interval, residual "
                    "for the signal-driven policies)")
-    p.add_argument("--order", type=int, default=1, help="forecast order of taylor / hermite")
+    p.add_argument("--order", type=int, default=1,
+                   help="forecast order of taylor / hermite / fitted (fitted: gains of one)")
     p.add_argument("--forecast-dtype", choices=["float32", "bfloat16"], default=None,
                    help="dtype of a forecast's stored differences (default: the activations')")
     p.add_argument(
@@ -148,8 +149,12 @@ def _time(fn: Callable[[], Any]) -> float:
 
 
 def _setting(policy: str, network, depth: int, *, interval, threshold, reuse, order,
-             cached_layers, first, last, warmup, decide, forecast_dtype=None):
-    """The plan, policy and reuse mode of a benchmark setting."""
+             cached_layers, first, last, warmup, decide, forecast_dtype=None, evaluations=None):
+    """The plan, policy and reuse mode of a benchmark setting.
+
+    ``fitted`` is a :class:`~jaxcache.FittedForecast` with gains of one for ``evaluations``
+    model evaluations: the fitted forecast's program, whose cost does not depend on the gains.
+    """
     if policy != "interval" and decide != "static":
         raise ValueError("--decide applies to --policy interval only")
     if threshold is None:
@@ -174,6 +179,7 @@ def _setting(policy: str, network, depth: int, *, interval, threshold, reuse, or
         "residual": lambda: jc.ResidualReuse(),
         "taylor": lambda: jc.TaylorForecast(order, dtype=forecast_dtype),
         "hermite": lambda: jc.HermiteForecast(order, dtype=forecast_dtype),
+        "fitted": lambda: jc.FittedForecast.taylor(evaluations, order, dtype=forecast_dtype),
     }[reuse]()
     return plan, rule, mode, reuse, threshold
 
@@ -368,6 +374,7 @@ def run_benchmark(
         policy, network, depth, interval=interval, threshold=threshold, reuse=reuse, order=order,
         cached_layers=cached_layers, first=first, last=last, warmup=warmup, decide=decide,
         forecast_dtype=None if forecast_dtype is None else jnp.dtype(forecast_dtype),
+        evaluations=len(_SOLVERS[solver]().times(steps)[0]),
     )
     # Split once (freeing the unsplit layers as we go, unless the caller keeps the model for
     # more runs); every program uses the split parameters.
@@ -443,7 +450,7 @@ def run_benchmark(
         "interval": interval if policy == "interval" else None,
         "threshold": threshold,
         "reuse": reuse,
-        "order": order if reuse in ("taylor", "hermite") else None,
+        "order": order if reuse in ("taylor", "hermite", "fitted") else None,
         "forecast_dtype": forecast_dtype,
         "first_layers": plan.first_layers,
         "cached_layers": plan.cached_layers,
