@@ -2,8 +2,8 @@
 
 For each model: full compute, fewer steps (the baseline), the interval schedule with plain reuse
 and every forecast (with --fitted, also the forecast whose per-step gains are fitted to the
-model on a batch of its own), and the signal-driven policies (First-Block, TeaCache, DBCache) with residual
-reuse and with the Taylor forecast at the same compute. Prints a markdown table per model (the
+model on a batch of its own), and the signal-driven policies (First-Block, TeaCache, DBCache)
+with residual reuse and with the Taylor forecast at the same compute. Prints a markdown table per model (the
 one in BENCHMARKS.md), and writes ``tradeoff.json`` and ``tradeoff.png`` (PSNR against ideal
 speedup, the fewer-steps curve drawn in) to --out.
 
@@ -43,9 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--signal-only", action="store_true",
                    help="full compute and the signal-driven rows only (no fewer-steps or "
                         "interval rows), e.g. to add a speedup target to an earlier run")
-    p.add_argument("--modes", default=",".join(tradeoff.REUSE_MODES),
-                   help="comma-separated reuse modes of the interval rows "
-                        f"(default: all of {list(tradeoff.REUSE_MODES)}; empty: none)")
+    p.add_argument("--modes", default=",".join(tradeoff.DEFAULT_MODES),
+                   help="comma-separated reuse modes of the interval rows, of "
+                        f"{list(tradeoff.REUSE_MODES)} (default: {','.join(tradeoff.DEFAULT_MODES)}"
+                        "; empty: none)")
     p.add_argument("--fitted", action="store_true",
                    help="add interval rows with a FittedForecast, its gains fitted per interval "
                         "with Optax on a batch of its own (seed + 1)")
@@ -53,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="digits per class of the fitting batch (default 20)")
     p.add_argument("--fit-iterations", type=int, default=60,
                    help="Adam steps of each fit (default 60)")
+    p.add_argument("--fit-order", type=int, choices=(1, 2), default=1,
+                   help="Taylor order whose terms the fit scales (default 1)")
     p.add_argument("--guidance", type=float, default=pretrained.DEFAULT_GUIDANCE)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting")
     p.add_argument("--seed", type=int, default=0)
@@ -128,7 +131,8 @@ def main(argv=None) -> int:
         if args.fitted and not args.signal_only:
             settings += tradeoff.fitted_settings(
                 model, steps, intervals, seed=args.seed + 1, per_class=args.fit_per_class,
-                guidance=guidance, solver=solver, iterations=args.fit_iterations,
+                guidance=guidance, solver=solver, order=args.fit_order,
+                iterations=args.fit_iterations,
                 log=lambda line: print(line, flush=True),
             )
         print(f"\n{arch}: {len(labels)} digits, {type(solver).__name__} {steps} steps, "
