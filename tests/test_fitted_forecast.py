@@ -39,6 +39,16 @@ def test_gains_of_one_are_taylorseer_exactly(order, residual):
         np.testing.assert_array_equal(np.asarray(fitted.sample), np.asarray(taylor.sample))
 
 
+def test_known_schedule_and_device_decisions_read_the_same_step_gains():
+    # The known schedule runs grouped scans: each skipped step must still read its own gains.
+    reuse = jc.FittedForecast(gains=_gains(2), order=2)
+    static = _run(reuse, jc.IntervalPolicy(3))
+    device = _run(reuse, jc.OnDevice(jc.IntervalPolicy(3)))
+    np.testing.assert_allclose(static.sample, device.sample, rtol=1e-5, atol=1e-5)
+    shifted = _run(jc.FittedForecast(gains=jnp.roll(_gains(2), 1, axis=0), order=2))
+    assert float(jnp.max(jnp.abs(shifted.sample - static.sample))) > 1e-4
+
+
 def test_gains_of_zero_are_plain_reuse_exactly():
     reuse = _run(jc.OutputReuse())
     fitted = _run(jc.FittedForecast(gains=jnp.zeros((STEPS, 1))))
