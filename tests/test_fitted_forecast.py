@@ -31,12 +31,14 @@ def _gains(order, seed=0):
     return jax.random.uniform(jax.random.key(seed), (STEPS, order), minval=0.3, maxval=1.7)
 
 
-@pytest.mark.parametrize("order, residual", [(1, False), (2, False), (1, True)])
-def test_gains_of_one_are_taylorseer_exactly(order, residual):
-    for policy in (jc.IntervalPolicy(3), jc.OnDevice(jc.IntervalPolicy(3))):
-        taylor = _run(jc.TaylorForecast(order, residual=residual), policy)
-        fitted = _run(jc.FittedForecast.taylor(STEPS, order, residual=residual), policy)
-        np.testing.assert_array_equal(np.asarray(fitted.sample), np.asarray(taylor.sample))
+@pytest.mark.parametrize("order, residual, policy", [
+    (1, False, INTERVAL_3), (1, False, jc.OnDevice(INTERVAL_3)), (2, False, INTERVAL_3),
+    (1, True, INTERVAL_3),
+], ids=["order1", "order1-device", "order2", "order1-residual"])
+def test_gains_of_one_are_taylorseer_exactly(order, residual, policy):
+    taylor = _run(jc.TaylorForecast(order, residual=residual), policy)
+    fitted = _run(jc.FittedForecast.taylor(STEPS, order, residual=residual), policy)
+    np.testing.assert_array_equal(np.asarray(fitted.sample), np.asarray(taylor.sample))
 
 
 def test_known_schedule_and_device_decisions_read_the_same_step_gains():
@@ -159,11 +161,16 @@ def test_fitting_lowers_the_error_against_full_compute():
         out = jc.sample(plan, seg, noise, cond, policy=policy, reuse=reuse, **kwargs).sample
         return float(jnp.mean(jnp.square(out - target)))
 
-    fitted = jc.fit_forecast(plan, seg, noise, cond, policy=policy, iterations=15, **kwargs)
+    losses = []
+    fitted = jc.fit_forecast(plan, seg, noise, cond, policy=policy, iterations=15,
+                             log=lambda i, loss: losses.append((i, loss)), **kwargs)
     assert isinstance(fitted, jc.FittedForecast) and fitted.gains.shape == (STEPS, 1)
     assert not np.allclose(np.asarray(fitted.gains), 1.0)
     taylor = error(jc.TaylorForecast(1))
     assert error(fitted) < 0.9 * taylor, (error(fitted), taylor)
+    # The log sees every step; its first loss is Taylor's (the fit starts from gains of one).
+    assert [i for i, _ in losses] == list(range(15)) and losses[-1][1] < losses[0][1]
+    np.testing.assert_allclose(losses[0][1], taylor, rtol=1e-4)
 
 
 def test_bad_settings_raise_before_compiling():

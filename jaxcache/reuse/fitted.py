@@ -17,6 +17,7 @@ new values reuse the compiled program.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -120,6 +121,7 @@ def fit_forecast(
     iterations: int = 60,
     learning_rate: float = 0.05,
     initial: FittedForecast | None = None,
+    log: Callable[[int, float], None] | None = None,
 ) -> FittedForecast:
     """Fits a :class:`FittedForecast`'s gains to one model, schedule and step count.
 
@@ -145,6 +147,9 @@ def fit_forecast(
       iterations: Adam steps.
       learning_rate: Adam's learning rate.
       initial: gains to start from (default: ones, TaylorSeer).
+      log: called with ``(iteration, loss)`` after every Adam step, the loss being the mean
+        squared error before that step (reading it back waits for the step; None reads
+        nothing back until the end).
 
     Returns:
       The fitted forecast; its ``gains`` are on the host's default device.
@@ -201,6 +206,8 @@ def fit_forecast(
 
     gains = jnp.asarray(start.gains, jnp.float32)
     opt_state = optimizer.init(gains)
-    for _ in range(iterations):
-        gains, opt_state, _ = update(gains, opt_state)
+    for iteration in range(iterations):
+        gains, opt_state, value = update(gains, opt_state)
+        if log is not None:
+            log(iteration, float(value))
     return FittedForecast(gains=gains, order=order, dtype=start.dtype, residual=residual)
