@@ -13,7 +13,8 @@ plus a few scalars per row, fixed in shape so it rides in the loop's carry:
   Hermite polynomials instead of powers, which damps long extrapolations.
 
 Order 0 is plain reuse of the last computed output. Rows keep their own ladders: a row that
-did not store this step keeps its state.
+did not store this step keeps its state. :class:`Ladder` is their common base;
+:class:`~jaxcache.FittedForecast` (:mod:`jaxcache.reuse.fitted`) is a third rule on it.
 """
 
 from __future__ import annotations
