@@ -152,7 +152,7 @@ def fit_forecast(
         nothing back until the end).
 
     Returns:
-      The fitted forecast; its ``gains`` are on the host's default device.
+      The fitted forecast (its ``gains`` a float32 device array).
 
     Raises:
       ValueError: for ``iterations < 1``, a non-positive learning rate, or settings the run
