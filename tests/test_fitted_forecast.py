@@ -193,6 +193,10 @@ def test_bad_settings_raise_before_compiling():
         jc.fit_forecast(plan, seg, noise, cond, iterations=0, **fit)
     with pytest.raises(ValueError, match="learning_rate"):
         jc.fit_forecast(plan, seg, noise, cond, learning_rate=0.0, **fit)
+    for policy in (jc.OnDevice(jc.IntervalPolicy(3)), jc.FirstBlockPolicy(0.1)):
+        with pytest.raises(ValueError, match="known before sampling"):
+            jc.fit_forecast(plan, seg, noise, cond, solver=SOLVER, num_steps=STEPS,
+                            policy=policy)
     with pytest.raises(ValueError, match="policy is None"):
         jc.fit_forecast(plan, seg, noise, cond, solver=SOLVER, num_steps=STEPS, policy=None)
     with pytest.raises(ValueError, match="initial has order=2"):

@@ -138,7 +138,9 @@ def fit_forecast(
       cond: its condition.
       solver: the solver to sample with.
       num_steps: the step count to sample with (the gains are per step).
-      policy: the refresh policy to sample with (the gains fit its schedule).
+      policy: the refresh policy to sample with, a schedule known before sampling
+        (:class:`~jaxcache.IntervalPolicy`, :class:`~jaxcache.StepMaskPolicy`): the gains fit
+        its refresh steps.
       order: 1 or 2.
       residual: forecast the body's residual instead of its output.
       uncond: the unconditional input for guidance (None: unguided).
@@ -155,8 +157,9 @@ def fit_forecast(
       The fitted forecast (its ``gains`` a float32 device array).
 
     Raises:
-      ValueError: for ``iterations < 1``, a non-positive learning rate, or settings the run
-        cannot honour (checked before anything compiles).
+      ValueError: for ``iterations < 1``, a non-positive learning rate, a policy that decides
+        on the device (signal-driven, :class:`~jaxcache.OnDevice`), or settings the run cannot
+        honour (checked before anything compiles).
     """
     import optax  # a declared dependency, loaded only when fitting
 
@@ -179,7 +182,13 @@ def fit_forecast(
     if policy is None:
         raise ValueError("fit_forecast: policy is None; give the policy you will sample with")
     schedule = policy.static_schedule(evaluations)
-    start.check(plan, evaluations, None if schedule is None else int(np.sum(schedule)))
+    if schedule is None:
+        raise ValueError(
+            f"fit_forecast needs a schedule known before sampling (IntervalPolicy, "
+            f"StepMaskPolicy), got {type(policy).__name__}: a loop that decides on the device "
+            "runs its body in a while_loop, which reverse-mode differentiation does not cross"
+        )
+    start.check(plan, evaluations, int(np.sum(schedule)))
 
     def run(policy, reuse):
         return sample(
