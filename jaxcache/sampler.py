@@ -91,6 +91,7 @@ def sample(
     uncond: PyTree = None,
     guidance_scale: float | None = None,
     key: jax.Array | None = None,
+    remat: bool = False,
 ) -> SampleResult:
     """Samples with the cached body of ``plan`` reused between refreshes, in one program.
 
@@ -113,6 +114,10 @@ def sample(
         (:class:`~jaxcache.DDPM`, :class:`~jaxcache.EulerAncestral`); traced, so a new seed
         reuses the compiled program. Evaluation ``i`` gets ``jax.random.fold_in(key, i)``.
         Solvers that draw no noise refuse it.
+      remat: for differentiating through sampling (:func:`~jaxcache.fit_forecast`): each step
+        of a schedule known before sampling is rematerialised in the backward pass, which then
+        keeps one step's activations at a time instead of every step's, for about one more
+        forward pass of compute. The samples are the same. Static.
 
     Returns:
       A :class:`SampleResult`.
@@ -128,7 +133,7 @@ def sample(
     """
     args = _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond,
                     guidance_scale, key)
-    return _program(plan)(*args)
+    return _program(plan)(*args, _check_remat(remat))
 
 
 def lower(
@@ -144,6 +149,7 @@ def lower(
     uncond: PyTree = None,
     guidance_scale: float | None = None,
     key: jax.Array | None = None,
+    remat: bool = False,
 ) -> jax.stages.Lowered:
     """The lowered (not yet compiled) program of :func:`sample` for these arguments.
 
@@ -153,7 +159,13 @@ def lower(
     """
     args = _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond,
                     guidance_scale, key)
-    return _program(plan).lower(*args)
+    return _program(plan).lower(*args, _check_remat(remat))
+
+
+def _check_remat(remat: Any) -> bool:
+    if not isinstance(remat, bool):
+        raise TypeError(f"remat must be a bool (static), got {remat!r}")
+    return remat
 
 
 def _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond, scale, key):
@@ -330,11 +342,12 @@ def _program(plan: CachePlan):
 
 @functools.lru_cache(maxsize=None)
 def _jitted_sample(options: tuple[tuple[str, Any], ...]):
-    return jax.jit(_sample, static_argnums=(0, 5, 6, 9), compiler_options=dict(options) or None)
+    return jax.jit(_sample, static_argnums=(0, 5, 6, 9, 11),
+                   compiler_options=dict(options) or None)
 
 
 def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse, guidance_scale,
-            key):
+            key, remat):
     guided = guidance_scale is not None
     batch = noise.shape[0]
     branches = 2 if guided else 1
@@ -380,7 +393,7 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse,
     mode = reuse if reuse is not None else OutputReuse()
     _, body_shape, _ = jax.eval_shape(head, start, jnp.zeros((), jnp.float32))
     state = mode.init(plan, body_shape, constant)
-    loop = _Loop(plan, params, mode, head, finish)
+    loop = _Loop(plan, params, mode, head, finish, remat)
 
     schedule = policy.static_schedule(steps)
     if schedule is not None:
@@ -409,9 +422,10 @@ class _Loop:
     ``finish`` returns.
     """
 
-    def __init__(self, plan, params, mode, head, finish):
+    def __init__(self, plan, params, mode, head, finish, remat=False):
         self.plan, self.params, self.mode = plan, params, mode
         self.head, self.finish = head, finish
+        self.remat = remat
 
     def body(self, h, ctx, state, position, rows):
         """Runs the body and stores it for ``rows`` (None: every row): ``(output, state)``."""
@@ -441,6 +455,9 @@ class _Loop:
             else:
                 h = self.mode.reuse(state, h, position)
             return self.finish(x, h, ctx, i, t, t_next), state
+
+        if self.remat:  # the backward pass recomputes each step from its carry
+            step = jax.checkpoint(step, static_argnums=(0,))
 
         def group(carry, group_xs):
             """One refresh step, then a scan of the reuse steps after it."""

@@ -206,3 +206,30 @@ def test_bad_settings_raise_before_compiling():
         jc.sample(plan, seg, noise, cond, solver=jc.FlowMatchHeun(), num_steps=4,
                   policy=jc.OnDevice(jc.IntervalPolicy(2)),
                   reuse=jc.FittedForecast(gains=jnp.ones((7, 1))))
+
+
+def test_remat_keeps_the_samples_and_the_gradient():
+    network, params = toy_networks.single_stream()
+    noise, cond, uncond = toy_networks.inputs(2)
+    plan = jc.CachePlan(network, 4)
+    seg = plan.split(params)
+
+    def total(gains, remat):
+        out = jc.sample(plan, seg, noise, cond, solver=SOLVER, num_steps=STEPS,
+                        policy=INTERVAL_3, reuse=jc.FittedForecast(gains=gains, order=2),
+                        uncond=uncond, guidance_scale=2.0, remat=remat)
+        return jnp.sum(jnp.square(out.sample))
+
+    gains = _gains(2)
+    np.testing.assert_array_equal(np.asarray(total(gains, True)), np.asarray(total(gains, False)))
+    grads = {r: jax.grad(total)(gains, r) for r in (False, True)}
+    np.testing.assert_allclose(grads[True], grads[False], rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(grads[True]))) > 0
+    # The rematerialised program recomputes the steps: its gradient holds checkpoint regions.
+    text = {r: str(jax.make_jaxpr(jax.grad(lambda g, r=r: total(g, r)))(gains))
+            for r in (False, True)}
+    assert "checkpoint" in text[True] or "remat" in text[True]
+    assert "checkpoint" not in text[False] and "remat" not in text[False]
+    with pytest.raises(TypeError, match="remat must be a bool"):
+        jc.sample(plan, seg, noise, cond, solver=SOLVER, num_steps=STEPS, policy=INTERVAL_3,
+                  remat=1)

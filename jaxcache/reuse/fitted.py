@@ -122,14 +122,16 @@ def fit_forecast(
     learning_rate: float = 0.05,
     initial: FittedForecast | None = None,
     log: Callable[[int, float], None] | None = None,
+    remat: bool = True,
 ) -> FittedForecast:
     """Fits a :class:`FittedForecast`'s gains to one model, schedule and step count.
 
     Samples ``noise`` uncached (the target, with the same plan refreshed every step) and then
     descends, with Adam, the mean squared error between the target and the sample under
     ``policy`` with the forecast, differentiating through the compiled loop. Fit on a few
-    dozen samples that are not the ones you evaluate on; the gradient keeps every step's
-    activations, so memory grows with the batch and the step count.
+    dozen samples that are not the ones you evaluate on. With ``remat`` (the default) the
+    backward pass recomputes each step from its carry, so it holds one step's activations at a
+    time; memory still grows with the batch.
 
     Args:
       plan: the cache plan to sample with.
@@ -152,6 +154,8 @@ def fit_forecast(
       log: called with ``(iteration, loss)`` after every Adam step, the loss being the mean
         squared error before that step (reading it back waits for the step; None reads
         nothing back until the end).
+      remat: rematerialise each step in the backward pass (:func:`~jaxcache.sample`'s
+        ``remat``); False keeps every step's activations, faster where they fit in memory.
 
     Returns:
       The fitted forecast (its ``gains`` a float32 device array).
@@ -190,17 +194,17 @@ def fit_forecast(
         )
     start.check(plan, evaluations, int(np.sum(schedule)))
 
-    def run(policy, reuse):
+    def run(policy, reuse, remat=False):
         return sample(
             plan, params, noise, cond, solver=solver, num_steps=num_steps, policy=policy,
-            reuse=reuse, uncond=uncond, guidance_scale=guidance_scale, key=key,
+            reuse=reuse, uncond=uncond, guidance_scale=guidance_scale, key=key, remat=remat,
         ).sample
 
     target = jax.lax.stop_gradient(run(IntervalPolicy(1), None))
 
     def loss(gains):
         reuse = FittedForecast(gains=gains, order=order, dtype=start.dtype, residual=residual)
-        error = run(policy, reuse).astype(jnp.float32) - target.astype(jnp.float32)
+        error = run(policy, reuse, remat).astype(jnp.float32) - target.astype(jnp.float32)
         return jnp.mean(jnp.square(error))
 
     optimizer = optax.adam(learning_rate)
