@@ -129,7 +129,7 @@ def test_digits_job_end_to_end(tmp_path, capsys):
 def test_digits_job_interval_one_is_identical(tmp_path, capsys):
     out = tmp_path / "o"
     assert _digits_main()(["--arch", "dit", "--interval", "1", "--per-class", "1",
-                           "--repeats", "1", "--out", str(out)]) == 0
+                           "--reuse", "taylor1", "--repeats", "1", "--out", str(out)]) == 0
     full, *cached = json.loads((out / "results.json").read_text())["results"]["dit"]
     for row in cached:
         assert row["psnr"] is None  # infinite: bitwise identical to full compute
