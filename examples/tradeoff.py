@@ -3,9 +3,9 @@
 For each model: full compute, fewer steps (the baseline), the interval schedule with plain reuse
 and every forecast (with --fitted, also the forecast whose per-step gains are fitted to the
 model on a batch of its own), and the signal-driven policies (First-Block, TeaCache, DBCache)
-with residual reuse and with the Taylor forecast at the same compute. Prints a markdown table per model (the
-one in BENCHMARKS.md), and writes ``tradeoff.json`` and ``tradeoff.png`` (PSNR against ideal
-speedup, the fewer-steps curve drawn in) to --out.
+with residual reuse and with the Taylor forecast at the same compute. Prints a markdown table
+per model (the one in BENCHMARKS.md), and writes ``tradeoff.json`` and ``tradeoff.png`` (PSNR
+against ideal speedup, the fewer-steps curve drawn in) to --out.
 
     python examples/tradeoff.py                       # both flow models, 500 digits each
     python examples/tradeoff.py --arch dit --per-class 8 --targets ""   # a quick look

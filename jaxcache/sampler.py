@@ -38,8 +38,7 @@ from jaxcache.plan import CachePlan, SegmentParams
 from jaxcache.policies.base import RefreshPolicy
 from jaxcache.policies.signals import signal_function
 from jaxcache.reuse.base import Position, ReuseMode, select_rows
-from jaxcache.reuse.fitted import FittedForecast
-from jaxcache.reuse.forecast import TaylorForecast
+from jaxcache.reuse.forecast import Ladder
 from jaxcache.reuse.output import OutputReuse
 from jaxcache.solvers import Solver
 
@@ -263,7 +262,7 @@ def _check_solver(solver: Solver, key) -> None:
 
 def _check_forecast_times(mode, solver, times, schedule) -> None:
     """A Taylor forecast divides by the time between stored steps: none may share a time."""
-    if not (isinstance(mode, (TaylorForecast, FittedForecast)) and mode.order >= 1):
+    if not (isinstance(mode, Ladder) and mode.divides_by_time and mode.order >= 1):
         return
     stored = np.asarray(times) if schedule is None else np.asarray(times)[np.asarray(schedule)]
     same = np.flatnonzero(np.diff(stored) == 0)

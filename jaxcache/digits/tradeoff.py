@@ -189,7 +189,7 @@ def fitted_settings(
         fitted = jc.fit_forecast(plan, seg, noise, cond, solver=solver, num_steps=num_steps,
                                  policy=policy, order=order, uncond=uncond,
                                  guidance_scale=guidance, iterations=iterations,
-                                 log=lambda i, loss: losses.append(loss))
+                                 log=lambda i, loss, losses=losses: losses.append(loss))
         log(f"fitted interval {k} on {len(labels)} digits in {time.perf_counter() - start:.0f} s"
             f" (mean squared error {losses[0]:.3g} -> {losses[-1]:.3g})")
         settings.append(Setting("interval", f"fitted{order}", num_steps, _full, policy, fitted,

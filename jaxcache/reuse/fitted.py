@@ -65,6 +65,7 @@ class FittedForecast(Ladder):
     order: int = 1
     dtype: Any = None
     residual: bool = False
+    divides_by_time = True
 
     def __post_init__(self):
         if isinstance(self.order, bool) or not isinstance(self.order, (int, np.integer)) or not (

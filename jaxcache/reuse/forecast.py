@@ -82,6 +82,10 @@ def newton_weights(state: ForecastState, s: jax.Array, order: int) -> list[jax.A
 class Ladder(ReuseMode):
     """The shared ladder of differences; subclasses say where a step is and how to expand."""
 
+    #: Whether positions are the solver's time: two stored evaluations at one time would then
+    #: divide by zero (the sampler refuses such runs before compiling).
+    divides_by_time: bool = False
+
     order: int
     dtype: Any
     residual: bool
@@ -193,6 +197,7 @@ class TaylorForecast(Ladder):
     order: int = 1
     dtype: Any = None
     residual: bool = False
+    divides_by_time = True
 
     def __post_init__(self):
         _check_order(self.order, "TaylorForecast")
