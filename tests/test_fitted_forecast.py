@@ -116,14 +116,7 @@ def test_each_step_scales_taylors_terms_by_its_gains(gains, values, step):
 
 def test_new_gains_do_not_recompile():
     network, params = toy_networks.single_stream()
-    traces = []
-
-    def layer(p, h, t):
-        traces.append(1)
-        return network.layer(p, h, t)
-
-    counted = jc.Network(network.condition, network.embed, layer, network.final,
-                         modulated_input=network.modulated_input)
+    counted, traces = toy_networks.trace_counted(network)
     outs = []
     for seed in range(3):
         outs.append(_run(jc.FittedForecast(gains=_gains(1, seed)), network=counted,

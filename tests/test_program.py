@@ -147,14 +147,7 @@ def test_program_size_does_not_grow_with_steps(policy, mode):
 )
 def test_new_thresholds_do_not_recompile(make):
     network, params = _network()
-    traces = []
-
-    def layer(p, h, t):
-        traces.append(1)
-        return network.layer(p, h, t)
-
-    counted = jc.Network(network.condition, network.embed, layer, network.final,
-                         modulated_input=network.modulated_input)
+    counted, traces = toy_networks.trace_counted(network)
     policy = make(0.1)
     plan = {"FirstBlockPolicy": jc.CachePlan.around(counted, DEPTH, first=1),
             "TeaCachePolicy": jc.CachePlan(counted, DEPTH),

@@ -109,6 +109,20 @@ def linen():
     return network, params
 
 
+def trace_counted(network):
+    """``network`` with a layer that counts its traces: ``(network, traces)``, a list that grows
+    by one each time JAX traces the layer (a recompile traces it again)."""
+    traces = []
+
+    def layer(p, h, t):
+        traces.append(1)
+        return network.layer(p, h, t)
+
+    counted = jc.Network(network.condition, network.embed, layer, network.final,
+                         modulated_input=network.modulated_input)
+    return counted, traces
+
+
 def inputs(batch=3, seed=3):
     k1, k2 = jax.random.split(jax.random.key(seed))
     noise = jax.random.normal(k1, (batch, D))
