@@ -25,6 +25,7 @@ The public API (the core; it imports nothing from :mod:`jaxcache.models`,
 
 from jaxcache.linen import from_linen
 from jaxcache.network import (
+    Blocks,
     Network,
     NetworkParams,
     ParityError,
@@ -62,11 +63,14 @@ from jaxcache.solvers import (
     FlowMatchHeun,
     Solver,
 )
+from jaxcache.stack import BlockKind, Segments
 from jaxcache.step_cache import StepCache, should_refresh
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "BlockKind",
+    "Blocks",
     "DDIM",
     "DDPM",
     "CachePlan",
@@ -89,6 +93,7 @@ __all__ = [
     "ReuseMode",
     "SampleResult",
     "SegmentParams",
+    "Segments",
     "Solver",
     "StepCache",
     "StepMaskPolicy",

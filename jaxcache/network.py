@@ -18,7 +18,6 @@ before its ``embed`` sees it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -29,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from jaxcache._checks import check_int
-from jaxcache.stack import run_layers, stack_length
+from jaxcache.stack import BlockKind, Segments, as_kinds, run_layers, stack_length
 
 PyTree = Any
 
@@ -168,6 +167,116 @@ class NetworkParams(NamedTuple):
     final: PyTree
 
 
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """One list of blocks of a model as written, for a model with several kinds of block.
+
+    FLUX is 19 double-stream blocks then 38 single-stream blocks; its port keeps them in two
+    lists. Give :func:`from_nnx` / :func:`jaxcache.from_linen` one ``Blocks`` per list, in
+    the order ``__call__`` runs them::
+
+        blocks=[jaxcache.Blocks("double_blocks"),
+                jaxcache.Blocks("single_blocks", layer=single, enter=join, leave=split)]
+
+    Layer indices then run across the lists (double blocks 0-18, single blocks 19-56), and a
+    cache plan may span the boundary.
+
+    Attributes:
+      path: where the blocks are. NNX: an attribute or dotted path (``"double_blocks"``,
+        ``"transformer.blocks"``) holding a list, an ``nnx.Sequential`` or one stacked
+        (``nnx.vmap``) module; or a list of such paths, one block each. Linen: the blocks'
+        name prefix (``"DoubleBlock"`` matches ``DoubleBlock_0, DoubleBlock_1, ...``), the
+        name of an ``nn.scan`` stack, or a list of names.
+      layer: ``layer(block, state, ctx) -> state``: how ``__call__`` calls one block of this
+        list; default the ``layer=`` given to the adapter, else ``block(state, ctx)``.
+      enter: ``enter(h, ctx) -> state``: the hidden state as the previous list left it, in
+        this list's form (FLUX's single blocks: the ``(image, text)`` pair concatenated into
+        one token sequence). None: the same form.
+      leave: ``leave(state, h, ctx) -> h``: back to the first list's form (split the tokens
+        again; ``h`` is the value the list entered with, for its shapes). Required with
+        ``enter``.
+      name: a label for messages (default: the path).
+    """
+
+    path: str | tuple[str, ...]
+    layer: Callable[..., PyTree] | None = None
+    enter: Callable[[PyTree, PyTree], PyTree] | None = None
+    leave: Callable[[PyTree, PyTree, PyTree], PyTree] | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        path = self.path
+        if isinstance(path, (list, tuple)):
+            if not path or not all(isinstance(p, str) for p in path):
+                raise ValueError(f"Blocks.path must be a name or a list of names, got {path!r}")
+            object.__setattr__(self, "path", tuple(path))
+        elif not isinstance(path, str) or not path:
+            raise ValueError(f"Blocks.path must be a name or a list of names, got {path!r}")
+        BlockKind(_default_layer, self.enter, self.leave, self.label)  # checks enter/leave
+
+    @property
+    def label(self) -> str:
+        """The name in messages."""
+        if self.name:
+            return self.name
+        return self.path if isinstance(self.path, str) else f"{self.path[0]}..."
+
+
+def as_block_lists(blocks: Any, where: str) -> list[Blocks] | None:
+    """``blocks`` as a list of :class:`Blocks` when it names several kinds, else None."""
+    if isinstance(blocks, Blocks):
+        return [blocks]
+    if isinstance(blocks, (list, tuple)) and blocks and any(isinstance(b, Blocks) for b in blocks):
+        if not all(isinstance(b, Blocks) for b in blocks):
+            raise TypeError(
+                f"{where}: blocks= mixes jaxcache.Blocks with plain names; give every list of "
+                "blocks as a Blocks (e.g. [Blocks('double_blocks'), Blocks('single_blocks', "
+                "...)])"
+            )
+        return list(blocks)
+    return None
+
+
+def _layer_field(kinds: tuple[BlockKind, ...]):
+    """What ``Network.layer`` takes: a plain function for one kind that needs no conversion."""
+    if len(kinds) == 1 and kinds[0].enter is None:
+        return kinds[0].layer
+    return kinds
+
+
+def hashable_key(key: tuple) -> tuple | None:
+    """``key`` if it can be hashed (to share one Network between equal models), else None.
+
+    A model may keep unhashable settings (a list of RoPE axes, a config object): it then gets
+    a Network of its own per call, and the sampler compiles once per Network.
+    """
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+class NetworkCache:
+    """A small memo of Networks by model structure (oldest dropped past ``size``)."""
+
+    def __init__(self, size: int = 128):
+        self._entries: dict[tuple, Network] = {}
+        self._size = size
+
+    def get(self, key: tuple | None, build: Callable[[], Network]) -> Network:
+        """The Network stored under ``key``, built and stored if missing (``None``: not kept)."""
+        if key is None:
+            return build()
+        network = self._entries.get(key)
+        if network is None:
+            network = build()
+            if len(self._entries) >= self._size:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[key] = network
+        return network
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Network:
     """A diffusion transformer cut into the pieces a cache plan needs.
@@ -186,13 +295,19 @@ class Network:
         conditioning vector, masks). After construction this attribute takes the solver's ``t``
         and converts it (so the plan and any loop call it with solver times).
       layer: ``layer(layer_params, h, ctx) -> h``. One block; ``layer_params`` is one slice of
-        ``params.layers`` along its leading axis.
+        ``params.layers`` along its leading axis. For a network of several kinds of block
+        (FLUX: double-stream then single-stream blocks), a tuple of
+        :class:`~jaxcache.BlockKind`, one per kind, each with its own layer function and the
+        conversion of ``h`` into and out of its blocks' form; ``params.layers`` is then a
+        :class:`~jaxcache.Segments` saying which layers are of which kind. After construction,
+        :attr:`kinds` holds the kinds either way.
       final: ``final(params.final, h, ctx) -> prediction`` with the shape of ``x``.
       dual_stream: whether ``h`` is an ``(image, text)`` pair (cached in slot streams 1 and 2).
       modulated_input: optional ``modulated_input(layer_params, h, ctx) -> array``: a layer's
         input after its timestep modulation (adaLN shift and scale of the attention branch, on
-        the image stream). TeaCache reads it from the first layer; networks without it cannot
-        use TeaCache.
+        the image stream). TeaCache reads it from the first layer (``h`` is the embedding's
+        output, ``layer_params`` the first layer's, of the first kind); networks without it
+        cannot use TeaCache.
       time: the :class:`TimeConvention` the model reads; None: continuous ``t`` in ``[0, 1]``,
         or, for an ``embed`` taken from another Network, that network's convention. Set it once
         here (or in :func:`from_nnx` / :func:`jaxcache.from_linen`); the sampler checks the
@@ -219,7 +334,7 @@ class Network:
 
     condition: Callable[[PyTree, PyTree], PyTree]
     embed: Callable[[PyTree, jax.Array, jax.Array, PyTree], tuple[PyTree, PyTree]]
-    layer: Callable[[PyTree, PyTree, PyTree], PyTree]
+    layer: Callable[[PyTree, PyTree, PyTree], PyTree] | tuple[BlockKind, ...]
     final: Callable[[PyTree, PyTree, PyTree], jax.Array]
     dual_stream: bool = False
     modulated_input: Callable[[PyTree, PyTree, PyTree], jax.Array] | None = None
@@ -234,6 +349,19 @@ class Network:
                 f"Network.layer_unroll must be True, False or an int >= 1, got {unroll!r}"
             )
         object.__setattr__(self, "compiler_options", _option_pairs(self.compiler_options))
+        if isinstance(self.layer, (list, tuple, BlockKind)):
+            kinds = as_kinds(self.layer)
+            if not kinds or not all(isinstance(k, BlockKind) for k in kinds):
+                raise TypeError(
+                    "Network.layer must be a layer function or a non-empty tuple of "
+                    f"jaxcache.BlockKind (one per kind of block), got {self.layer!r}"
+                )
+            object.__setattr__(self, "layer", kinds)
+            object.__setattr__(self, "_kinds", kinds)
+        elif callable(self.layer):
+            object.__setattr__(self, "_kinds", (BlockKind(self.layer),))
+        else:
+            raise TypeError(f"Network.layer must be callable, got {self.layer!r}")
         # An embed that already converts (from another Network) is unwrapped, so a rebuilt or
         # replaced Network converts exactly once.
         raw, inherited = getattr(self.embed, "jaxcache_time", (self.embed, None))
@@ -246,11 +374,39 @@ class Network:
         object.__setattr__(self, "time", time)
         object.__setattr__(self, "embed", _timed(raw, time))
 
+    @property
+    def kinds(self) -> tuple[BlockKind, ...]:
+        """The network's kinds of block (one for a uniform stack)."""
+        return self._kinds
+
+    def check_layers(self, layers: PyTree) -> None:
+        """Raises a ValueError unless ``layers`` fits the network's kinds of block.
+
+        A network of one kind takes one stack (or a :class:`~jaxcache.Segments` of kind 0);
+        a network of several kinds takes a :class:`~jaxcache.Segments` whose kind indices
+        are its own.
+        """
+        count = len(self.kinds)
+        if isinstance(layers, Segments):
+            bad = [k for k in layers.kinds if not 0 <= k < count]
+            if bad:
+                raise ValueError(
+                    f"params.layers has pieces of block kinds {bad}, but the network has "
+                    f"{count} kind(s), numbered 0..{count - 1}"
+                )
+        elif count > 1:
+            raise ValueError(
+                f"the network has {count} kinds of block, so params.layers must be a "
+                "jaxcache.Segments (one stacked piece per run of one kind, with its kind "
+                f"index), got {type(layers).__name__}"
+            )
+
     def __call__(self, params: NetworkParams, x: jax.Array, t: jax.Array, cond: PyTree):
         """The plain, uncached forward pass (for checks and training)."""
+        self.check_layers(params.layers)
         constant = self.condition(params.condition, cond)
         h, ctx = self.embed(params.embed, x, t, constant)
-        h = run_layers(self.layer, params.layers, h, ctx, unroll=self.layer_unroll)
+        h = run_layers(self.kinds, params.layers, h, ctx, unroll=self.layer_unroll)
         return self.final(params.final, h, ctx)
 
 
@@ -430,21 +586,35 @@ def _apply(graphdef: nnx.GraphDef, method: str = "__call__") -> Callable[..., An
     return apply
 
 
-@functools.lru_cache(maxsize=128)
+_PROTOCOL_CACHE = NetworkCache()
+
+
 def _network_for(
     graphdefs: tuple[nnx.GraphDef, ...],
+    block_defs: tuple[nnx.GraphDef, ...],
+    block_types: tuple[type, ...],
     dual_stream: bool,
     has_modulated_input: bool,
     time: TimeConvention | None = None,
 ) -> "Network":
     # One Network per model structure: the sampler compiles once per Network object, so models
     # of the same structure (a reloaded checkpoint, new weights) reuse the compiled program.
-    condition, embed, layer, final = (_apply(g) for g in graphdefs)
-    modulated = _apply(graphdefs[2], "modulated_input") if has_modulated_input else None
-    return Network(
-        condition, embed, layer, final, dual_stream=dual_stream, modulated_input=modulated,
-        time=time,
-    )
+    def build():
+        condition, embed, final = (_apply(g) for g in graphdefs)
+        kinds = tuple(
+            BlockKind(_apply(g), getattr(cls, "enter", None), getattr(cls, "leave", None),
+                      cls.__name__)
+            for g, cls in zip(block_defs, block_types)
+        )
+        modulated = _apply(block_defs[0], "modulated_input") if has_modulated_input else None
+        return Network(
+            condition, embed, _layer_field(kinds), final,
+            dual_stream=dual_stream, modulated_input=modulated, time=time,
+        )
+
+    key = hashable_key((graphdefs, block_defs, block_types, dual_stream, has_modulated_input,
+                        time))
+    return _PROTOCOL_CACHE.get(key, build)
 
 
 def _stack_problem(state: PyTree) -> str | None:
@@ -470,7 +640,7 @@ def _how_to_stack(owner: str) -> str:
 def from_nnx(
     model: nnx.Module,
     *,
-    blocks: str | Sequence[str] | None = None,
+    blocks: str | Sequence[str] | Blocks | Sequence[Blocks] | None = None,
     embed: Callable[..., tuple[PyTree, PyTree]] | None = None,
     final: Callable[..., jax.Array] | None = None,
     condition: Callable[..., PyTree] | None = None,
@@ -494,8 +664,13 @@ def from_nnx(
     that defines ``modulated_input(h, ctx)`` (its timestep-modulated input) supports TeaCache.
 
     **A model as written** (``from_nnx(model, blocks=..., embed=..., final=..., time=...)``):
-    the blocks are a list (``nnx.List``, a list attribute, or attributes named in ``blocks``)
-    or one ``nnx.vmap`` stack, and the rest lives inline in ``__call__``. Small functions say
+    the blocks are a list (``nnx.List``, a list attribute, an ``nnx.Sequential``, or attributes
+    named in ``blocks``) or one ``nnx.vmap`` stack, and the rest lives inline in ``__call__``.
+    Paths may be dotted (``"transformer.double_blocks"``; ``"blocks.layers"`` reaches the list
+    inside an ``nnx.Sequential``, which ``"blocks"`` alone also does). A model with several
+    lists of blocks of different kinds (FLUX: ``double_blocks`` then ``single_blocks``) gives
+    one :class:`Blocks` per list, each with its own ``layer`` and, where its blocks work on
+    another form of ``h``, ``enter`` / ``leave``; layer indices then run across the lists. Small functions say
     what ``__call__`` does around the blocks; each receives the model itself (rebuilt from its
     parameters, blocks left out), so it reads submodules, parameters and settings by name:
 
@@ -512,8 +687,9 @@ def from_nnx(
 
     Args:
       model: the NNX model.
-      blocks: the attribute holding the blocks (a list, or a stacked module), or a list of
-        attribute names, one block each, in layer order.
+      blocks: the attribute holding the blocks (a list, an ``nnx.Sequential`` or a stacked
+        module; a dotted path reaches inside submodules), or a list of attribute names, one
+        block each, in layer order; or a list of :class:`Blocks`, one per kind of block.
       embed: see above (with ``blocks``).
       final: see above (with ``blocks``).
       condition: see above (with ``blocks``).
@@ -547,43 +723,58 @@ def from_nnx(
         raise TypeError(f"from_nnx: {extra} describe a model as written and need blocks=")
     if time is not None and not isinstance(time, TimeConvention):
         raise TypeError(f"time must be a jaxcache.TimeConvention, got {time!r}")
-    pieces = ("condition_encoder", "embedder", "blocks", "final_layer")
+    pieces = ("condition_encoder", "embedder", "final_layer")
     name = type(model).__name__
-    if isinstance(getattr(model, "blocks", None), (nnx.List, list, tuple)):
-        raise TypeError(
-            f"{name}.blocks is a list of {len(model.blocks)} blocks; from_nnx(model) needs one "
-            "block module whose parameters are stacked on a leading layer axis. "
-            + _how_to_stack("blocks")
-        )
-    missing = [p for p in pieces if not isinstance(getattr(model, p, None), nnx.Module)]
+    stacks = tuple(getattr(model, "block_stacks", ("blocks",)))
+    for attribute in stacks:
+        if isinstance(getattr(model, attribute, None), (nnx.List, list, tuple)):
+            value = getattr(model, attribute)
+            raise TypeError(
+                f"{name}.{attribute} is a list of {len(value)} blocks; from_nnx(model) needs one "
+                "block module whose parameters are stacked on a leading layer axis. "
+                + _how_to_stack(attribute)
+            )
+    wanted = ("condition_encoder", "embedder", *stacks, "final_layer")
+    missing = [p for p in wanted if not isinstance(getattr(model, p, None), nnx.Module)]
     if missing:
         raise TypeError(
-            f"from_nnx needs the NNX submodules {pieces}; {name} lacks {missing} (or pass "
-            "blocks=, embed=, final= and time= for a model whose other parts live in __call__)"
+            f"from_nnx needs the NNX submodules {wanted}; {name} lacks {missing} "
+            "(or pass blocks=, embed=, final= and time= for a model whose other parts live in "
+            "__call__)"
         )
     graphdefs, states = zip(*(nnx.split(getattr(model, p)) for p in pieces))
-    problem = _stack_problem(states[2])
-    if problem is not None:
-        raise TypeError(
-            f"{name}.blocks is not a stack of blocks: {problem}. " + _how_to_stack("blocks")
-        )
+    block_defs, block_states = zip(*(nnx.split(getattr(model, p)) for p in stacks))
+    for attribute, state in zip(stacks, block_states):
+        problem = _stack_problem(state)
+        if problem is not None:
+            raise TypeError(
+                f"{name}.{attribute} is not a stack of blocks: {problem}. "
+                + _how_to_stack(attribute)
+            )
+    first_blocks = getattr(model, stacks[0])
     network = _network_for(
         tuple(graphdefs),
+        tuple(block_defs),
+        tuple(type(getattr(model, p)) for p in stacks),
         dual_stream,
-        callable(getattr(model.blocks, "modulated_input", None)),
+        callable(getattr(first_blocks, "modulated_input", None)),
         time,
     )
-    params = NetworkParams(*states)
-    return network, params
+    layers = block_states[0] if len(stacks) == 1 else Segments(block_states, range(len(stacks)))
+    condition, embed, final = states
+    return network, NetworkParams(condition, embed, layers, final)
 
 
 # ----------------------------------------------------------------- an NNX model as written
-_PARTS_CACHE: dict[tuple, Network] = {}
+_PARTS_CACHE = NetworkCache()
 
 
 def _attribute(model: nnx.Module, dotted: str):
     value = model
     for part in dotted.split("."):
+        if isinstance(value, (nnx.List, list, tuple)) and part.isdigit():
+            value = value[int(part)]
+            continue
         if not hasattr(value, part):
             raise ValueError(
                 f"blocks={dotted!r}: {type(model).__name__} has no attribute {dotted!r} "
@@ -591,6 +782,10 @@ def _attribute(model: nnx.Module, dotted: str):
             )
         value = getattr(value, part)
     return value
+
+
+def _path_of(dotted: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in dotted.split("."))
 
 
 def _submodule_names(model: nnx.Module) -> list[str]:
@@ -601,7 +796,9 @@ def _nnx_blocks(model: nnx.Module, blocks: str | Sequence[str]):
     """``(paths, modules, stacked)``: the blocks' state paths and modules, in layer order."""
     if isinstance(blocks, str):
         value = _attribute(model, blocks)
-        prefix = tuple(blocks.split("."))
+        prefix = _path_of(blocks)
+        if isinstance(value, nnx.Sequential):  # its blocks are the list value.layers
+            value, prefix = value.layers, (*prefix, "layers")
         if isinstance(value, (nnx.List, list, tuple)):
             if not len(value):
                 raise ValueError(f"blocks={blocks!r} is an empty list")
@@ -610,14 +807,42 @@ def _nnx_blocks(model: nnx.Module, blocks: str | Sequence[str]):
         if isinstance(value, nnx.Module):
             return [prefix], [value], True
         raise ValueError(
-            f"blocks={blocks!r} is a {type(value).__name__}, not a list of NNX blocks or a "
-            "stacked block module"
+            f"blocks={blocks!r} is a {type(value).__name__}, not a list of NNX blocks, an "
+            "nnx.Sequential or a stacked (nnx.vmap) block module"
         )
     names = list(blocks)
     if not names or not all(isinstance(n, str) for n in names):
         raise ValueError(f"blocks must be an attribute name or a list of names, got {blocks!r}")
     modules = [_attribute(model, n) for n in names]
-    return [tuple(n.split(".")) for n in names], modules, False
+    return [_path_of(n) for n in names], modules, False
+
+
+def _nnx_group(model, group: Blocks):
+    """One list of blocks: ``(paths, block graphdef, stacked parameters)``."""
+    paths, modules, stacked = _nnx_blocks(model, group.path)
+    labels = [".".join(str(p) for p in path) for path in paths]
+    splits = [nnx.split(m) for m in modules]
+    block_def = splits[0][0]
+    for label, (graphdef, _) in zip(labels[1:], splits[1:]):
+        if graphdef != block_def:
+            raise ValueError(
+                f"blocks {labels[0]} and {label} differ in structure or settings; only blocks "
+                "of one kind can share a list (the body scans one block over all of them). "
+                "For a model with several kinds of block, give one jaxcache.Blocks per list: "
+                "blocks=[Blocks('double_blocks'), Blocks('single_blocks', ...)]"
+            )
+    if stacked:
+        layers = splits[0][1]
+        problem = _stack_problem(layers)
+        if problem is not None:
+            raise TypeError(
+                f"{labels[0]} is one block, not a stack: {problem}. Pass the attribute holding "
+                "the list of blocks (a list, nnx.List or nnx.Sequential), or a stack built "
+                "with nnx.vmap"
+            )
+    else:
+        layers = stack_trees([state for _, state in splits], labels)
+    return paths, block_def, layers
 
 
 def _from_nnx_parts(model, blocks, given, time, dual_stream):
@@ -626,67 +851,61 @@ def _from_nnx_parts(model, blocks, given, time, dual_stream):
             "from_nnx(model, blocks=...) needs embed=(model, x, t, constant) -> (h, ctx) and "
             "final=(model, h, ctx) -> prediction: the parts of __call__ around the blocks"
         )
-    paths, modules, stacked = _nnx_blocks(model, blocks)
-    labels = [".".join(str(p) for p in path) for path in paths]
-    splits = [nnx.split(m) for m in modules]
-    block_def = splits[0][0]
-    for label, (graphdef, _) in zip(labels[1:], splits[1:]):
-        if graphdef != block_def:
-            raise ValueError(
-                f"blocks {labels[0]} and {label} differ in structure or settings; only blocks "
-                "of one kind can share a stack (the body scans one block over all of them)"
-            )
-    if stacked:
-        layers = splits[0][1]
-        problem = _stack_problem(layers)
-        if problem is not None:
-            raise TypeError(f"{labels[0]} is one block, not a stack: {problem}. Pass a list")
-    else:
-        layers = stack_trees([state for _, state in splits], labels)
+    groups = as_block_lists(blocks, "from_nnx") or [Blocks(blocks)]
+    found = [_nnx_group(model, group) for group in groups]
+    all_paths = [path for paths, _, _ in found for path in paths]
 
     def is_block(path, value):
-        return any(tuple(path[: len(p)]) == p for p in paths)
+        return any(tuple(path[: len(p)]) == p for p in all_paths)
 
     graphdef, block_state, rest = nnx.split(model, is_block, ...)
     signature = tuple(
         (jax.tree_util.keystr(k), np.shape(a), str(a.dtype))
         for k, a in jax.tree_util.tree_flatten_with_path(block_state)[0]
     )
+    block_defs = tuple(block_def for _, block_def, _ in found)
     fns = tuple(given[k] for k in ("embed", "final", "condition", "layer", "modulated_input"))
-    key = (graphdef, block_def, signature, fns, time, dual_stream)
-    network = _PARTS_CACHE.get(key)
-    if network is None:
+    key = hashable_key((graphdef, block_defs, signature, fns, tuple(groups), time, dual_stream))
+
+    def build():
         placeholder = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
                                    block_state)
-        network = _nnx_parts_network(graphdef, placeholder, block_def, *fns, time, dual_stream)
-        if len(_PARTS_CACHE) >= 128:
-            _PARTS_CACHE.pop(next(iter(_PARTS_CACHE)))
-        _PARTS_CACHE[key] = network
+        return _nnx_parts_network(graphdef, placeholder, block_defs, groups, *fns, time,
+                                  dual_stream)
+
+    network = _PARTS_CACHE.get(key, build)
+    stacks = [layers for _, _, layers in found]
+    layers = stacks[0] if len(stacks) == 1 else Segments(stacks, range(len(stacks)))
     return network, NetworkParams(rest, rest, layers, rest)
 
 
-def _nnx_parts_network(graphdef, placeholder, block_def, embed, final, condition, layer,
-                       modulated_input, time, dual_stream) -> Network:
+def _nnx_parts_network(graphdef, placeholder, block_defs, groups, embed, final, condition,
+                       layer, modulated_input, time, dual_stream) -> Network:
     condition = condition or _identity_condition
-    layer = layer or _default_layer
 
     def model_of(rest):
         # The blocks' slots hold shapes only: the pieces around the blocks never read them.
         return nnx.merge(graphdef, placeholder, rest)
 
-    def block_of(layer_state):
-        return nnx.merge(block_def, layer_state)
+    def kind(block_def, group):
+        call = group.layer or layer or _default_layer
 
+        def run(layer_state, h, ctx):
+            return call(nnx.merge(block_def, layer_state), h, ctx)
+
+        return BlockKind(run, group.enter, group.leave, group.label)
+
+    kinds = tuple(kind(d, g) for d, g in zip(block_defs, groups))
     modulated = None
     if modulated_input is not None:
 
         def modulated(layer_state, h, ctx):
-            return modulated_input(block_of(layer_state), h, ctx)
+            return modulated_input(nnx.merge(block_defs[0], layer_state), h, ctx)
 
     return Network(
         condition=lambda rest, cond: condition(model_of(rest), cond),
         embed=lambda rest, x, t, constant: embed(model_of(rest), x, t, constant),
-        layer=lambda layer_state, h, ctx: layer(block_of(layer_state), h, ctx),
+        layer=_layer_field(kinds),
         final=lambda rest, h, ctx: final(model_of(rest), h, ctx),
         dual_stream=dual_stream,
         modulated_input=modulated,

@@ -11,6 +11,10 @@ The reference (Z-Image caches its first 15 of 30 layers) is ``F = 0``; DBCache's
 57-layer FLUX is ``F = 8, n = 49``; First-Block Cache is ``F = 1, n = N - 1``. Parameters are
 split per segment once, before the loop (:meth:`CachePlan.split`): slicing a stacked parameter
 array inside the loop body would copy weights every step.
+
+Layer indices run across a network's kinds of block (FLUX's 19 double-stream blocks are layers
+0-18, its 38 single-stream blocks 19-56), so First-Block Cache on FLUX is ``F = 1, n = 56``
+and any segment may span the boundary between kinds.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import jax
 
 from jaxcache._checks import check_int
 from jaxcache.network import Network, NetworkParams, num_layers
-from jaxcache.stack import LayerList, Observer, run_layers, stack_length
+from jaxcache.stack import LayerList, Observer, Segments, run_layers, stack_length
 
 PyTree = Any
 
@@ -73,6 +77,8 @@ class CachePlan:
         if not isinstance(self.network, Network):
             got = type(self.network).__name__
             raise TypeError(f"network must be a jaxcache Network, got {got}")
+        if isinstance(self.network, type) or isinstance(self.cached_layers, Network):
+            raise TypeError("CachePlan(network, cached_layers, first_layers): network first")
         check_int(self.cached_layers, "cached_layers", minimum=0)
         check_int(self.first_layers, "first_layers", minimum=0)
 
@@ -117,6 +123,8 @@ class CachePlan:
         Call it once, eagerly, and pass the result to the sampler. With
         ``network.layer_unroll=True`` each segment is a :class:`~jaxcache.stack.LayerList`
         (one array per layer, run in straight-line code): no weight slicing inside the program.
+        For a network of several kinds of block each segment is a :class:`~jaxcache.Segments`
+        of the pieces it covers (a segment may span the boundary between kinds).
 
         Args:
           params: the network's parameters.
@@ -125,8 +133,14 @@ class CachePlan:
             device). ``params.layers`` (and any model sharing its arrays) is unusable after.
 
         Raises:
-          ValueError: if the head and body need more layers than the network has.
+          ValueError: if the head and body need more layers than the network has, or the
+            layers do not fit the network's kinds of block.
         """
+        if not isinstance(params, NetworkParams):
+            raise TypeError(
+                f"plan.split takes the network's NetworkParams, got {type(params).__name__}"
+            )
+        self.network.check_layers(params.layers)
         total = num_layers(params)
         start, stop = self.body_start, self.body_stop
         if stop > total:
@@ -134,35 +148,34 @@ class CachePlan:
                 f"first_layers={start} + cached_layers={self.cached_layers} exceeds the "
                 f"network's {total} layers"
             )
-        leaves, treedef = jax.tree.flatten(params.layers)
+        ranges = ((0, start), (start, stop), (stop, total))
         unstacked = self.network.layer_unroll is True
-        head, body, tail = [], [], []
-        for leaf in leaves:
-            parts = (leaf[:start], leaf[start:stop], leaf[stop:])
-            if unstacked:  # one array per layer (the segment slices are temporaries)
-                parts = tuple([part[i] for i in range(part.shape[0])] for part in parts)
-            for segment, part in zip((head, body, tail), parts):
-                segment.append(part)
-            # A slice that spans the whole stack may be the stack itself: keep it then.
-            if donate and isinstance(leaf, jax.Array) and all(p is not leaf for p in parts):
-                leaf.delete()
-
-        def rebuild(segment):
-            if not unstacked:
-                return jax.tree.unflatten(treedef, segment)
-            count = len(segment[0]) if segment else 0
-            return LayerList(
-                jax.tree.unflatten(treedef, [per_layer[i] for per_layer in segment])
-                for i in range(count)
+        if isinstance(params.layers, Segments):
+            segments = params.layers
+            head, body, tail = (
+                segments.slice(a, b, lambda piece, lo, hi: _cut(piece, lo, hi, unstacked))
+                for a, b in ranges
             )
-
+            if donate:
+                kept = {id(x) for part in (head, body, tail) for x in jax.tree.leaves(part)}
+                for leaf in jax.tree.leaves(segments):
+                    if isinstance(leaf, jax.Array) and id(leaf) not in kept:
+                        leaf.delete()
+        else:
+            head, body, tail = (_cut(params.layers, a, b, unstacked) for a, b in ranges)
+            if donate:
+                kept = {id(x) for part in (head, body, tail) for x in jax.tree.leaves(part)}
+                for leaf in jax.tree.leaves(params.layers):
+                    # A slice that spans the whole stack may be the stack itself: keep it then.
+                    if isinstance(leaf, jax.Array) and id(leaf) not in kept:
+                        leaf.delete()
         return SegmentParams(
             condition=params.condition,
             embed=params.embed,
-            body=rebuild(body),
-            tail=rebuild(tail),
+            body=body,
+            tail=tail,
             final=params.final,
-            head=rebuild(head),
+            head=head,
         )
 
     @staticmethod
@@ -201,7 +214,7 @@ class CachePlan:
           layers (the body's input) and the per-step context.
         """
         embedded, ctx = self.network.embed(params.embed, x, t, constant)
-        h = run_layers(self.network.layer, params.head, embedded, ctx,
+        h = run_layers(self.network.kinds, params.head, embedded, ctx,
                        unroll=self.network.layer_unroll)
         return embedded, h, ctx
 
@@ -216,13 +229,13 @@ class CachePlan:
     ) -> PyTree:
         """The body's layers (see :func:`jaxcache.stack.run_layers` for ``observe``)."""
         return run_layers(
-            self.network.layer, params.body, h, ctx, observe=observe, state=state,
+            self.network.kinds, params.body, h, ctx, observe=observe, state=state,
             unroll=self.network.layer_unroll,
         )
 
     def run_tail(self, params: SegmentParams, h: PyTree, ctx: PyTree) -> jax.Array:
         """The tail layers and the final projection: the network's prediction."""
-        h = run_layers(self.network.layer, params.tail, h, ctx, unroll=self.network.layer_unroll)
+        h = run_layers(self.network.kinds, params.tail, h, ctx, unroll=self.network.layer_unroll)
         return self.network.final(params.final, h, ctx)
 
     def streams(self, h: PyTree) -> tuple[PyTree, PyTree]:
@@ -235,3 +248,16 @@ class CachePlan:
     def join(self, value1: PyTree, value2: PyTree) -> PyTree:
         """The inverse of :meth:`streams`."""
         return (value1, value2) if self.network.dual_stream else value1
+
+
+def _cut(stack: PyTree, start: int, stop: int, unstacked: bool) -> PyTree:
+    """Layers ``[start, stop)`` of one kind's stack; one array per layer when ``unstacked``."""
+    if isinstance(stack, LayerList):
+        return LayerList(stack.layers[start:stop])
+    leaves, treedef = jax.tree.flatten(stack)
+    parts = [leaf[start:stop] for leaf in leaves]
+    if not unstacked:
+        return jax.tree.unflatten(treedef, parts)
+    return LayerList(
+        jax.tree.unflatten(treedef, [part[i] for part in parts]) for i in range(stop - start)
+    )

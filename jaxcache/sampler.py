@@ -41,6 +41,7 @@ from jaxcache.reuse.base import Position, ReuseMode, select_rows
 from jaxcache.reuse.forecast import Ladder
 from jaxcache.reuse.output import OutputReuse
 from jaxcache.solvers import Solver
+from jaxcache.work import network_work
 
 PyTree = Any
 
@@ -56,13 +57,20 @@ class SampleResult(NamedTuple):
     Attributes:
       sample: the final sample, shaped like the noise.
       refreshed: ``[evaluations]`` bool, the steps whose cached body ran (for any row).
-      layers_computed: ``[evaluations, num_layers]`` bool, which layer ran at which step.
+      layers_computed: ``[evaluations, num_layers]`` bool, which layer ran at which step:
+        every layer of the network, the head's and the tail's included.
       caches: the reuse mode's final state for each guidance branch (conditional first, then
         unconditional): a :class:`~jaxcache.StepCache` for :class:`~jaxcache.OutputReuse`.
         None when sampling uncached.
       body_computed: ``[evaluations, branches, batch]`` bool: whether each sample's body output
         at each step was computed (True) or came from the reuse mode (False), per guidance
         branch.
+      flops: the matrix FLOPs the run computed (float32 scalar): the condition path once, the
+        embedding and final projection at every evaluation, and each layer each time it ran,
+        weighed by its own cost (FLUX's single-stream blocks cost less than its double-stream
+        ones). Counted on the traced pieces (:mod:`jaxcache.work`); NaN for a network whose
+        pieces hold a ``while`` loop (its trip count is unknown).
+      uncached_flops: the same for the run without caching.
     """
 
     sample: jax.Array
@@ -70,11 +78,22 @@ class SampleResult(NamedTuple):
     layers_computed: jax.Array
     caches: tuple[PyTree, ...] | None
     body_computed: jax.Array | None = None
+    flops: jax.Array | None = None
+    uncached_flops: jax.Array | None = None
 
     @property
     def layer_evaluations(self) -> jax.Array:
-        """Layer evaluations of the batch (a guided step counts once)."""
+        """Layer evaluations of the batch, head and tail included (a guided step counts once).
+
+        Layers of different kinds count alike here; :attr:`ideal_speedup` weighs them.
+        """
         return jnp.sum(self.layers_computed, dtype=jnp.int32)
+
+    @property
+    def ideal_speedup(self) -> jax.Array:
+        """Compute of the uncached run over this one (``uncached_flops / flops``): the speedup
+        a perfect implementation gets, every piece that ran counted at its cost."""
+        return self.uncached_flops / self.flops
 
 
 def sample(
@@ -355,6 +374,8 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse,
     # Step-independent work happens once per guidance branch, before the loop.
     cond_rows = _concat(cond, uncond) if guided else cond
     constant = plan.network.condition(params.condition, cond_rows)
+    rows = jnp.concatenate([noise, noise]) if guided else noise
+    work = functools.partial(_flops, plan, params, rows, cond_rows)
 
     # The loop carries z = (x, solver state); the state is None for stateless solvers.
     def head(z, t):
@@ -386,8 +407,9 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse,
 
         (x, _), _ = jax.lax.scan(plain_step, start, xs)
         every = jnp.ones((steps, branches, batch), bool)
-        return SampleResult(x, jnp.ones((steps,), bool), jnp.ones((steps, depth), bool),
-                            None, every)
+        computed = jnp.ones((steps, depth), bool)
+        return SampleResult(x, jnp.ones((steps,), bool), computed, None, every,
+                            *work(computed))
 
     mode = reuse if reuse is not None else OutputReuse()
     _, body_shape, _ = jax.eval_shape(head, start, jnp.zeros((), jnp.float32))
@@ -408,10 +430,25 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse,
     columns.append(jnp.broadcast_to(body_ran[:, None], (steps, plan.cached_layers)))
     columns.append(jnp.ones((steps, depth - plan.body_stop), bool))
     caches = tuple(mode.rows(state, j * batch, (j + 1) * batch) for j in range(branches))
+    computed = jnp.concatenate(columns, axis=1)
     return SampleResult(
-        x, body_ran, jnp.concatenate(columns, axis=1), caches,
-        rows_computed.reshape(steps, branches, batch),
+        x, body_ran, computed, caches, rows_computed.reshape(steps, branches, batch),
+        *work(computed),
     )
+
+
+def _flops(plan, params, rows, cond_rows, computed):
+    """``(flops, uncached_flops)`` of a run whose layers ran where ``computed`` says."""
+    steps = computed.shape[0]
+    try:  # counted on shapes while tracing: constants in the program
+        counts = network_work(plan.network, params, rows, cond_rows)
+    except ValueError:  # a piece with a while loop: its cost is unknown
+        nan = jnp.float32(np.nan)
+        return nan, nan
+    layers = jnp.asarray(counts.layers, jnp.float32)
+    fixed = np.float32(counts.condition + steps * counts.step)
+    flops = fixed + jnp.sum(computed.astype(jnp.float32) @ layers)
+    return flops, jnp.float32(counts.total(steps))
 
 
 class _Loop:

@@ -199,7 +199,7 @@ def _hand_loop(plan, seg, solver, steps, guidance):
             constant = network.condition(seg.condition, cond_rows)
             h, ctx = network.embed(seg.embed, rows, t_rows, constant)
             for stack in (seg.head, seg.body, seg.tail):
-                h = jc.stack.run_layers(network.layer, stack, h, ctx,
+                h = jc.stack.run_layers(network.kinds, stack, h, ctx,
                                         unroll=network.layer_unroll)
             prediction = network.final(seg.final, h, ctx)
             if guidance is not None:

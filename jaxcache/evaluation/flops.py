@@ -9,32 +9,14 @@ derivative wrappers. Element-wise work is not counted.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
-from jaxcache.stack import layer_at, stack_length
+from jaxcache.work import jaxpr_flops, matmul_flops, network_work
 
 __all__ = ["StepFlops", "ideal_speedup", "jaxpr_flops", "matmul_flops", "step_flops"]
-
-
-def matmul_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
-    """The matrix FLOPs of one call ``fn(*args, **kwargs)`` (traced abstractly; nothing runs).
-
-    Args:
-      fn: the function.
-      *args: its arguments (arrays or ``jax.ShapeDtypeStruct``s).
-      **kwargs: keyword arguments.
-
-    Returns:
-      2 x the multiply-adds of every matrix product and convolution it performs.
-
-    Raises:
-      ValueError: if it contains a ``while`` loop, whose trip count is unknown.
-    """
-    return jaxpr_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
 
 
 class StepFlops(NamedTuple):
@@ -57,8 +39,23 @@ class StepFlops(NamedTuple):
         return self.condition + num_steps * self.step + layer_evaluations * self.layer
 
 
+def _rows(noise, cond, uncond):
+    """The rows and conditions the network sees (both guidance branches), as shapes."""
+    if uncond is None:
+        return noise, cond
+    rows = jax.eval_shape(lambda a: jax.numpy.concatenate([a, a]), noise)
+    cond_rows = jax.eval_shape(
+        lambda a, b: jax.tree.map(lambda x, y: jax.numpy.concatenate([x, y]), a, b),
+        cond, uncond,
+    )
+    return rows, cond_rows
+
+
 def step_flops(network, params, noise: Any, cond: Any, *, uncond: Any = None) -> StepFlops:
     """The matrix FLOPs of each piece of a sampling step (traced abstractly; nothing runs).
+
+    ``layer`` is the mean over the layers: exact for a stack of one kind; for several kinds of
+    block use :func:`jaxcache.work.network_work`, which counts each layer.
 
     Args:
       network: the :class:`~jaxcache.Network`.
@@ -67,27 +64,13 @@ def step_flops(network, params, noise: Any, cond: Any, *, uncond: Any = None) ->
       cond: the condition (shapes only).
       uncond: the negative condition when sampling with guidance (doubles the rows).
     """
-    guided = uncond is not None
-    rows, cond_rows = noise, cond
-    if guided:
-        rows = jax.eval_shape(lambda a: jax.numpy.concatenate([a, a]), noise)
-        cond_rows = jax.eval_shape(
-            lambda a, b: jax.tree.map(lambda x, y: jax.numpy.concatenate([x, y]), a, b),
-            cond, uncond,
-        )
-    t = jax.ShapeDtypeStruct((rows.shape[0],), np.float32)
-    stacks = [p for p in (params.head, params.body, params.tail) if stack_length(p) > 0]
-    # Shapes only: slicing a concrete layer out of a stack would run (and compile) a slice per
-    # parameter array.
-    first = jax.eval_shape(lambda stack: layer_at(stack, 0), stacks[0])
-    constant = jax.eval_shape(network.condition, params.condition, cond_rows)
-    head = jax.eval_shape(network.embed, params.embed, rows, t, constant)
+    work = network_work(network, params, *_rows(noise, cond, uncond))
+    depth = len(work.layers)
     return StepFlops(
-        condition=matmul_flops(network.condition, params.condition, cond_rows),
-        step=matmul_flops(network.embed, params.embed, rows, t, constant)
-        + matmul_flops(network.final, params.final, *head),
-        layer=matmul_flops(network.layer, first, *head),
-        depth=sum(stack_length(p) for p in stacks),
+        condition=work.condition,
+        step=work.step,
+        layer=int(np.sum(work.layers)) // max(depth, 1),
+        depth=depth,
     )
 
 
@@ -98,77 +81,45 @@ def ideal_speedup(
     cond: Any,
     *,
     num_steps: int,
-    layer_evaluations: float,
+    layer_evaluations: float | None = None,
+    layers_computed: Any = None,
     uncond: Any = None,
 ) -> float:
     """Compute of uncached over cached sampling: what a perfect implementation would gain.
 
     Weighs the pieces of one step by their matrix FLOPs: the condition path runs once, the
-    embedding and final projection every step, and the layers as often as they were evaluated.
+    embedding and final projection every step, and each layer as often as it was evaluated.
+    :attr:`jaxcache.SampleResult.ideal_speedup` gives the same figure from a run.
 
     Args:
       network: the :class:`~jaxcache.Network`.
       params: its :class:`~jaxcache.SegmentParams`.
       noise: the initial sample (shapes only).
       cond: the condition (shapes only).
-      num_steps: the number of steps.
-      layer_evaluations: the layer evaluations of the cached run (``SampleResult``'s).
+      num_steps: the number of model evaluations.
+      layer_evaluations: the layer evaluations of the cached run (``SampleResult``'s); enough
+        when every layer costs the same.
+      layers_computed: ``[evaluations, depth]`` bool (``SampleResult.layers_computed``):
+        which layer ran at which evaluation; needed when layers differ in cost.
       uncond: the negative condition when sampling with guidance (doubles the rows).
 
     Returns:
       The ratio of FLOPs, uncached over cached.
+
+    Raises:
+      ValueError: if neither count is given, or only ``layer_evaluations`` for layers of
+        different cost.
     """
-    flops = step_flops(network, params, noise, cond, uncond=uncond)
-    return flops.total(num_steps, num_steps * flops.depth) / flops.total(
-        num_steps, layer_evaluations
-    )
-
-
-def _dot_flops(eqn) -> int:
-    lhs, rhs = (v.aval for v in eqn.invars)
-    (contract_l, _), (batch_l, _) = eqn.params["dimension_numbers"]
-    contracted = int(np.prod([lhs.shape[d] for d in contract_l], dtype=np.int64))
-    out = eqn.outvars[0].aval
-    return 2 * int(np.prod(out.shape, dtype=np.int64)) * contracted
-
-
-def _conv_flops(eqn) -> int:
-    rhs = eqn.invars[1].aval
-    out = eqn.outvars[0].aval
-    dn = eqn.params["dimension_numbers"]
-    kernel_out = rhs.shape[dn.rhs_spec[0]]
-    per_output = int(np.prod(rhs.shape, dtype=np.int64)) // kernel_out
-    groups = eqn.params.get("feature_group_count", 1)
-    return 2 * int(np.prod(out.shape, dtype=np.int64)) * per_output // max(groups, 1) * groups
-
-
-def jaxpr_flops(jaxpr) -> int:
-    """The matrix FLOPs of a jaxpr (see :func:`matmul_flops`)."""
-    total = 0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            total += _dot_flops(eqn)
-        elif name == "conv_general_dilated":
-            total += _conv_flops(eqn)
-        elif name == "scan":
-            total += eqn.params["length"] * jaxpr_flops(eqn.params["jaxpr"].jaxpr)
-        elif name == "cond":
-            total += max(jaxpr_flops(b.jaxpr) for b in eqn.params["branches"])
-        elif name == "while":
-            raise ValueError("matmul_flops cannot count a while loop (unknown trip count)")
-        else:
-            for sub in _sub_jaxprs(eqn.params):
-                total += jaxpr_flops(sub)
-    return total
-
-
-def _sub_jaxprs(params: dict) -> list:
-    subs = []
-    for value in params.values():
-        for v in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(v, jax.extend.core.ClosedJaxpr):
-                subs.append(v.jaxpr)
-            elif isinstance(v, jax.extend.core.Jaxpr):
-                subs.append(v)
-    return subs
+    work = network_work(network, params, *_rows(noise, cond, uncond))
+    full = work.total(num_steps)
+    if layers_computed is not None:
+        return full / work.total(num_steps, layers_computed)
+    if layer_evaluations is None:
+        raise ValueError("ideal_speedup needs layer_evaluations or layers_computed")
+    if len(set(work.layers.tolist())) > 1:
+        raise ValueError(
+            "the network's layers differ in cost (several kinds of block): pass "
+            "layers_computed=result.layers_computed, or read result.ideal_speedup"
+        )
+    layer = float(work.layers[0]) if len(work.layers) else 0.0
+    return full / (work.condition + num_steps * work.step + layer_evaluations * layer)
