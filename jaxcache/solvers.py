@@ -26,6 +26,12 @@ Three shapes of solver:
   evaluation is one entry of ``times``: a multistep solver remembers earlier predictions in its
   state; a two-stage solver (Heun) lists both of its evaluations, so the cache counts each one
   as a step.
+
+The discrete-schedule solvers (:class:`DDIM`, :class:`DDPM`, :class:`EulerAncestral`,
+:class:`DPMSolverPP2M`) read the model's training noise schedule: a named one
+(``beta_schedule=`` with ``beta_start`` / ``beta_end``; default DDPM's linear 1e-4..0.02) or the
+table itself (``betas=`` or ``alphas_cumprod=``). The wrong schedule samples without error and
+gives wrong images.
 """
 
 from __future__ import annotations
@@ -215,25 +221,184 @@ class FlowMatchHeun(Solver):
         return out, new_state
 
 
+#: The named training schedules of :class:`_DiscreteSchedule` (diffusers' ``beta_schedule``).
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+_DEFAULT_BETAS = (1e-4, 0.02)
+
+
+def _cosine_betas(num_train_steps: int, max_beta: float = 0.999) -> np.ndarray:
+    """Nichol and Dhariwal's cosine schedule: ``beta_i = min(1 - f((i+1)/T) / f(i/T), max_beta)``
+    with ``f(s) = cos((s + 0.008) / 1.008 * pi / 2)^2`` (diffusers' ``squaredcos_cap_v2``)."""
+    s = np.arange(num_train_steps + 1, dtype=np.float64) / num_train_steps
+    f = np.cos((s + 0.008) / 1.008 * np.pi / 2) ** 2
+    return np.minimum(1.0 - f[1:] / f[:-1], max_beta)
+
+
+def _first(bad: np.ndarray) -> int:
+    """The index of the first True in ``bad``."""
+    return int(np.argmax(bad))
+
+
+def _float_table(value: Any, name: str) -> tuple[float, ...]:
+    """``value`` (a sequence or array of numbers) as a tuple of Python floats, or a ValueError."""
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a 1-D sequence of floats, got {value!r}") from None
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(
+            f"{name} must be a non-empty 1-D sequence of floats (one per training step), "
+            f"got shape {arr.shape}"
+        )
+    if not np.all(np.isfinite(arr)):
+        i = _first(~np.isfinite(arr))
+        raise ValueError(f"{name} must be finite; entry {i} is {float(arr[i])!r}")
+    return tuple(float(v) for v in arr)
+
+
 @dataclasses.dataclass(frozen=True)
 class _DiscreteSchedule(Solver):
-    """The linear-beta training schedule of DDPM, and the evenly spaced grid over it.
+    """A discrete DDPM training schedule of ``num_train_steps`` steps, and the evenly spaced grid
+    over it.
 
     The network sees ``t = k / num_train_steps`` for the discrete training step ``k``
     (``TimeConvention.index(num_train_steps)`` turns that back into ``k``).
+
+    The training schedule is the one the model was trained on; a wrong one samples without error
+    and gives wrong images. Give it one of three ways:
+
+    * a named schedule (default ``beta_schedule="linear"`` with ``beta_start=1e-4``,
+      ``beta_end=0.02``: DDPM's, DiT's), with diffusers' names and formulas:
+
+      - ``"linear"``: ``betas = linspace(beta_start, beta_end, T)``;
+      - ``"scaled_linear"``: ``betas = linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2``
+        (Stable Diffusion 1/2, with ``beta_start=0.00085``, ``beta_end=0.012``);
+      - ``"squaredcos_cap_v2"``: improved DDPM's cosine schedule,
+        ``beta_i = min(1 - f((i + 1) / T) / f(i / T), 0.999)`` with
+        ``f(s) = cos((s + 0.008) / 1.008 * pi / 2) ** 2``. It has no ``beta_start`` /
+        ``beta_end`` (diffusers ignores them; here they must stay at their defaults).
+
+      The tables are computed in float64 (diffusers rounds the betas to float32 first: a
+      relative difference of about 1e-7).
+    * ``betas=``: the training betas, one per step (a diffusers scheduler's ``betas``, or its
+      config's ``trained_betas``); ``alphas_cumprod = cumprod(1 - betas)``.
+    * ``alphas_cumprod=``: ``alpha_bar`` itself, one per step, strictly decreasing in ``(0, 1)``.
+
+    A table replaces the named schedule: give ``betas`` or ``alphas_cumprod`` (not both), and
+    leave ``beta_schedule``, ``beta_start`` and ``beta_end`` at their defaults. Tables are stored
+    as tuples of floats (a sequence or a numpy array is converted), so the solver stays a
+    hashable, equal-by-value static argument. ``num_train_steps`` defaults to the table's
+    length (1000 without a table); given explicitly, it must equal the table's length. As the
+    value is filled in, ``dataclasses.replace(solver, betas=...)`` with a table of another length
+    is refused: pass ``num_train_steps=None`` with it.
     """
 
-    num_train_steps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
+    num_train_steps: int | None = None
+    beta_start: float = _DEFAULT_BETAS[0]
+    beta_end: float = _DEFAULT_BETAS[1]
+    _: dataclasses.KW_ONLY
+    beta_schedule: str = "linear"
+    betas: tuple[float, ...] | None = None
+    alphas_cumprod: tuple[float, ...] | None = None
 
     def __post_init__(self):
-        _check_steps(self.num_train_steps)
-        if not 0 < self.beta_start <= self.beta_end < 1:
-            raise ValueError(f"{type(self).__name__} needs 0 < beta_start <= beta_end < 1")
+        name = type(self).__name__
+        if self.betas is not None and self.alphas_cumprod is not None:
+            raise ValueError(
+                f"{name}: give betas= or alphas_cumprod=, not both (each is the whole schedule)"
+            )
+        table_name = "betas" if self.betas is not None else "alphas_cumprod"
+        table = self.betas if self.betas is not None else self.alphas_cumprod
+        if table is not None:
+            table = _float_table(table, f"{name}.{table_name}")
+            object.__setattr__(self, table_name, table)
+            given = {}
+            if self.beta_schedule != "linear":
+                given["beta_schedule"] = self.beta_schedule
+            if (self.beta_start, self.beta_end) != _DEFAULT_BETAS:
+                given.update(beta_start=self.beta_start, beta_end=self.beta_end)
+            if given:
+                raise ValueError(
+                    f"{name}: {table_name}= is the whole training schedule, so "
+                    f"{', '.join(f'{k}={v!r}' for k, v in given.items())} would be ignored; "
+                    "give either a table or a named schedule"
+                )
+            if self.num_train_steps is None:
+                object.__setattr__(self, "num_train_steps", len(table))
+            self._check_train_steps()
+            if self.num_train_steps != len(table):
+                raise ValueError(
+                    f"{name}: num_train_steps={self.num_train_steps} but {table_name} has "
+                    f"{len(table)} entries (one per training step); leave num_train_steps out "
+                    "to take it from the table"
+                )
+            values = np.asarray(table, np.float64)
+            outside = (values <= 0.0) | (values >= 1.0)
+            if np.any(outside):
+                i = _first(outside)
+                raise ValueError(
+                    f"{name}.{table_name} must lie in the open interval (0, 1); entry {i} is "
+                    f"{float(values[i])!r}"
+                )
+            if self.alphas_cumprod is not None and len(values) > 1:
+                rising = np.diff(values) >= 0.0
+                if np.any(rising):
+                    i = _first(rising)
+                    raise ValueError(
+                        f"{name}.alphas_cumprod must be strictly decreasing (alpha_bar falls "
+                        f"with every training step); entry {i + 1} "
+                        f"({float(values[i + 1])!r}) is not below entry {i} ({float(values[i])!r})"
+                    )
+        else:
+            if self.num_train_steps is None:
+                object.__setattr__(self, "num_train_steps", 1000)
+            self._check_train_steps()
+            if not isinstance(self.beta_schedule, str) or self.beta_schedule not in BETA_SCHEDULES:
+                raise ValueError(
+                    f"{name}: unknown beta_schedule={self.beta_schedule!r}; expected one of "
+                    f"{', '.join(map(repr, BETA_SCHEDULES))} (or betas= / alphas_cumprod=)"
+                )
+            if self.beta_schedule == "squaredcos_cap_v2":
+                if (self.beta_start, self.beta_end) != _DEFAULT_BETAS:
+                    raise ValueError(
+                        f"{name}: beta_schedule='squaredcos_cap_v2' has no beta_start or "
+                        f"beta_end (got beta_start={self.beta_start!r}, "
+                        f"beta_end={self.beta_end!r}); leave them out"
+                    )
+            elif not 0 < self.beta_start <= self.beta_end < 1:
+                raise ValueError(
+                    f"{name} needs 0 < beta_start <= beta_end < 1, got "
+                    f"beta_start={self.beta_start!r}, beta_end={self.beta_end!r}"
+                )
+        last = self._alpha_bar()[-1]
+        if not last > 0.0:  # cumprod(1 - betas) underflowed: x0 = x / sqrt(alpha_bar) fails
+            raise ValueError(
+                f"{name}: the training schedule's last alphas_cumprod is {float(last)!r}; it must "
+                "be positive (are the betas too large for this many steps?)"
+            )
+
+    def _check_train_steps(self) -> None:
+        n = self.num_train_steps
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
+            raise ValueError(
+                f"{type(self).__name__}.num_train_steps must be a positive int, got {n!r}"
+            )
+
+    def _betas(self) -> np.ndarray:
+        """The training betas of a named schedule (float64)."""
+        if self.beta_schedule == "scaled_linear":
+            return (
+                np.linspace(self.beta_start**0.5, self.beta_end**0.5, self.num_train_steps) ** 2
+            )
+        if self.beta_schedule == "squaredcos_cap_v2":
+            return _cosine_betas(self.num_train_steps)
+        return np.linspace(self.beta_start, self.beta_end, self.num_train_steps)
 
     def _alpha_bar(self) -> np.ndarray:
-        betas = np.linspace(self.beta_start, self.beta_end, self.num_train_steps)
+        if self.alphas_cumprod is not None:
+            return np.asarray(self.alphas_cumprod, np.float64)
+        betas = np.asarray(self.betas, np.float64) if self.betas is not None else self._betas()
         return np.cumprod(1.0 - betas)
 
     def times(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -264,9 +429,18 @@ class DDIM(_DiscreteSchedule):
     The network sees ``t = k / num_train_steps`` for the discrete training step ``k``.
 
     Attributes:
-      num_train_steps: length of the training noise schedule.
-      beta_start: first beta of the linear schedule (DDPM / DiT).
-      beta_end: last beta of the linear schedule.
+      num_train_steps: length of the training noise schedule; default 1000, or the length of
+        ``betas`` / ``alphas_cumprod`` (given with a table, it must equal the table's length).
+      beta_start: first beta of the named schedule (default 1e-4: DDPM / DiT).
+      beta_end: last beta of the named schedule (default 0.02).
+      beta_schedule: (keyword) ``"linear"`` (default), ``"scaled_linear"`` or
+        ``"squaredcos_cap_v2"``, as in diffusers (formulas in ``_DiscreteSchedule``).
+      betas: (keyword) the training betas, one per training step, instead of a named schedule.
+      alphas_cumprod: (keyword) ``alpha_bar`` per training step, instead of a named schedule.
+
+    The training schedule must be the one the model was trained on, e.g. Stable Diffusion's
+    ``DDIM(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)``, or a diffusers
+    scheduler's table ``DDIM(betas=scheduler.betas.numpy())``.
     """
 
     def step(self, x, prediction, t, t_next):
@@ -287,9 +461,8 @@ class DDPM(_DiscreteSchedule):
     improved DDPM / DiT). The last step returns the predicted clean sample, without noise.
 
     Attributes:
-      num_train_steps: length of the training noise schedule.
-      beta_start: first beta of the linear schedule.
-      beta_end: last beta of the linear schedule.
+      num_train_steps, beta_start, beta_end, beta_schedule, betas, alphas_cumprod: the
+        training noise schedule, as for :class:`DDIM`.
     """
 
     uses_key: ClassVar[bool] = True
@@ -320,9 +493,8 @@ class EulerAncestral(_DiscreteSchedule):
     input at ``t``), on DDIM's grid of training steps. Needs ``key=``.
 
     Attributes:
-      num_train_steps: length of the training noise schedule.
-      beta_start: first beta of the linear schedule.
-      beta_end: last beta of the linear schedule.
+      num_train_steps, beta_start, beta_end, beta_schedule, betas, alphas_cumprod: the
+        training noise schedule, as for :class:`DDIM`.
       eta: the amount of fresh noise; 0 is deterministic (DDIM's update).
     """
 
@@ -359,9 +531,8 @@ class DPMSolverPP2M(_DiscreteSchedule):
     prediction is the solver's state, so a step reused from the cache still feeds the next.
 
     Attributes:
-      num_train_steps: length of the training noise schedule.
-      beta_start: first beta of the linear schedule.
-      beta_end: last beta of the linear schedule.
+      num_train_steps, beta_start, beta_end, beta_schedule, betas, alphas_cumprod: the
+        training noise schedule, as for :class:`DDIM`.
     """
 
     def init_state(self, x):

@@ -98,7 +98,11 @@ class ReuseMode(abc.ABC):
 
     @abc.abstractmethod
     def rows(self, state: PyTree, start: int, stop: int) -> PyTree:
-        """The state of rows ``[start, stop)`` (one guidance branch's)."""
+        """The state of rows ``[start, stop)`` (one guidance branch's).
+
+        Cut only what is per row; state shared by every row (a constant that is not
+        batch-major, such as a RoPE table) stays whole (see :meth:`jaxcache.OutputReuse.rows`).
+        """
 
     def check(self, plan, num_steps: int, refreshes: int | None) -> None:  # noqa: B027
         """Raises a ValueError for settings this run cannot honour, before anything compiles.

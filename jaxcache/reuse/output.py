@@ -56,8 +56,28 @@ class OutputReuse(ReuseMode):
         return value if state.stream2 is None else (value, state.get2(last))
 
     def rows(self, state: StepCache, start: int, stop: int) -> StepCache:
+        """The cache of rows ``[start, stop)`` (one guidance branch's).
+
+        The slot streams are batch-major by construction (``[slots, rows, ...]``) and are cut.
+        The constant slot holds whatever the network's ``condition`` returned, which need not
+        be batch-major (a RoPE table ``[tokens, dim]`` is shared by every sample): a constant
+        leaf is cut only when its leading axis equals the number of rows of the sampling batch
+        (``2 * batch`` with guidance, ``batch`` without), read from the slot streams, not
+        guessed from the constant. Every other leaf (a different leading size, or a scalar) is
+        shared and kept whole in each branch's cache.
+
+        The rule cannot tell a shared leaf whose leading size happens to equal the row count
+        from a per-sample one: such a leaf is cut. Give a shared table a leading axis of 1
+        (``[1, tokens, dim]``, which broadcasts) to keep it whole at any batch size.
+        """
+        total = _row_count(state)
+
         def cut(tree, axis):
             return jax.tree.map(lambda a: jax.lax.slice_in_dim(a, start, stop, axis=axis), tree)
+
+        def cut_constant(a):
+            per_row = jnp.ndim(a) > 0 and jnp.shape(a)[0] == total
+            return jax.lax.slice_in_dim(a, start, stop, axis=0) if per_row else a
 
         def spec(tree):  # one slot's structure: drop the slot axis
             return _SlotSpec(
@@ -66,7 +86,7 @@ class OutputReuse(ReuseMode):
 
         s1 = cut(state.stream1.slots, 1)
         s2 = None if state.stream2 is None else cut(state.stream2.slots, 1)
-        constant = cut(state.constant_value, 0)
+        constant = jax.tree.map(cut_constant, state.constant_value)
         return dataclasses.replace(
             state,
             stream1=_Stream(s1, state.stream1.filled),
@@ -76,6 +96,11 @@ class OutputReuse(ReuseMode):
             layer2_spec=None if s2 is None else spec(s2),
             constant_spec=_SlotSpec(constant),
         )
+
+
+def _row_count(cache: StepCache) -> int:
+    """The sampling batch's rows: the second axis of the slot streams (``[slots, rows, ...]``)."""
+    return jax.tree.leaves(cache.stream1.slots)[0].shape[1]
 
 
 def _streams(cache: StepCache, h: PyTree) -> tuple[PyTree, PyTree]:
