@@ -58,7 +58,10 @@ class TimeConvention:
       ``T`` steps (DDPM-trained models: DiT, ADM): ``k = round(t * T)``, as float32. The
       solver's times must be ``k / T`` for integers ``0 <= k < T`` (the DDIM / DDPM family with
       ``num_train_steps=T``); the sampler checks this before compiling.
-    * :meth:`scaled`: the model reads ``factor * t`` without rounding (FLUX, SD3: ``1000 t``).
+    * :meth:`scaled`: the model reads ``factor * t`` without rounding: its own sampling loop
+      passes ``1000 t`` to an embedding that does not scale it (SD3 as diffusers runs it).
+      FLUX's JAX ports take ``t`` in ``[0, 1]`` and multiply by 1000 inside their timestep
+      embedding: they are ``continuous``. To find out, look where the model multiplies ``t``.
 
     Attributes:
       kind: ``"continuous"``, ``"index"`` or ``"scaled"``.
@@ -314,18 +317,22 @@ class Network:
         solver's times against it.
 
       layer_unroll: how many layers one iteration of the layer scan runs (``lax.scan``'s
-        ``unroll``). ``True``: no scan at all; :meth:`~jaxcache.CachePlan.split` then keeps
+        ``unroll``). ``"auto"`` (the default): the fastest measured setting for the default
+        backend (:func:`default_layer_unroll`: ``True`` on a GPU, ``1`` elsewhere), resolved
+        when the Network is built. ``True``: no scan at all; :meth:`~jaxcache.CachePlan.split` then keeps
         each layer's parameters in arrays of their own (a :class:`~jaxcache.stack.LayerList`),
         so the program never slices a stacked weight: on a GPU a scan copies every layer's
         weights out of the stack each step (a third of the time of a FLUX-size block), and each
         iteration reads its predicate back to the host. Compile time then grows with the depth.
-        Default 1 (one layer in the program whatever the depth). Change it with
+        ``1``: one layer in the program whatever the depth. Change it with
         ``dataclasses.replace(network, layer_unroll=True)``.
       compiler_options: XLA options by name for this network's sampling programs only (not
         process-wide like ``XLA_FLAGS``), e.g. ``{"xla_gpu_enable_triton_gemm": False}``:
         cuBLAS instead of XLA's Triton GEMMs, which on an H200 compiled the FLUX-size model with
         ``layer_unroll=True`` in 7.3 s instead of 11.5 s and ran 1.5% faster (BENCHMARKS.md).
-        Stored as a sorted tuple of ``(name, value)`` pairs. Default: none.
+        Stored as a sorted tuple of ``(name, value)`` pairs. ``"auto"`` (the default): the
+        options measured fastest for the default backend (:func:`default_compiler_options`:
+        cuBLAS GEMMs on a GPU, none elsewhere); ``{}``: none.
 
     A Network compares by identity and the sampler compiles once per Network object: build it
     once and reuse it (:func:`from_nnx` and :func:`jaxcache.from_linen` return the same object
@@ -339,16 +346,22 @@ class Network:
     dual_stream: bool = False
     modulated_input: Callable[[PyTree, PyTree, PyTree], jax.Array] | None = None
     time: TimeConvention | None = None
-    layer_unroll: int | bool = 1
-    compiler_options: Mapping[str, bool | int | float | str] | tuple = ()
+    layer_unroll: int | bool | str = "auto"
+    compiler_options: Mapping[str, bool | int | float | str] | tuple | str = "auto"
 
     def __post_init__(self):
         unroll = self.layer_unroll
+        if unroll == "auto":
+            unroll = default_layer_unroll()
+            object.__setattr__(self, "layer_unroll", unroll)
         if not (isinstance(unroll, bool) or (isinstance(unroll, int) and unroll >= 1)):
             raise ValueError(
-                f"Network.layer_unroll must be True, False or an int >= 1, got {unroll!r}"
+                f"Network.layer_unroll must be 'auto', True, False or an int >= 1, got {unroll!r}"
             )
-        object.__setattr__(self, "compiler_options", _option_pairs(self.compiler_options))
+        options = self.compiler_options
+        if isinstance(options, str) and options == "auto":
+            options = default_compiler_options()
+        object.__setattr__(self, "compiler_options", _option_pairs(options))
         if isinstance(self.layer, (list, tuple, BlockKind)):
             kinds = as_kinds(self.layer)
             if not kinds or not all(isinstance(k, BlockKind) for k in kinds):
@@ -410,6 +423,30 @@ class Network:
         return self.final(params.final, h, ctx)
 
 
+#: What ``"auto"`` means on each backend (BENCHMARKS.md has the measurements behind it).
+_GPU_UNROLL: int | bool = True
+_GPU_OPTIONS: dict[str, bool | int | float | str] = {"xla_gpu_enable_triton_gemm": False}
+
+
+def default_layer_unroll() -> int | bool:
+    """``Network.layer_unroll="auto"`` on the default backend.
+
+    On a GPU, one array per layer (``True``): a scanned stack copies every layer's weights out
+    of the stack at each step. Elsewhere the scanned stack (``1``): one layer in the program,
+    compile time independent of the depth.
+    """
+    return _GPU_UNROLL if jax.default_backend() == "gpu" else 1
+
+
+def default_compiler_options() -> dict[str, bool | int | float | str]:
+    """``Network.compiler_options="auto"`` on the default backend.
+
+    On a GPU, cuBLAS GEMMs instead of XLA's Triton GEMMs (faster to compile, and as fast or
+    faster to run on the models measured); elsewhere none.
+    """
+    return dict(_GPU_OPTIONS) if jax.default_backend() == "gpu" else {}
+
+
 def _option_pairs(options) -> tuple[tuple[str, bool | int | float | str], ...]:
     """``Network.compiler_options`` as sorted, hashable ``(name, value)`` pairs."""
     pairs = tuple(options.items()) if isinstance(options, Mapping) else tuple(options or ())
@@ -449,8 +486,12 @@ def check_parity(
     """Compares a network with the model's own forward on given inputs; raises if they differ.
 
     Run it once after gluing a model (:func:`from_nnx`, :func:`jaxcache.from_linen`, a
-    hand-built :class:`Network`): it catches a missed piece of inline code, a wrong block order
-    and a wrong time convention for the model's own forward.
+    hand-built :class:`Network`). It checks that the network's pieces compose to the model's
+    own forward: it catches a missed piece of inline code (a position embedding, an
+    unpatchify), a wrong block order, a wrong layer function or kind conversion. It does
+    **not** check the time convention: both sides receive the same converted time, so a wrong
+    :class:`TimeConvention` passes here and samples wrongly. Check that against the model's own
+    sampling loop (where it multiplies ``t``; README, "Time conventions").
 
     Args:
       network: the network.
@@ -562,7 +603,9 @@ def _check_time(time: Any, where: str) -> TimeConvention:
             f"{where} needs time=: say which time the model's embedding reads, "
             "jaxcache.TimeConvention.continuous() (t in [0, 1]), .index(1000) (the integer "
             "training step of a 1000-step DDPM schedule: DiT, ADM) or .scaled(1000.0) "
-            "(1000 t: FLUX, SD3); a wrong choice runs without error and gives wrong images"
+            "(the model's own loop passes 1000 t). Look where the model multiplies t: FLUX's "
+            "JAX ports scale t in [0, 1] inside their embedding, so they are continuous(). A "
+            "wrong choice runs without error and gives wrong images"
         )
     if not isinstance(time, TimeConvention):
         raise TypeError(f"time must be a jaxcache.TimeConvention, got {time!r}")

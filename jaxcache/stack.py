@@ -260,7 +260,24 @@ def _run_piece(kind: BlockKind, stacked_params, h, ctx, observe, state, unroll, 
 
     native, state = _run_stack(kind.layer, stacked_params, kind.enter(h, ctx), ctx, observe,
                                state, unroll, offset)
-    return kind.leave(native, entered, ctx), state
+    left = kind.leave(native, entered, ctx)
+    _check_form(kind, entered, left)
+    return left, state
+
+
+def _check_form(kind: BlockKind, entered: PyTree, left: PyTree) -> None:
+    """A kind's ``leave`` must give back the network's form of ``h`` (checked while tracing)."""
+
+    def form(tree):
+        return jax.tree.structure(tree), [jnp.shape(a) for a in jax.tree.leaves(tree)]
+
+    if form(entered) != form(left):
+        raise ValueError(
+            f"block kind {kind.name or kind.layer!r}: its leave returned a hidden state of "
+            f"shapes {form(left)[1]} ({form(left)[0]}) where its blocks entered with "
+            f"{form(entered)[1]} ({form(entered)[0]}); enter and leave must convert between "
+            "the network's form of h and this kind's, and leave must restore the former"
+        )
 
 
 def _run_stack(layer, stacked_params, h, ctx, observe, state, unroll, offset):

@@ -40,7 +40,6 @@ import numpy as np
 from flax import nnx
 
 import jaxcache as jc
-from jaxcache.evaluation.flops import ideal_speedup
 from jaxcache.models import ARCHS, SIZES, create_model, get_config
 from jaxcache.policies.signals import signal_function
 from jaxcache.reuse import Position
@@ -340,8 +339,8 @@ def run_benchmark(
     forecast_dtype: str | None = None,
     built: tuple[jc.Network, jc.NetworkParams] | None = None,
     overrides: dict[str, Any] | None = None,
-    layer_unroll: bool = False,
-    compiler_options: dict[str, Any] | None = None,
+    layer_unroll: bool | int | str | None = None,
+    compiler_options: dict[str, Any] | str | None = None,
 ) -> dict[str, Any]:
     """Runs the benchmark and returns its figures (see the module docstring).
 
@@ -350,10 +349,12 @@ def run_benchmark(
     threshold does not recompile). ``built`` reuses a model from :func:`build_model` across
     runs (its parameters are then kept, not donated); ``overrides`` are the config fields it
     was built with (``depth=19``), so the benchmark counts the same layers. ``layer_unroll``
-    runs the network with ``Network.layer_unroll=True`` (every program: uncached, cached and
-    the hand-written loop). ``compiler_options`` sets ``Network.compiler_options`` (XLA options by
-    name, e.g. ``{"xla_gpu_enable_triton_gemm": False}``) for every program of the run, the
-    hand-written loop's included.
+    sets ``Network.layer_unroll`` (``True``: one array per layer; ``1`` or ``False``: the
+    scanned stack; ``"auto"`` or None: the library's default for the backend) for every
+    program: uncached, cached and the hand-written loop. ``compiler_options`` sets
+    ``Network.compiler_options`` (XLA options by name, e.g.
+    ``{"xla_gpu_enable_triton_gemm": False}``; ``"auto"`` or None: the default for the
+    backend) for every program of the run, the hand-written loop's included.
 
     Raises:
       ValueError: for settings that cannot run (a cached-layer count outside ``[1, depth]``,
@@ -361,14 +362,15 @@ def run_benchmark(
     """
     overrides = dict(overrides or {})
     config = dataclasses.replace(get_config(model, size), **overrides)
-    depth = config.depth
     if built is None:
         network, params = build_model(model, size, dtype, seed, **overrides)
     else:
         network, params = built
-    if layer_unroll:
-        network = dataclasses.replace(network, layer_unroll=True)
-    if compiler_options:
+    depth = jc.network.num_layers(params)  # every block, of every kind
+    if layer_unroll is not None:
+        unroll = 1 if layer_unroll is False else layer_unroll
+        network = dataclasses.replace(network, layer_unroll=unroll)
+    if compiler_options is not None:
         network = dataclasses.replace(network, compiler_options=compiler_options)
     plan, rule, mode, reuse, threshold = _setting(
         policy, network, depth, interval=interval, threshold=threshold, reuse=reuse, order=order,
@@ -433,8 +435,7 @@ def run_benchmark(
 
     cached = outputs["cached"]
     evaluations = int(cached.layer_evaluations)
-    ideal = ideal_speedup(network, seg, noise, cond, uncond=uncond, num_steps=steps,
-                          layer_evaluations=evaluations)
+    ideal = float(cached.ideal_speedup)  # every layer that ran, weighed by its FLOPs
     speedup = median["uncached"] / median["cached"]
     diff = jnp.abs(cached.sample - outputs["uncached"].sample)
     result = {
@@ -457,7 +458,7 @@ def run_benchmark(
         "depth": depth,
         "guidance": guidance,
         "decide": decide if policy == "interval" else "device",
-        "layer_unroll": layer_unroll,
+        "layer_unroll": plan.network.layer_unroll,
         "compiler_options": dict(plan.network.compiler_options),
         "refresh_fraction": float(np.mean(np.asarray(cached.refreshed))),
         "refreshes": int(np.sum(np.asarray(cached.refreshed))),
@@ -539,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             order=args.order, first=args.first, last=args.last, warmup=args.warmup,
             hand_loop=not args.no_hand_loop, host_loop=args.host_loop,
             refresh_target=args.refresh_target, forecast_dtype=args.forecast_dtype,
-            overrides=_overrides(args), layer_unroll=args.unroll_layers,
+            overrides=_overrides(args), layer_unroll=True if args.unroll_layers else None,
             compiler_options=args.compiler_options,
         )
     except ValueError as e:
