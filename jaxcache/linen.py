@@ -516,8 +516,9 @@ def from_linen(
       ValueError: if ``blocks`` matches nothing, the blocks of a list differ in settings or
         parameter shapes, a name in a list of names is an ``nn.scan`` stack, a stack's
         parameters share no leading axis or disagree with its ``length``, or the traced call
-        fails. A list's ``layer`` or ``leave`` that returns the hidden state in another form
-        than it received raises a ValueError when the network is first traced.
+        fails. A list's ``layer`` that returns the hidden state in another form than it
+        received, or a ``leave`` that does not restore the network's form, raises a ValueError
+        when the network is first traced.
     """
     time = _check_time(time, "from_linen")
     _linen(model)
@@ -577,7 +578,10 @@ def _same_form(a: PyTree, b: PyTree) -> bool:
 
 def _linen_kind(block_def, group: Blocks, scanned: bool, layer, index: int, count: int
                 ) -> BlockKind:
-    """One list's :class:`~jaxcache.BlockKind`; its layer and ``leave`` check the state's form."""
+    """One list's :class:`~jaxcache.BlockKind`; its layer checks the state's form.
+
+    (``run_layers`` checks that ``leave`` restores the network's form.)
+    """
     given = group.layer or layer
     call = given or (_scan_layer if scanned else _default_layer)
     where = f"blocks {group.label!r}" + (f" (list {index + 1} of {count})" if count > 1 else "")
@@ -611,20 +615,7 @@ def _linen_kind(block_def, group: Blocks, scanned: bool, layer, index: int, coun
             )
         return out
 
-    leave = None
-    if group.leave is not None:
-
-        def leave(state, h, ctx):
-            out = group.leave(state, h, ctx)
-            if not _same_form(out, h):
-                raise ValueError(
-                    f"{where}: leave(state, h, ctx) returned {_form(out)}, but the hidden state "
-                    f"entered this list as {_form(h)}; leave gives it back in the network's "
-                    "form (h is the value the list entered with, for its shapes)"
-                )
-            return out
-
-    return BlockKind(run, group.enter, leave, group.label)
+    return BlockKind(run, group.enter, group.leave, group.label)
 
 
 def _linen_network(model, others, block_defs, groups, scanned, embed, final, condition, layer,
