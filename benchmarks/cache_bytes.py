@@ -3,7 +3,11 @@
     python benchmarks/cache_bytes.py
 
 Shapes only (``jax.eval_shape``; nothing is allocated): the reuse mode's state at DiT-XL/2
-(batch 8) and FLUX scale (batch 1), bfloat16, for each reuse mode. ``activation`` is one body
+(batch 8), Qwen-Image's layout (60 double-stream blocks, batch 1; the row BENCHMARKS.md records
+as FLUX scale, from before the ``flux`` size took FLUX.1's layout) and FLUX.1's layout (19
+double- then 38 single-stream blocks, batch 1; the body, 24 layers, ends inside the
+single-stream blocks and the cache holds its output as the ``(image, text)`` pair), bfloat16,
+for each reuse mode. ``activation`` is one body
 output (the hidden state a skipped step needs); ``constant`` is the caption state kept once per
 run (the condition path's output), listed apart.
 """
@@ -21,7 +25,7 @@ def nbytes(tree) -> int:
 
 
 def main() -> None:
-    rows = [("dit", "dit-xl", 8, 14), ("mmdit", "flux", 1, 25)]
+    rows = [("dit", "dit-xl", 8, 14), ("mmdit", "qwen-image", 1, 25), ("mmdit", "flux", 1, 24)]
     modes = {
         "output (default: body output only)": jc.OutputReuse(),
         "output, all_layers=True (the reference layout)": jc.OutputReuse(all_layers=True),

@@ -1,12 +1,19 @@
 """The GPU rows of BENCHMARKS.md in one process per model: every policy and reuse mode.
 
-    python benchmarks/gpu_suite.py dit  [OUTDIR]   # DiT-XL/2, bf16, batch 8, 50 steps
-    python benchmarks/gpu_suite.py flux [OUTDIR]   # FLUX scale (60 dual-stream blocks), batch 1
+    python benchmarks/gpu_suite.py dit  [OUTDIR]         # DiT-XL/2, bf16, batch 8, 50 steps
+    python benchmarks/gpu_suite.py qwen-image [OUTDIR]  # 60 double-stream blocks, batch 1
+    python benchmarks/gpu_suite.py flux [OUTDIR]        # FLUX.1: 19 double + 38 single, batch 1
 
 Each row is one ``jaxcache.evaluation.bench.run_benchmark`` call on a model built once (random,
 non-zero weights); signal-driven rows search the threshold that refreshes about a third of the
 steps (thresholds are traced, so the search reuses the compiled program). One JSON line per row
 goes to OUTDIR/<suite>.jsonl; a table is printed last.
+
+The FLUX-scale rows of BENCHMARKS.md recorded before the ``flux`` size took FLUX.1's layout
+(``gpu_suite.py flux``, ``flux-dbcache``, ``flux-fitted`` then) ran 60 double-stream blocks:
+those suites are now ``qwen-image``, ``qwen-image-dbcache`` and ``qwen-image-fitted``. Attention
+follows the models' default (``"auto"``: cuDNN in bfloat16 on a CUDA GPU); rows recorded before
+that default ran XLA attention.
 """
 
 import json
@@ -19,8 +26,13 @@ import jax
 from jaxcache.evaluation.bench import build_model, run_benchmark
 
 DIT = dict(model=("dit", "dit-xl"), common=dict(batch=8, steps=50, dtype="bfloat16", repeats=10))
+# Qwen-Image's layout, 60 double-stream blocks (the size called flux before FLUX.1's layout).
+QWEN = dict(model=("mmdit", "qwen-image"),
+            common=dict(batch=1, steps=50, dtype="bfloat16", repeats=3))
+# FLUX.1's layout: 19 double-stream then 38 single-stream blocks (57 layers of two kinds).
 FLUX = dict(model=("mmdit", "flux"), common=dict(batch=1, steps=50, dtype="bfloat16", repeats=3))
-INTERVAL = dict(policy="interval", interval=3)  # cached_layers: 14 of 28 (DiT), 25 of 60 (FLUX)
+# cached_layers: 14 of 28 (DiT), 25 of 60 (Qwen-Image), 24 of 57 (FLUX: 19 double + 5 single)
+INTERVAL = dict(policy="interval", interval=3)
 ROWS = {
     "interval/output": dict(INTERVAL),
     "interval/taylor1": dict(INTERVAL, reuse="taylor"),
@@ -86,7 +98,7 @@ SUITES = {
     # Pass 5: every layer stack unrolled with one weight array per layer (no weight copies).
     "dit-u": _unrolled(_suite(DIT, 14, ["interval/output", "interval/taylor1"])),
     "dit-u-teacache": _unrolled(_suite(DIT, 14, ["teacache/residual"])),
-    "flux-dbcache": _suite(FLUX, 25, ["dbcache/residual"]),
+    "qwen-image-dbcache": _suite(QWEN, 25, ["dbcache/residual"]),
     # Pass 6: one array per layer and cuBLAS GEMMs (Network.compiler_options): every policy.
     "dit-uc": _with_options(_unrolled(_suite(DIT, 14, [
         "interval/output", "interval/taylor1", *SIGNAL_ROWS])), CUBLAS),
@@ -94,11 +106,17 @@ SUITES = {
     # decisions in CUDA graphs (run one after the other, on one machine).
     "dit-u-signal": _unrolled(_suite(DIT, 14, SIGNAL_ROWS)),
     "dit-ug": _with_options(_unrolled(_suite(DIT, 14, SIGNAL_ROWS)), GRAPHS),
-    "flux": _suite(FLUX, 25, ["interval/output", "interval/taylor1", "first-block/residual",
-                              "teacache/residual"]),
+    "qwen-image": _suite(QWEN, 25, ["interval/output", "interval/taylor1",
+                                    "first-block/residual", "teacache/residual"]),
     # Pass 8 (2026-12-01): the fitted forecast beside Taylor and plain reuse, scanned default.
     "dit-fitted": _suite(DIT, 14, ["interval/output", "interval/taylor1", "interval/fitted1"]),
-    "flux-fitted": _suite(FLUX, 25, ["interval/output", "interval/taylor1", "interval/fitted1"]),
+    "qwen-image-fitted": _suite(QWEN, 25, ["interval/output", "interval/taylor1",
+                                           "interval/fitted1"]),
+    # FLUX.1's real layout: the body of the interval rows spans both kinds of block.
+    "flux": _suite(FLUX, 24, ["interval/output", "interval/taylor1", "first-block/residual",
+                              "teacache/residual"]),
+    "flux-dbcache": _suite(FLUX, 24, ["dbcache/residual"]),
+    "flux-fitted": _suite(FLUX, 24, ["interval/output", "interval/taylor1", "interval/fitted1"]),
 }
 
 

@@ -179,7 +179,7 @@ def test_bad_inputs_raise(arch):
 def test_bad_names_raise():
     with pytest.raises(ValueError, match="valid: dit, mmdit"):
         get_config("unet", "tiny")
-    with pytest.raises(ValueError, match="tiny, small, dit-xl, flux"):
+    with pytest.raises(ValueError, match="tiny, small, dit-xl, flux, qwen-image"):
         get_config("dit", "huge")
     with pytest.raises(ValueError, match="unknown arch"):
         create_model("unet", "tiny", rngs=nnx.Rngs(0))
@@ -196,6 +196,38 @@ def test_invalid_configs_raise():
         create_model("dit", "tiny", rngs=nnx.Rngs(0), num_blocks=3)
     with pytest.raises(ValueError, match="depth must be positive"):
         dataclasses.replace(get_config("dit", "tiny"), depth=0)
+    with pytest.raises(ValueError, match="single_depth must be >= 0"):
+        dataclasses.replace(get_config("mmdit", "tiny"), single_depth=-1)
+    with pytest.raises(ValueError, match="only the mmdit architecture has single-stream"):
+        create_model("dit", "tiny", rngs=nnx.Rngs(0), single_depth=2)
+    with pytest.raises(ValueError, match="attn_implementation must be"):
+        create_model("dit", "tiny", rngs=nnx.Rngs(0), attn_implementation="flash")
+
+
+def test_attention_auto_is_xla_off_a_cuda_gpu():
+    """The default ``"auto"`` picks XLA on a CPU (and for float32), bitwise as before."""
+    cfg = get_config("dit", "tiny")
+    assert cfg.attn_implementation == "auto"
+    # The kernel is an execution choice, not the model: configs that differ only there match.
+    assert dataclasses.replace(cfg, attn_implementation=None) == cfg
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 5, 2, 8))
+    for dtype in (jnp.float32, jnp.bfloat16):
+        qd, kd, vd = (a.astype(dtype) for a in (q, k, v))
+        if jax.default_backend() != "gpu" or dtype == jnp.float32:
+            assert layers.attention_implementation(qd, kd, vd) == "xla"
+        auto = layers.attention(qd, kd, vd)
+        with jax.numpy_dtype_promotion("standard"):
+            xla = jax.nn.dot_product_attention(qd, kd, vd, implementation=None)
+        if layers.attention_implementation(qd, kd, vd) == "xla":
+            np.testing.assert_array_equal(np.asarray(auto, np.float32),
+                                          np.asarray(xla, np.float32))
+    assert layers.attention_implementation(q, k, v, "cudnn") == "cudnn"
+    assert layers.attention_implementation(q, k, v, None) is None
+    model = create_model("mmdit", "tiny", rngs=nnx.Rngs(0))
+    xla_model = create_model("mmdit", "tiny", rngs=nnx.Rngs(0), attn_implementation="xla")
+    x, t, cond = _inputs(model.config)
+    if jax.default_backend() != "gpu":
+        np.testing.assert_array_equal(model(x, t, cond), xla_model(x, t, cond))
 
 
 def test_overrides():
@@ -211,13 +243,21 @@ def test_named_configs():
     xl = get_config("dit", "dit-xl")
     assert (xl.width, xl.depth, xl.heads, xl.num_image_tokens) == (1152, 28, 16, 256)
     assert xl.image_shape == (32, 32, 4) and xl.patch_size == 2
-    flux = get_config("mmdit", "flux")
-    assert (flux.width, flux.depth, flux.heads, flux.num_image_tokens) == (3072, 60, 24, 1024)
+    flux = get_config("mmdit", "flux")  # FLUX.1: 19 double- then 38 single-stream blocks
+    assert (flux.width, flux.depth, flux.single_depth, flux.heads, flux.num_image_tokens,
+            flux.caption_len) == (3072, 19, 38, 24, 1024, 512)
+    qwen = get_config("mmdit", "qwen-image")  # Qwen-Image: 60 double-stream blocks
+    assert (qwen.width, qwen.depth, qwen.single_depth, qwen.heads, qwen.num_image_tokens) == (
+        3072, 60, 0, 24, 1024)
+    # The single-stream DiT keeps its 60 blocks at both large sizes.
+    assert get_config("dit", "flux") == get_config("dit", "qwen-image") == qwen
     tiny = get_config("dit", "tiny")
     assert (tiny.width, tiny.depth, tiny.heads, tiny.num_image_tokens) == (32, 4, 2, 16)
     assert set(CONFIGS) == set(ARCHS)
     for sizes in CONFIGS.values():
-        assert list(sizes) == ["tiny", "small", "dit-xl", "flux"]
+        assert list(sizes) == ["tiny", "small", "dit-xl", "flux", "qwen-image"]
+        for name in ("tiny", "small", "dit-xl"):
+            assert sizes[name] == CONFIGS["dit"][name]  # shared by both architectures
         for cfg in sizes.values():
             assert cfg.dtype == jnp.float32 and cfg.param_dtype == jnp.float32
     assert dataclasses.replace(tiny, dtype="bfloat16").dtype == jnp.bfloat16

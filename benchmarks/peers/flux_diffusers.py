@@ -7,11 +7,15 @@ write it. Prints one JSON object per row (and appends it to ``--out``):
 
 * ``matmul``: the card's measured bf16 matrix rate (8192^3 GEMMs), the denominator of every
   utilisation figure;
-* ``double-19``: 19 double-stream blocks (``num_single_layers=0``), eager and compiled;
+* ``eager``, ``compile``: FLUX.1's layout, ``FluxTransformer2DModel(num_layers=19,
+  num_single_layers=38)`` (``--double`` and ``--single``; ``--single 0`` gives the double-stream
+  blocks alone, as the first runs of this benchmark did), eager and compiled;
 * ``fbc``: the same with diffusers' First-Block Cache (a threshold sweep in eager mode, the
-  count of fully computed steps for each, then the compiled run at the chosen threshold);
-* ``full-layout``: the 19 + 38 block layout at reduced depth (``--full-double`` double-stream
-  plus ``--full-single`` single-stream blocks), eager and compiled.
+  count of fully computed steps for each, then the compiled run at the chosen threshold; the
+  first double-stream block decides, the other 56 blocks, single-stream ones included, are
+  skipped together).
+
+The jaxcache side (``flux_jax.py``) runs the same 19 + 38 layout, its ``flux`` size.
 
 Matrix FLOPs are counted analytically (see ``peer_flops.py``), the same way for both sides.
 
@@ -156,16 +160,17 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--width", type=int, default=3072)
     p.add_argument("--heads", type=int, default=24)
-    p.add_argument("--double", type=int, default=19)
+    p.add_argument("--double", type=int, default=19, help="double-stream blocks (19)")
+    p.add_argument("--single", type=int, default=38,
+                   help="single-stream blocks after them (38: FLUX.1; 0: double-stream only)")
     p.add_argument("--image-tokens", type=int, default=1024)
     p.add_argument("--text-tokens", type=int, default=512)
-    p.add_argument("--full-double", type=int, default=4)
-    p.add_argument("--full-single", type=int, default=8)
     p.add_argument("--thresholds", default="0.05,0.1,0.2,0.3,0.5,0.7,1.0,1.5,2.0")
     p.add_argument("--target-computed", type=int, default=10,
                    help="FBC: pick the threshold whose computed-step count is nearest this")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--skip", default="", help="comma list of rows to skip")
+    p.add_argument("--skip", default="",
+                   help="comma list of rows to skip: eager, compile, fbc, fbc-compile")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -187,17 +192,20 @@ def main(argv=None) -> None:
     emit(dict(row="matmul", tflops=rate))
     data = inputs(args.image_tokens, args.text_tokens)
     tokens = args.image_tokens + args.text_tokens
+    blocks = args.double + args.single
+    label = f"{args.double}+{args.single}"
     with torch.inference_mode():
-        model = build(args.double, 0, args.width, args.heads)
-        step = flux_step_flops(args.width, tokens, args.double)
+        model = build(args.double, args.single, args.width, args.heads)
+        # A single-stream block has the same matrix FLOPs as a double-stream one.
+        step = flux_step_flops(args.width, tokens, blocks)
         total = step * args.steps
         if "eager" not in skip:
             emit(timed("diffusers eager", euler_loop(model, data, args.steps), args.repeats,
-                       total, rate, blocks=f"{args.double}+0"))
+                       total, rate, blocks=label))
         if "compile" not in skip:
             compiled = torch.compile(model)
             emit(timed("diffusers torch.compile", euler_loop(compiled, data, args.steps),
-                       args.repeats, total, rate, blocks=f"{args.double}+0"))
+                       args.repeats, total, rate, blocks=label))
             del compiled
             torch._dynamo.reset()
         if "fbc" not in skip:
@@ -220,19 +228,20 @@ def main(argv=None) -> None:
             best = min(sweep, key=lambda s: abs(len(s["computed_steps"]) - args.target_computed))
             leader.threshold = best["threshold"]
             n = len(best["computed_steps"])
-            # The leader block runs every step; the other double-1 blocks on computed steps.
+            # The leader block runs every step; the other blocks (double- and single-stream)
+            # on computed steps.
             fbc_flops = flux_step_flops(args.width, tokens, 1) * args.steps + flux_step_flops(
-                args.width, tokens, args.double - 1) * n
+                args.width, tokens, blocks - 1) * n
             emit(timed("diffusers FBC eager", fbc_run(hook_model, data, args.steps),
                        args.repeats, fbc_flops, rate, threshold=best["threshold"],
-                       computed_steps=best["computed_steps"], blocks=f"{args.double}+0"))
+                       computed_steps=best["computed_steps"], blocks=label))
             if "fbc-compile" not in skip:
                 compiled = torch.compile(hook_model)
                 compiled_count, on_step = fbc_counter(hook_model)
                 row = timed("diffusers FBC torch.compile",
                             fbc_run(compiled, data, args.steps, owner=hook_model),
                             args.repeats, fbc_flops, rate, threshold=best["threshold"],
-                            blocks=f"{args.double}+0")
+                            blocks=label)
                 compiled_count.clear()
                 fbc_run(compiled, data, args.steps, on_step, owner=hook_model)()
                 row["computed_steps"] = list(compiled_count)
@@ -241,18 +250,6 @@ def main(argv=None) -> None:
                 torch._dynamo.reset()
         del model
         torch.cuda.empty_cache()
-        if "full" not in skip:
-            model = build(args.full_double, args.full_single, args.width, args.heads)
-            # A single-stream block has the same matrix FLOPs as a double-stream one.
-            blocks = args.full_double + args.full_single
-            total = flux_step_flops(args.width, tokens, blocks) * args.steps
-            label = f"{args.full_double}+{args.full_single}"
-            emit(timed("diffusers eager", euler_loop(model, data, args.steps), args.repeats,
-                       total, rate, blocks=label))
-            compiled = torch.compile(model)
-            emit(timed("diffusers torch.compile", euler_loop(compiled, data, args.steps),
-                       args.repeats, total, rate, blocks=label))
-
 
 if __name__ == "__main__":
     main()

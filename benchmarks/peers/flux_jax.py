@@ -1,12 +1,16 @@
-"""The jaxcache side of the FLUX peer benchmark: the MMDiT at the diffusers model's shape.
+"""The jaxcache side of the FLUX peer benchmark: the MMDiT in FLUX.1's layout.
 
-Width 3072, 24 heads, ``--depth`` dual-stream blocks, 1024 image tokens (a 64x64x16 latent in
-2x2 patches) and 512 text tokens, bfloat16, batch 1, ``--steps`` Euler steps, through
+The ``flux`` size: width 3072, 24 heads, 19 double-stream blocks then 38 single-stream blocks
+(diffusers' ``FluxTransformer2DModel(num_layers=19, num_single_layers=38)``; ``--depth`` and
+``--single-depth`` change the counts), 1024 image tokens (a 64x64x16 latent in 2x2 patches) and
+512 text tokens, bfloat16, batch 1, ``--steps`` Euler steps, through
 :func:`jaxcache.evaluation.bench.run_benchmark` (uncached ``jaxcache.sample``, the hand-written
-jitted loop over the same forward, and the cached run; compile times apart). Rows: XLA and cuDNN
-attention at interval 3 over 9 of 19 blocks; cuDNN with the order-1 forecast; cuDNN First-Block
-at the same number of computed steps as diffusers' First-Block Cache made (``--fbc-computed``,
-or read from the diffusers rows in ``--out``). One JSON object per row, appended to ``--out``.
+jitted loop over the same forward, and the cached run; compile times apart). Rows, each with its
+uncached run: XLA and cuDNN attention at interval 3 over the first ``--cached-layers`` of the 57
+blocks (the body crosses from the double- into the single-stream blocks); cuDNN at interval 3
+with the order-1 forecast (``IntervalPolicy(3)`` + ``TaylorForecast(1)``); cuDNN First-Block at
+the same number of computed steps as diffusers' First-Block Cache made (``--fbc-computed``, or
+read from the diffusers rows in ``--out``). One JSON object per row, appended to ``--out``.
 
 Usage (GPU machine, after ``flux_diffusers.py``)::
 
@@ -16,6 +20,7 @@ Usage (GPU machine, after ``flux_diffusers.py``)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -23,7 +28,7 @@ from pathlib import Path
 import jax
 
 from jaxcache.evaluation.bench import build_model, run_benchmark
-from jaxcache.models import get_config
+from jaxcache.models import SIZES, get_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_flops import block_flops  # noqa: E402
@@ -32,6 +37,7 @@ KEEP = ("uncached_s", "uncached_compile_s", "hand_loop_s", "hand_loop_compile_s"
         "compile_s", "speedup", "ideal_speedup", "efficiency", "layer_evaluations",
         "refreshes", "threshold", "uncached_over_hand_loop", "speedup_over_hand_loop",
         "max_abs_diff")
+ROWS = ("xla", "cudnn", "taylor", "first-block")
 
 
 def _fbc_computed(path: str | None) -> int | None:
@@ -46,14 +52,21 @@ def _fbc_computed(path: str | None) -> int | None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="flux", help="a smaller size for a CPU smoke test")
-    p.add_argument("--depth", type=int, default=19)
+    p.add_argument("--size", default="flux", choices=SIZES,
+                   help="the mmdit size (default flux: 19 + 38); a smaller one for a CPU smoke "
+                   "test")
+    p.add_argument("--depth", type=int, default=None,
+                   help="double-stream blocks (default: the size's, 19 for flux)")
+    p.add_argument("--single-depth", type=int, default=None,
+                   help="single-stream blocks after them (default: the size's, 38 for flux; 0: "
+                   "the double-stream blocks alone, as the first peer runs)")
+    p.add_argument("--cached-layers", type=int, default=27,
+                   help="interval rows: the blocks [0, n) cached (default 27 of 57, about half; "
+                   "capped at the depth)")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--fbc-computed", type=int, default=None)
-    p.add_argument("--rows", default="xla,cudnn,taylor,first-block,equiv")
-    p.add_argument("--equiv-depth", type=int, default=12,
-                   help="blocks of the row matching diffusers' reduced 19 + 38 layout in FLOPs")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
     p.add_argument("--hand-loop", choices=["xla", "cudnn", "none"], default="xla",
                    help="which attention's row also times the hand-written loop")
     p.add_argument("--unroll-layers", action="store_true",
@@ -63,8 +76,16 @@ def main(argv=None) -> None:
     p.add_argument("--tag", default="", help="a label for this process (e.g. its XLA flags)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    rows = set(args.rows.split(","))
-    config = get_config("mmdit", args.size)
+    rows = set(filter(None, args.rows.split(",")))
+    if rows - set(ROWS):
+        p.error(f"unknown rows {sorted(rows - set(ROWS))}; valid: {', '.join(ROWS)} (the "
+                "FLOP-equal 'equiv' row went when both sides took FLUX.1's full layout)")
+    layout = {k: v for k, v in (("depth", args.depth), ("single_depth", args.single_depth))
+              if v is not None}
+    config = dataclasses.replace(get_config("mmdit", args.size), **layout)
+    double, single = config.depth, config.single_depth
+    total = double + single
+    # A single-stream block has the same matrix FLOPs as a double-stream one (peer_flops.py).
     per_block = block_flops(config.width, config.num_image_tokens + config.caption_len)
 
     def emit(name, result):
@@ -73,7 +94,7 @@ def main(argv=None) -> None:
         row.update(row=name + (" unrolled" if args.unroll_layers else ""), tag=args.tag,
                    compiler_options=args.compiler_options,
                    jax=jax.__version__, device=result["device"],
-                   steps=args.steps, blocks=f"{result['depth']} dual",
+                   steps=args.steps, blocks=f"{double}+{single}",
                    uncached_tflops=uncached / result["uncached_s"] / 1e12,
                    cached_tflops_equiv=uncached / result["cached_s"] / 1e12)
         if "hand_loop_s" in result:
@@ -87,22 +108,23 @@ def main(argv=None) -> None:
     common = dict(model="mmdit", size=args.size, steps=args.steps, batch=1, dtype="bfloat16",
                   repeats=args.repeats, layer_unroll=args.unroll_layers,
                   compiler_options=args.compiler_options)
+    cached = min(args.cached_layers, total)
     for attn in ("xla", "cudnn"):
-        wanted = [r for r in ("xla", "cudnn", "taylor", "first-block") if r in rows
+        wanted = [r for r in ROWS if r in rows
                   and (r == attn or (attn == "cudnn" and r in ("taylor", "first-block")))]
         if not wanted:
             continue
-        overrides = dict(depth=args.depth, attn_implementation=None if attn == "xla" else attn)
+        overrides = dict(layout, attn_implementation=attn)
         built = build_model("mmdit", args.size, "bfloat16", **overrides)
-        cached = min(9, args.depth)
         settings = dict(policy="interval", interval=3, cached_layers=cached)
+        where = f"({cached} of {double}+{single})"
         if attn in rows:
             # The hand-written loop (unrolled) compiles for over a minute at this size: once.
-            emit(f"jaxcache {attn} interval 3 ({cached} of {args.depth}) reuse",
+            emit(f"jaxcache {attn} interval 3 {where} reuse",
                  run_benchmark(**common, **settings, built=built, overrides=overrides,
                                hand_loop=attn == args.hand_loop))
         if "taylor" in wanted:
-            emit(f"jaxcache {attn} interval 3 ({cached} of {args.depth}) taylor1",
+            emit(f"jaxcache {attn} interval 3 {where} taylor1",
                  run_benchmark(**common, **settings, reuse="taylor", order=1, built=built,
                                overrides=overrides, hand_loop=False))
         if "first-block" in wanted:
@@ -112,14 +134,6 @@ def main(argv=None) -> None:
                                / args.steps, built=built, overrides=overrides,
                                hand_loop=False))
         del built
-    if "equiv" in rows:
-        # jaxcache has dual-stream blocks only; a single-stream FLUX block has the same matrix
-        # FLOPs, so the reduced full layout is matched by the same total number of blocks.
-        overrides = dict(depth=args.equiv_depth, attn_implementation="cudnn")
-        result = run_benchmark(**common, policy="interval", interval=3,
-                               cached_layers=min(9, args.equiv_depth), overrides=overrides,
-                               hand_loop=False)
-        emit("jaxcache cudnn, FLOP-equal to the reduced full layout", result)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ Two architectures, both exposing the four pieces :func:`jaxcache.network.from_nn
 
 * :class:`DiT`: single stream, Z-Image style; the caption states are the cache's constant.
 * :class:`MMDiT`: dual stream, FLUX / SD3 / Qwen-Image style; the hidden state is the pair
-  ``(image, text)``.
+  ``(image, text)``. With ``single_depth > 0`` (the ``flux`` size: 19 + 38) the double-stream
+  blocks are followed by FLUX.1's single-stream blocks (:class:`MMDiTSingleBlock`), a second
+  block stack of another kind.
 
 Example:
   >>> import jax.numpy as jnp
@@ -21,7 +23,7 @@ Example:
 from jaxcache.models.configs import ARCHS, CONFIGS, SIZES, ModelConfig, get_config
 from jaxcache.models.dit import DiT
 from jaxcache.models.factory import create_model
-from jaxcache.models.mmdit import MMDiT
+from jaxcache.models.mmdit import MMDiT, MMDiTSingleBlock
 
 __all__ = [
     "ARCHS",
@@ -29,6 +31,7 @@ __all__ = [
     "SIZES",
     "DiT",
     "MMDiT",
+    "MMDiTSingleBlock",
     "ModelConfig",
     "create_model",
     "get_config",

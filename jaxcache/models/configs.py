@@ -1,7 +1,19 @@
 """Sizes of the reference diffusion transformers.
 
 ``ModelConfig`` holds every hyperparameter; named sizes go from a CPU-test toy (``tiny``) to
-DiT-XL/2 and a FLUX / Qwen-Image-scale model (``flux``). Both architectures share the sizes.
+DiT-XL/2, FLUX.1 and Qwen-Image. Both architectures have every size:
+
+* ``tiny``, ``small`` and ``dit-xl`` are one config, shared by both architectures.
+* ``flux``: for the ``mmdit``, FLUX.1's layout: 19 double-stream blocks followed by 38
+  single-stream blocks (``depth=19, single_depth=38``), width 3072, 24 heads, 1024 image tokens
+  (a 64x64x16 latent in 2x2 patches) and 512 text tokens.
+* ``qwen-image``: for the ``mmdit``, Qwen-Image's layout: 60 double-stream blocks at the same
+  width, heads and tokens (what ``flux`` named before it took FLUX.1's layout).
+* The ``dit`` (single stream) has no double / single split, so a nonzero ``single_depth`` is
+  refused and both large sizes keep what they have always been for it: 60 blocks at width
+  3072, 24 heads, 1024 image and 512 caption tokens (``dit``'s ``flux`` and ``qwen-image`` are
+  the same config). The rule: a size means one config for both architectures, except that the
+  ``mmdit``'s ``flux`` moves its blocks into FLUX.1's 19 + 38 split.
 
 Example:
   >>> from jaxcache.models import get_config
@@ -19,10 +31,13 @@ from typing import Any
 
 import jax.numpy as jnp
 
-__all__ = ["ARCHS", "CONFIGS", "SIZES", "ModelConfig", "get_config"]
+__all__ = ["ARCHS", "ATTN_IMPLEMENTATIONS", "CONFIGS", "SIZES", "ModelConfig", "get_config"]
 
 ARCHS: tuple[str, ...] = ("dit", "mmdit")
-SIZES: tuple[str, ...] = ("tiny", "small", "dit-xl", "flux")
+SIZES: tuple[str, ...] = ("tiny", "small", "dit-xl", "flux", "qwen-image")
+
+ATTN_IMPLEMENTATIONS: tuple[str | None, ...] = ("auto", None, "xla", "cudnn")
+"""Valid ``ModelConfig.attn_implementation`` values (see ``jaxcache.models.layers.attention``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +46,8 @@ class ModelConfig:
 
     Attributes:
       width: hidden size ``D``.
-      depth: number of main (cached) transformer blocks.
+      depth: number of main (cached) transformer blocks; for the ``mmdit``, its double-stream
+        blocks.
       heads: attention heads; ``width`` must be divisible by it.
       mlp_ratio: MLP hidden size over ``width``.
       image_size: side of the square input latent ``[B, image_size, image_size, channels]``.
@@ -43,7 +59,14 @@ class ModelConfig:
       dtype: compute dtype (activations); ``bfloat16`` for speed.
       param_dtype: parameter storage dtype.
       qk_norm: RMSNorm on attention queries and keys.
-      attn_implementation: ``None`` (XLA) or ``"cudnn"`` for ``jax.nn.dot_product_attention``.
+      attn_implementation: ``"auto"`` (default): cuDNN flash attention where it runs (a CUDA
+        GPU, bfloat16 or float16, a supported head size), else XLA, decided at trace time;
+        ``None`` or ``"xla"``: XLA; ``"cudnn"``: cuDNN (GPU, bf16/fp16 only). It selects a
+        kernel, not a model, so it takes no part in comparing configs: two configs that differ
+        only here are equal (a checkpoint saved with ``None`` loads as the config it was
+        trained with).
+      single_depth: single-stream blocks after the ``depth`` double-stream blocks (FLUX.1's
+        layout; ``mmdit`` only, the ``dit`` refuses a nonzero value). 0: none.
     """
 
     width: int
@@ -59,7 +82,8 @@ class ModelConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     qk_norm: bool = True
-    attn_implementation: str | None = None
+    attn_implementation: str | None = dataclasses.field(default="auto", compare=False)
+    single_depth: int = 0
 
     def __post_init__(self):
         # Canonical numpy dtypes: hashable and comparable, so configs compare equal whether
@@ -71,6 +95,8 @@ class ModelConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.single_depth < 0:
+            raise ValueError(f"single_depth must be >= 0, got {self.single_depth}")
         if self.caption_refiners < 0:
             raise ValueError(f"caption_refiners must be >= 0, got {self.caption_refiners}")
         if self.mlp_ratio <= 0:
@@ -84,11 +110,16 @@ class ModelConfig:
             raise ValueError(
                 f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}"
             )
-        if self.attn_implementation not in (None, "xla", "cudnn"):
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(
-                f"attn_implementation must be None, 'xla' or 'cudnn', "
+                f"attn_implementation must be 'auto', None, 'xla' or 'cudnn', "
                 f"got {self.attn_implementation!r}"
             )
+
+    @property
+    def num_layers(self) -> int:
+        """All main blocks, double- and single-stream: ``depth + single_depth``."""
+        return self.depth + self.single_depth
 
     @property
     def head_dim(self) -> int:
@@ -131,17 +162,25 @@ _SIZES: dict[str, ModelConfig] = {
         width=1152, depth=28, heads=16, image_size=32, channels=4, patch_size=2, caption_len=8,
         vocab_size=1024, caption_refiners=2,
     ),
-    # FLUX / Qwen-Image width and depth: 3072 wide, 60 blocks, 1024 image tokens (64x64x16).
-    "flux": ModelConfig(
+    # Qwen-Image's layout: 3072 wide, 60 double-stream blocks, 1024 image tokens (64x64x16).
+    "qwen-image": ModelConfig(
         width=3072, depth=60, heads=24, image_size=64, channels=16, patch_size=2, caption_len=512,
         vocab_size=1024, caption_refiners=1,
     ),
 }
 
-CONFIGS: Mapping[str, Mapping[str, ModelConfig]] = types.MappingProxyType(
-    {arch: types.MappingProxyType(dict(_SIZES)) for arch in ARCHS}
-)
-"""Named configs, ``CONFIGS[arch][size]``."""
+_BY_ARCH: dict[str, dict[str, ModelConfig]] = {
+    # A single-stream DiT at FLUX width: the same 60 blocks as its qwen-image size.
+    "dit": {"flux": _SIZES["qwen-image"]},
+    # FLUX.1's layout: 19 double-stream then 38 single-stream blocks, the same width and tokens.
+    "mmdit": {"flux": dataclasses.replace(_SIZES["qwen-image"], depth=19, single_depth=38)},
+}
+
+CONFIGS: Mapping[str, Mapping[str, ModelConfig]] = types.MappingProxyType({
+    arch: types.MappingProxyType({size: _BY_ARCH[arch].get(size) or _SIZES[size] for size in SIZES})
+    for arch in ARCHS
+})
+"""Named configs, ``CONFIGS[arch][size]`` (the module docstring says how the sizes map)."""
 
 
 def get_config(arch: str, size: str) -> ModelConfig:
@@ -149,7 +188,7 @@ def get_config(arch: str, size: str) -> ModelConfig:
 
     Args:
       arch: ``"dit"`` (single stream, Z-Image style) or ``"mmdit"`` (dual stream, FLUX style).
-      size: ``"tiny"``, ``"small"``, ``"dit-xl"`` or ``"flux"``.
+      size: ``"tiny"``, ``"small"``, ``"dit-xl"``, ``"flux"`` or ``"qwen-image"``.
 
     Returns:
       The config (frozen; derive variants with ``dataclasses.replace``).

@@ -11,7 +11,7 @@ from jaxcache.models.configs import ModelConfig, get_config
 from jaxcache.models.dit import DiT
 from jaxcache.models.mmdit import MMDiT
 
-__all__ = ["ARCHITECTURES", "create_model"]
+__all__ = ["ARCHITECTURES", "check_architecture", "create_model"]
 
 ARCHITECTURES: dict[str, type[nnx.Module]] = {"dit": DiT, "mmdit": MMDiT}
 
@@ -37,17 +37,20 @@ def create_model(
 
     Args:
       arch: ``"dit"`` or ``"mmdit"``.
-      size: ``"tiny"``, ``"small"``, ``"dit-xl"`` or ``"flux"``.
+      size: ``"tiny"``, ``"small"``, ``"dit-xl"``, ``"flux"`` or ``"qwen-image"`` (see
+        :mod:`jaxcache.models.configs`).
       rngs: random number streams for initialisation.
       dtype: compute dtype; ``None`` keeps the config's (float32).
       param_dtype: parameter dtype; ``None`` keeps the config's (float32).
-      **overrides: other :class:`ModelConfig` fields to change (``depth=8``, ...).
+      **overrides: other :class:`ModelConfig` fields to change (``depth=8``,
+        ``single_depth=2`` for the ``mmdit``, ...).
 
     Returns:
       The initialised model.
 
     Raises:
-      ValueError: for an unknown architecture, size or config field, or an invalid config.
+      ValueError: for an unknown architecture, size or config field, or an invalid config
+        (single-stream blocks, ``single_depth > 0``, for an architecture other than ``mmdit``).
     """
     config = get_config(arch, size)
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -59,4 +62,18 @@ def create_model(
     if param_dtype is not None:
         overrides["param_dtype"] = param_dtype
     config = dataclasses.replace(config, **overrides)  # re-validates
+    check_architecture(arch, config)
     return ARCHITECTURES[arch](config, rngs=rngs)
+
+
+def check_architecture(arch: str, config: ModelConfig) -> None:
+    """Raises ``ValueError`` if ``config`` asks for what architecture ``arch`` does not have.
+
+    Only the ``mmdit`` has FLUX.1's single-stream blocks: any other architecture refuses a
+    nonzero ``single_depth`` rather than silently building fewer blocks than asked.
+    """
+    if config.single_depth and arch != "mmdit":
+        raise ValueError(
+            f"single_depth={config.single_depth}: only the mmdit architecture has single-stream "
+            f"blocks (FLUX.1's layout); the {arch} has one kind of block, set its depth instead"
+        )

@@ -34,6 +34,7 @@ __all__ = [
     "TimestepEmbedder",
     "TransformerBlock",
     "attention",
+    "attention_implementation",
     "broadcast_times",
     "check_image",
     "check_token_ids",
@@ -237,7 +238,7 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
 
 
 def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str | None = None
+    q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str | None = "auto"
 ) -> jax.Array:
     """Unmasked multi-head attention over ``[B, T, heads, head_dim]`` arrays.
 
@@ -248,14 +249,72 @@ def attention(
       q: queries ``[B, T, H, Dh]``.
       k: keys ``[B, S, H, Dh]``.
       v: values ``[B, S, H, Dh]``.
-      implementation: ``None``/``"xla"`` or ``"cudnn"`` (GPU, bf16/fp16 only).
+      implementation: ``"auto"``: cuDNN flash attention where it runs (see
+        :func:`attention_implementation`), else XLA; ``None``/``"xla"``: XLA; ``"cudnn"``
+        (GPU, bf16/fp16 only).
 
     Returns:
       ``[B, T, H, Dh]`` in the dtype of ``q``.
     """
+    chosen = attention_implementation(q, k, v, implementation)
     # jax promotes bf16 logits to f32 implicitly, which strict promotion would reject.
     with jax.numpy_dtype_promotion("standard"):
-        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+        if implementation == "auto" and chosen == "cudnn":
+            try:
+                return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+            except (NotImplementedError, RuntimeError):  # cuDNN refused these (trace time)
+                chosen = "xla"
+        return jax.nn.dot_product_attention(q, k, v, implementation=chosen)
+
+
+_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def attention_implementation(
+    q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = "auto"
+) -> str | None:
+    """The implementation :func:`attention` uses for these arrays (decided at trace time).
+
+    ``"auto"`` becomes ``"cudnn"`` when JAX's default backend is a CUDA GPU, ``q``, ``k`` and
+    ``v`` share a dtype cuDNN's flash attention takes (bfloat16 or float16), and the head size
+    is one it takes (a multiple of 8, at most 128; 256 from compute capability 9.0, Hopper);
+    otherwise ``"xla"``, so on a CPU (and for float32 anywhere) ``"auto"`` computes exactly what
+    XLA does. Any other value comes back as given.
+
+    Args:
+      q: queries ``[B, T, H, Dh]`` (arrays, tracers or shapes).
+      k: keys ``[B, S, H, Dh]``.
+      v: values ``[B, S, H, Dh]``.
+      implementation: ``"auto"``, ``None``, ``"xla"`` or ``"cudnn"``.
+
+    Returns:
+      ``"cudnn"`` or ``"xla"`` for ``"auto"``; ``implementation`` otherwise.
+    """
+    if implementation != "auto":
+        return implementation
+    if jax.default_backend() != "gpu":
+        return "xla"
+    dtypes = {jnp.dtype(a.dtype) for a in (q, k, v)}
+    if len(dtypes) != 1 or dtypes.pop() not in _CUDNN_DTYPES:
+        return "xla"
+    head_dim = q.shape[-1]
+    if k.shape[-1] != head_dim or v.shape[-1] != head_dim or head_dim % 8:
+        return "xla"
+    capability = _cuda_capability()
+    if capability is None:
+        return "xla"
+    return "cudnn" if head_dim <= (256 if capability >= (9, 0) else 128) else "xla"
+
+
+def _cuda_capability() -> tuple[int, ...] | None:
+    """The compute capability of the default backend's first device if it is a CUDA GPU."""
+    try:
+        device = jax.devices()[0]
+        if "cuda" not in str(device.client.platform_version).lower():
+            return None
+        return tuple(int(x) for x in str(device.compute_capability).split("."))
+    except (AttributeError, RuntimeError, ValueError):
+        return None
 
 
 def merge_heads(x: jax.Array) -> jax.Array:
@@ -441,7 +500,7 @@ class TransformerBlock(nnx.Module):
         *,
         mlp_ratio: float = 4.0,
         qk_norm: bool = True,
-        attn_implementation: str | None = None,
+        attn_implementation: str | None = "auto",
         dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
         rngs: nnx.Rngs,
