@@ -106,7 +106,7 @@ def main(argv=None) -> None:
                 f.write(line + "\n")
 
     common = dict(model="mmdit", size=args.size, steps=args.steps, batch=1, dtype="bfloat16",
-                  repeats=args.repeats, layer_unroll=args.unroll_layers,
+                  repeats=args.repeats, layer_unroll=True if args.unroll_layers else None,
                   compiler_options=args.compiler_options)
     cached = min(args.cached_layers, total)
     for attn in ("xla", "cudnn"):
