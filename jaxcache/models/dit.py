@@ -142,6 +142,11 @@ class DiT(nnx.Module):
     dual_stream = False
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        if config.single_depth:
+            raise ValueError(
+                f"the DiT has one kind of block: single_depth must be 0, got "
+                f"{config.single_depth} (single-stream blocks belong to the mmdit's FLUX layout)"
+            )
         self.config = config
         self.num_layers = config.depth
         self.condition_encoder = DiTCaptionEncoder(config, rngs=rngs)
