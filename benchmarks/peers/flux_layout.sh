@@ -1,0 +1,30 @@
+#!/bin/bash
+# FLUX.1's layout (19 double + 38 single blocks), both sides in one run on one card, with the
+# library's defaults on the jaxcache side (no recipe), then the scanned stack with XLA's
+# dynamic-slice fusion for comparison. GPU machine; diffusers as wheels in .whl/ (see run.sh).
+# Usage: bash benchmarks/peers/flux_layout.sh OUTDIR
+set -u
+out=${1:-out/flux_layout}
+mkdir -p "$out"
+if ls .whl/diffusers-*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/diffusers-*.whl .whl/importlib_metadata-*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+  if ! python3 -c "import diffusers.hooks, diffusers.models" 2> /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/huggingface_hub-*.whl || exit 1
+  fi
+else
+  export PYTHONPATH=$PWD
+fi
+timeout "${DIFFUSERS_TIMEOUT:-230}" python3 benchmarks/peers/flux_diffusers.py --repeats 3 \
+  --out "$out/peers.jsonl" > "$out/diffusers.log" 2>&1 || echo "diffusers side: exit $?"
+timeout "${JAX_TIMEOUT:-240}" python3 benchmarks/peers/flux_jax.py --repeats 3 \
+  --rows cudnn,taylor,first-block --cached-layers 56 --hand-loop none \
+  --out "$out/peers.jsonl" > "$out/jax.log" 2>&1 || echo "jax side: exit $?"
+timeout "${STACK_TIMEOUT:-90}" python3 benchmarks/layer_stack_options.py --size flux \
+  --repeats 3 --out "$out/stack.jsonl" --settings \
+  'scan-cublas-dsf=scan:{"xla_gpu_enable_triton_gemm": false, "xla_gpu_enable_dynamic_slice_fusion": true}' \
+  > "$out/stack.log" 2>&1 || echo "stack options: exit $?"
+python3 benchmarks/peers/table.py "$out/peers.jsonl"
+tail -3 "$out/stack.log"
