@@ -74,11 +74,17 @@ class CachePlan:
     first_layers: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.network, Network):
-            got = type(self.network).__name__
-            raise TypeError(f"network must be a jaxcache Network, got {got}")
-        if isinstance(self.network, type) or isinstance(self.cached_layers, Network):
+        if isinstance(self.cached_layers, Network):
             raise TypeError("CachePlan(network, cached_layers, first_layers): network first")
+        if not isinstance(self.network, Network):
+            got = (f"the class {self.network.__name__}" if isinstance(self.network, type)
+                   else type(self.network).__name__)
+            raise TypeError(
+                f"network must be a jaxcache Network, got {got} (jaxcache.from_nnx(model), "
+                "jaxcache.from_linen(...) or jaxcache.Network(...) build one)"
+            )
+        # The plan does not know the depth: sample, lower and split check that
+        # first_layers + cached_layers does not exceed it (CachePlan.around checks it here).
         check_int(self.cached_layers, "cached_layers", minimum=0)
         check_int(self.first_layers, "first_layers", minimum=0)
 
@@ -190,6 +196,16 @@ class CachePlan:
                 f"params must be SegmentParams (from CachePlan.split), got {type(params).__name__}"
             )
         head, body = stack_length(params.head), stack_length(params.body)
+        total = head + body + stack_length(params.tail)
+        if self.body_stop > total:  # the plan cannot know the depth; the split params do
+            raise ValueError(
+                f"first_layers={self.first_layers} + cached_layers={self.cached_layers} exceeds "
+                f"the network's {total} layers (the split params hold {total}); the body is "
+                f"layers [first_layers, first_layers + cached_layers), so at most "
+                f"{max(total - self.first_layers, 0)} can be cached after {self.first_layers} "
+                "first layers (CachePlan.around(network, depth, first=..., last=...) builds a "
+                "plan from the depth)"
+            )
         if (head, body) != (self.first_layers, self.cached_layers):
             raise ValueError(
                 f"params were split with first_layers={head}, cached_layers={body}, but the "

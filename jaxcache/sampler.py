@@ -27,6 +27,7 @@ the seed is traced and a new one reuses the compiled program.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, NamedTuple
 
 import jax
@@ -120,6 +121,13 @@ def sample(
       cond: the condition (e.g. caption token ids), batch-major.
       solver: the solver (:class:`~jaxcache.FlowMatchEuler`, :class:`~jaxcache.DDIM`, ...).
         Static: it must be hashable (a frozen dataclass), and equal settings share a program.
+        Its times are in ``[0, 1]``; the network's :class:`~jaxcache.TimeConvention` says how
+        the model reads them. A discrete-schedule solver (DDIM, DDPM, ...) on a network of the
+        default ``continuous`` convention is accepted without a word: the model then reads
+        ``k / T`` rather than the index ``k``, which is right for a model trained on that
+        time (the shipped ``dit-eps`` digits model) and wrong for a DDPM-trained one (DiT,
+        ADM), which needs ``TimeConvention.index(T)``. Only an ``index`` network is checked
+        against its solver's times.
       num_steps: the number of solver steps (static). The cache steps are the model
         evaluations: ``num_steps`` for one-stage solvers, ``2 num_steps - 1`` for Heun; the
         policy (an interval, a mask's length) counts evaluations.
@@ -133,9 +141,12 @@ def sample(
         reuses the compiled program. Evaluation ``i`` gets ``jax.random.fold_in(key, i)``.
         Solvers that draw no noise refuse it.
       remat: for differentiating through sampling (:func:`~jaxcache.fit_forecast`): each step
-        of a schedule known before sampling is rematerialised in the backward pass, which then
-        keeps one step's activations at a time instead of every step's, for about one more
-        forward pass of compute. The samples are the same. Static.
+        of a schedule known before sampling, or of the uncached loop (``policy=None`` or no
+        cached layers), is rematerialised in the backward pass, which then keeps one step's
+        activations at a time instead of every step's, for about one more forward pass of
+        compute. The samples are the same. Static. Refused (ValueError) with a policy that
+        decides on the device: that loop runs the body in a ``while_loop``, which reverse-mode
+        differentiation does not cross, so there is no backward pass to rematerialise.
 
     Returns:
       A :class:`SampleResult`.
@@ -150,8 +161,8 @@ def sample(
       ...                       policy=jaxcache.IntervalPolicy(3))
     """
     args = _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond,
-                    guidance_scale, key)
-    return _program(plan)(*args, _check_remat(remat))
+                    guidance_scale, key, remat)
+    return _program(plan)(*args)
 
 
 def lower(
@@ -176,20 +187,58 @@ def lower(
     decisions).
     """
     args = _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond,
-                    guidance_scale, key)
-    return _program(plan).lower(*args, _check_remat(remat))
+                    guidance_scale, key, remat)
+    return _program(plan).lower(*args)
 
 
-def _check_remat(remat: Any) -> bool:
+def _check_remat(remat: Any, policy: RefreshPolicy | None = None, on_device: bool = False) -> bool:
+    """``remat`` as a bool; refused where it cannot apply (a loop that decides on the device)."""
     if not isinstance(remat, bool):
         raise TypeError(f"remat must be a bool (static), got {remat!r}")
+    if remat and on_device:
+        raise ValueError(
+            f"remat=True rematerialises each step of the uncached loop or of a schedule known "
+            f"before sampling in the backward pass; {type(policy).__name__} decides on the "
+            "device (its static_schedule is None), and that loop runs the body in a "
+            "while_loop, which reverse-mode differentiation does not cross: there is no "
+            "backward pass to rematerialise. Drop remat=, or differentiate through a known "
+            "schedule (IntervalPolicy, StepMaskPolicy)"
+        )
     return remat
 
 
-def _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond, scale, key):
+def _kind_of(value: Any) -> str:
+    """How an argument of the wrong kind is named in a message (a class as a class)."""
+    if isinstance(value, type):
+        return f"the class {value.__name__}"
+    return type(value).__name__
+
+
+def _check_instance(value: Any, base: type, what: str) -> None:
+    """Refuses a class of ``base`` passed where an instance is needed, naming the fix."""
+    if isinstance(value, type) and issubclass(value, base):
+        try:
+            needs = any(
+                p.default is inspect.Parameter.empty
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                for p in inspect.signature(value).parameters.values()
+            )
+        except (TypeError, ValueError):
+            needs = False
+        call = f"{value.__name__}(...)" if needs else f"{value.__name__}()"
+        raise TypeError(
+            f"{what} must be an instance, got the class {value.__name__}: pass an instance, "
+            f"{call}"
+        )
+
+
+def _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond, scale, key,
+             remat=False):
     """Validates every argument (before tracing) and returns ``_sample``'s arguments."""
+    _check_instance(plan, CachePlan, "plan")
     if not isinstance(plan, CachePlan):
-        raise TypeError(f"plan must be a CachePlan, got {type(plan).__name__}")
+        raise TypeError(f"plan must be a CachePlan, got {_kind_of(plan)}")
+    _check_remat(remat)
     plan.check(params)
     _check_solver(solver, key)
     check_int(num_steps, "num_steps")
@@ -200,6 +249,8 @@ def _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond
             f"{type(solver).__name__}.times({num_steps}) must return two 1-D arrays of equal "
             f"length, got shapes {np.shape(times)} and {np.shape(next_times)}"
         )
+    # Only an index network is checked: a discrete-schedule solver on a continuous network may
+    # be right (a model trained on t = k / T) or wrong (a DDPM-trained one); nothing here knows.
     plan.network.time.check_times(times, solver)
     counted = "" if evaluations == num_steps else (
         f" (the cache counts model evaluations: {type(solver).__name__} makes {evaluations} in "
@@ -207,15 +258,18 @@ def _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond
     )
     schedule = None
     if policy is not None:
+        _check_instance(policy, RefreshPolicy, "policy")
         if not isinstance(policy, RefreshPolicy):
-            raise TypeError(f"policy must be a RefreshPolicy or None, got {type(policy).__name__}")
+            raise TypeError(f"policy must be a RefreshPolicy or None, got {_kind_of(policy)}")
         _check_signal(policy, plan)
         try:
             policy.check(plan, evaluations)
         except ValueError as error:
             raise ValueError(f"{error}{counted}") from error
-    if reuse is not None and not isinstance(reuse, ReuseMode):
-        raise TypeError(f"reuse must be a ReuseMode or None, got {type(reuse).__name__}")
+    if reuse is not None:
+        _check_instance(reuse, ReuseMode, "reuse")
+        if not isinstance(reuse, ReuseMode):
+            raise TypeError(f"reuse must be a ReuseMode or None, got {_kind_of(reuse)}")
     if policy is not None and plan.cached_layers > 0:
         schedule = policy.static_schedule(evaluations)
         refreshes = None if schedule is None else int(np.sum(schedule))
@@ -225,6 +279,7 @@ def _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond
         except ValueError as error:
             raise ValueError(f"{error}{counted}") from error
         _check_forecast_times(mode, solver, times, schedule)
+        _check_remat(remat, policy, on_device=schedule is None)
     if np.ndim(noise) < 1:
         raise ValueError("noise must have a leading batch axis")
     if (scale is None) != (uncond is None):
@@ -237,13 +292,14 @@ def _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond
             f"the unconditional one, above 1 guides), got {scale!r}"
         )
     _check_conditions(noise, cond, uncond)
-    return plan, params, noise, cond, uncond, solver, num_steps, policy, reuse, scale, key
+    return plan, params, noise, cond, uncond, solver, num_steps, policy, reuse, scale, key, remat
 
 
 def _check_solver(solver: Solver, key) -> None:
     """The solver can be a static argument, and the key fits what it draws."""
+    _check_instance(solver, Solver, "solver")
     if not isinstance(solver, Solver):
-        raise TypeError(f"solver must be a jaxcache Solver, got {type(solver).__name__}")
+        raise TypeError(f"solver must be a jaxcache Solver, got {_kind_of(solver)}")
     name = type(solver).__name__
     try:
         hash(solver)
@@ -293,6 +349,29 @@ def _check_forecast_times(mode, solver, times, schedule) -> None:
             "counts in steps), OutputReuse, or a schedule that never refreshes two evaluations "
             "at one time (an interval of 2 or more)"
         )
+
+
+def _check_prediction(prediction: Any, x: jax.Array, branches: int) -> None:
+    """The network's prediction is shaped like the sample (per guidance branch).
+
+    Run while tracing (shapes are static): a prediction of another shape would otherwise meet
+    the sample inside the solver's update as a broadcasting error, or broadcast silently.
+    """
+    shape = getattr(prediction, "shape", None)
+    want = (branches * x.shape[0], *x.shape[1:])
+    if shape is not None and tuple(shape) == want:
+        return
+    got = f"shape {tuple(shape)}" if shape is not None else f"a {type(prediction).__name__}"
+    rows = "" if branches == 1 else (
+        f" (guidance runs both branches as one batch: {branches} x {x.shape[0]} rows)"
+    )
+    raise ValueError(
+        f"the network's prediction (its final projection's output) has {got}, but the noise "
+        f"has shape {tuple(x.shape)}: the solver combines the two element by element, so the "
+        f"prediction must be one array of shape {want}{rows}. Check network.final (e.g. "
+        "unpatchify back to the noise's layout, or keep only the predicted half of a "
+        "learned-variance output)"
+    )
 
 
 def _describe(leaf) -> str:
@@ -387,6 +466,7 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse,
     def finish(z, h, ctx, i, t, t_next):
         x, solver_state = z
         prediction = plan.run_tail(params, h, ctx)
+        _check_prediction(prediction, x, branches)  # while tracing: costs nothing
         if guided:
             positive, negative = jnp.split(prediction, 2)
             prediction = negative + guidance_scale * (positive - negative)
@@ -405,6 +485,8 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse,
             _, h, ctx = head(z, t)
             return finish(z, plan.run_body(params, h, ctx), ctx, i, t, t_next), None
 
+        if remat:  # the backward pass recomputes each step from its carry
+            plain_step = jax.checkpoint(plain_step)
         (x, _), _ = jax.lax.scan(plain_step, start, xs)
         every = jnp.ones((steps, branches, batch), bool)
         computed = jnp.ones((steps, depth), bool)

@@ -66,17 +66,29 @@ def _positive(name: str):
 
 
 def _parser() -> argparse.ArgumentParser:
+    class Help(argparse.ArgumentDefaultsHelpFormatter):
+        """Every default shown, but None's (those options say what unset means) and flags'."""
+
+        def _get_help_string(self, action):
+            if action.default is None or isinstance(action.default, bool):
+                return action.help
+            return super()._get_help_string(action)
+
     p = argparse.ArgumentParser(
         prog="python -m jaxcache.evaluation.bench",
         description="Time cached sampling against uncached, a hand-written loop and (optionally) "
         "the same rule decided on the host, on a reference diffusion transformer.",
+        formatter_class=Help,
     )
-    p.add_argument("--model", choices=ARCHS, default="dit", help="architecture (default: dit)")
-    p.add_argument("--size", choices=SIZES, default="small", help="named size (default: small)")
+    p.add_argument("--model", choices=ARCHS, default="dit", help="architecture")
+    p.add_argument("--size", choices=SIZES, default="small", help="named size")
     p.add_argument("--depth", type=_positive("depth"), default=None,
-                   help="override the size's number of blocks")
-    p.add_argument("--attn", choices=["xla", "cudnn"], default=None,
-                   help="attention implementation (cudnn: GPU, bfloat16)")
+                   help="override the size's number of blocks (default: the size's)")
+    p.add_argument("--single-depth", type=int, default=None,
+                   help="mmdit: single-stream blocks after the double-stream ones (default: the "
+                   "size's; 38 for flux, 0 elsewhere)")
+    p.add_argument("--attn", choices=["auto", "xla", "cudnn"], default=None,
+                   help="attention implementation (cudnn: GPU, bfloat16; default: the model's)")
     p.add_argument("--steps", type=_positive("steps"), default=30, help="denoising steps")
     p.add_argument("--policy", choices=POLICIES, default="interval", help="refresh policy")
     p.add_argument("--interval", type=_positive("interval"), default=3,
@@ -96,14 +108,16 @@ def _parser() -> argparse.ArgumentParser:
         help="interval: how many of the first layers are cached (default: half the depth)",
     )
     p.add_argument("--first", type=int, default=1,
-                   help="dbcache: Fn, the layers that always run first (default 1)")
+                   help="dbcache: Fn, the layers that always run first")
     p.add_argument("--last", type=int, default=0,
-                   help="dbcache: Bn, the layers that always run last (default 0)")
+                   help="dbcache: Bn, the layers that always run last")
     p.add_argument("--warmup", type=int, default=2,
-                   help="dbcache: warm-up steps that always compute (default 2)")
+                   help="dbcache: warm-up steps that always compute")
     p.add_argument("--batch", type=_positive("batch"), default=4, help="samples per batch")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--solver", choices=sorted(_SOLVERS), default="euler")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="parameter and activation dtype")
+    p.add_argument("--solver", choices=sorted(_SOLVERS), default="euler",
+                   help="euler: FlowMatchEuler; ddim: DDIM")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (off by default)")
     p.add_argument(
@@ -117,16 +131,17 @@ def _parser() -> argparse.ArgumentParser:
                    "compile time grows with the depth")
     p.add_argument("--compiler-options", type=_compiler_options, default=None,
                    help='XLA options for every program of the run (Network.compiler_options), '
-                   'as JSON: \'{"xla_gpu_enable_triton_gemm": false}\' (cuBLAS GEMMs on a GPU)')
+                   'as JSON: \'{"xla_gpu_enable_triton_gemm": false}\' (cuBLAS GEMMs on a GPU; '
+                   "default: the network's, 'auto')")
     p.add_argument("--no-hand-loop", action="store_true",
                    help="skip the hand-written loop (it compiles one copy of the model per step)")
     p.add_argument("--host-loop", action="store_true",
                    help="also time the same rule decided on the host (a read-back per step)")
     p.add_argument("--refresh-target", type=float, default=None,
                    help="signal-driven policies: search the threshold that refreshes this "
-                   "fraction of the steps (replaces --threshold)")
+                   "fraction of the steps (replaces --threshold; default: off)")
     p.add_argument("--repeats", type=_positive("repeats"), default=5, help="timed runs each")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise and the conditions")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
 
@@ -136,6 +151,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     if args.depth is not None:
         overrides["depth"] = args.depth
+    if args.single_depth is not None:
+        overrides["single_depth"] = args.single_depth
     if args.attn is not None:
         overrides["attn_implementation"] = args.attn
     return overrides
@@ -520,9 +537,13 @@ def _table(r: dict[str, Any]) -> str:
         f"max |cached - uncached| {r['max_abs_diff']:.3g}",
     ]
     if "hand_loop_s" in r:
+        if r["layer_evaluations"] >= r["uncached_layer_evaluations"]:
+            cached = (f"cached skipped nothing (every layer ran at every step) and takes "
+                      f"{1 / r['speedup_over_hand_loop']:.3f}x its time")
+        else:
+            cached = f"cached is {r['speedup_over_hand_loop']:.3f}x faster"
         lines.append(f"against the hand-written loop: uncached takes "
-                     f"{r['uncached_over_hand_loop']:.3f}x its time, cached is "
-                     f"{r['speedup_over_hand_loop']:.3f}x faster")
+                     f"{r['uncached_over_hand_loop']:.3f}x its time, {cached}")
     if "host_loop_s" in r:
         lines.append(f"the same rule decided on the host is {r['host_over_compiled']:.2f}x slower")
     return "\n".join(lines)

@@ -29,9 +29,11 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 
+from jaxcache._checks import check_number, is_concrete
+
 PyTree = Any
 
-__all__ = ["SIGNAL_KINDS", "RefreshPolicy"]
+__all__ = ["SIGNAL_KINDS", "RefreshPolicy", "check_setting"]
 
 SIGNAL_KINDS = (None, "head_residual", "modulated_input")
 
@@ -77,3 +79,35 @@ class RefreshPolicy(abc.ABC):
 
         Called before anything is compiled.
         """
+
+
+def check_setting(
+    value: Any, name: str, *, integer: bool = False, minimum: float | None = None
+) -> None:
+    """Raises unless ``value`` can be a policy's numeric setting ``name`` (in its constructor).
+
+    A setting is a pytree leaf, traced inside the compiled program: a Python or numpy number,
+    a JAX array, or (when JAX rebuilds the policy from its leaves) a tracer or a placeholder,
+    which pass unchecked. Refused: a string (``"0.1"``), None and a bool (TypeError), a
+    non-integral value where a step count is expected (``warmup_steps=2.5``) and a concrete
+    value outside the bounds (ValueError). Nothing here calls ``float()`` on a tracer.
+
+    Args:
+      value: the setting.
+      name: its name in messages (``"FirstBlockPolicy.threshold"``).
+      integer: whether it counts steps (an int, or an integral float).
+      minimum: the least value allowed, if any.
+    """
+    want = "an integer" if integer else "a number"
+    if value is None or isinstance(value, (str, bytes, bool, np.bool_)):
+        raise TypeError(
+            f"{name} must be {want} (a Python number or an array), got {value!r} of type "
+            f"{type(value).__name__}"
+        )
+    if isinstance(value, np.ndarray) and value.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be {want}, got an array of dtype {value.dtype}")
+    if integer and is_concrete(value):
+        array = np.asarray(value, dtype=np.float64)
+        if np.all(np.isfinite(array)) and np.any(array != np.round(array)):
+            raise ValueError(f"{name} must be {want} (it counts steps), got {value!r}")
+    check_number(value, name, minimum=minimum)

@@ -7,9 +7,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxcache._checks import check_number
 from jaxcache._dataclass import settings_dataclass
-from jaxcache.policies.base import RefreshPolicy
+from jaxcache.policies.base import RefreshPolicy, check_setting
 from jaxcache.policies.signals import relative_l1
 
 __all__ = ["DBCachePolicy", "DBCacheState"]
@@ -65,14 +64,11 @@ class DBCachePolicy(RefreshPolicy):
     signal_kind = "head_residual"
 
     def __post_init__(self):
-        check_number(self.threshold, "DBCachePolicy.threshold", minimum=0.0)
-        check_number(self.warmup_steps, "DBCachePolicy.warmup_steps", minimum=0)
-        check_number(self.warmup_interval, "DBCachePolicy.warmup_interval", minimum=1)
-        check_number(self.max_cached_steps, "DBCachePolicy.max_cached_steps", minimum=-1)
-        check_number(
-            self.max_consecutive_cached_steps, "DBCachePolicy.max_consecutive_cached_steps",
-            minimum=-1,
-        )
+        check_setting(self.threshold, "DBCachePolicy.threshold", minimum=0.0)
+        for name, minimum in (("warmup_steps", 0), ("warmup_interval", 1),
+                              ("max_cached_steps", -1), ("max_consecutive_cached_steps", -1)):
+            check_setting(getattr(self, name), f"DBCachePolicy.{name}", integer=True,
+                          minimum=minimum)
 
     def init(self, num_steps, signal=None):
         rows = signal.shape[:1]

@@ -7,9 +7,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxcache._checks import check_number
 from jaxcache._dataclass import settings_dataclass
-from jaxcache.policies.base import RefreshPolicy
+from jaxcache.policies.base import RefreshPolicy, check_setting
 from jaxcache.policies.signals import relative_l1
 
 __all__ = ["FirstBlockPolicy", "FirstBlockState"]
@@ -51,8 +50,8 @@ class FirstBlockPolicy(RefreshPolicy):
     signal_kind = "head_residual"
 
     def __post_init__(self):
-        check_number(self.threshold, "FirstBlockPolicy.threshold", minimum=0.0)
-        check_number(self.warmup_steps, "FirstBlockPolicy.warmup_steps", minimum=0)
+        check_setting(self.threshold, "FirstBlockPolicy.threshold", minimum=0.0)
+        check_setting(self.warmup_steps, "FirstBlockPolicy.warmup_steps", integer=True, minimum=0)
 
     def init(self, num_steps, signal=None):
         return FirstBlockState(

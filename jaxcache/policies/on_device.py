@@ -24,6 +24,14 @@ class OnDevice(RefreshPolicy):
 
     policy: Any
 
+    def __post_init__(self):
+        # Only a class is refused: JAX rebuilds this wrapper from the wrapped policy's leaves.
+        if isinstance(self.policy, type):
+            raise TypeError(
+                f"OnDevice wraps a policy instance, got the class {self.policy.__name__}: pass "
+                f"an instance, OnDevice({self.policy.__name__}(...))"
+            )
+
     @property
     def signal_kind(self):  # type: ignore[override]
         return self.policy.signal_kind

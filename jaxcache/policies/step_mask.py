@@ -26,7 +26,15 @@ class StepMaskPolicy(RefreshPolicy):
     mask: tuple[bool, ...]
 
     def __post_init__(self):
-        object.__setattr__(self, "mask", tuple(bool(m) for m in self.mask))
+        mask = self.mask
+        if not isinstance(mask, (str, bytes)):
+            mask = tuple(mask)
+        if isinstance(mask, (str, bytes)) or any(isinstance(m, (str, bytes)) for m in mask):
+            raise TypeError(
+                f"StepMaskPolicy.mask must hold one bool per step, got {self.mask!r} (a string "
+                "reads as True wherever it is non-empty)"
+            )
+        object.__setattr__(self, "mask", tuple(bool(m) for m in mask))
         if not self.mask:
             raise ValueError("StepMaskPolicy.mask must hold one bool per step; got an empty mask")
 

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcache._checks import check_int, check_number
+from jaxcache._checks import check_int
 from jaxcache._dataclass import settings_dataclass
-from jaxcache.policies.base import RefreshPolicy
+from jaxcache.policies.base import RefreshPolicy, check_setting
 from jaxcache.policies.signals import relative_l1
 from jaxcache.stack import layer_at
 
@@ -73,8 +73,18 @@ class TeaCachePolicy(RefreshPolicy):
     signal_kind = "modulated_input"
 
     def __post_init__(self):
-        check_number(self.threshold, "TeaCachePolicy.threshold", minimum=0.0)
+        check_setting(self.threshold, "TeaCachePolicy.threshold", minimum=0.0)
         coefficients = self.coefficients
+        if coefficients is None or isinstance(coefficients, (str, bytes, bool, int, float)):
+            raise TypeError(
+                "TeaCachePolicy.coefficients must be a sequence of numbers, highest power first "
+                f"(e.g. (1.0, 0.0)), got {coefficients!r}"
+            )
+        if isinstance(coefficients, list):
+            for c in coefficients:
+                check_setting(c, "TeaCachePolicy.coefficients")
+        if isinstance(coefficients, np.ndarray):
+            check_setting(coefficients, "TeaCachePolicy.coefficients")
         if isinstance(coefficients, (list, np.ndarray)):
             coefficients = tuple(float(c) for c in np.asarray(coefficients).ravel())
             object.__setattr__(self, "coefficients", coefficients)
@@ -82,7 +92,7 @@ class TeaCachePolicy(RefreshPolicy):
             if not coefficients:
                 raise ValueError("TeaCachePolicy.coefficients must hold at least one number")
             for c in coefficients:
-                check_number(c, "TeaCachePolicy.coefficients")
+                check_setting(c, "TeaCachePolicy.coefficients")
 
     def init(self, num_steps, signal=None):
         return TeaCacheState(
