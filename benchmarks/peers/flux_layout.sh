@@ -1,22 +1,12 @@
 #!/bin/bash
 # FLUX.1's layout (19 double + 38 single blocks), both sides in one run on one card, with the
 # library's defaults on the jaxcache side (no recipe), then the scanned stack with XLA's
-# dynamic-slice fusion for comparison. GPU machine; diffusers as wheels in .whl/ (see run.sh).
+# dynamic-slice fusion for comparison. GPU machine; diffusers as wheels in .whl/ (see wheels.sh).
 # Usage: bash benchmarks/peers/flux_layout.sh OUTDIR
 set -u
 out=${1:-out/flux_layout}
 mkdir -p "$out"
-if ls .whl/diffusers-*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/diffusers-*.whl .whl/importlib_metadata-*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-  if ! python3 -c "import diffusers.hooks, diffusers.models" 2> /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/huggingface_hub-*.whl || exit 1
-  fi
-else
-  export PYTHONPATH=$PWD
-fi
+. "$(dirname "$0")/wheels.sh"
 timeout "${DIFFUSERS_TIMEOUT:-230}" python3 benchmarks/peers/flux_diffusers.py --repeats 3 \
   --out "$out/peers.jsonl" > "$out/diffusers.log" 2>&1 || echo "diffusers side: exit $?"
 timeout "${JAX_TIMEOUT:-240}" python3 benchmarks/peers/flux_jax.py --repeats 3 \
