@@ -491,7 +491,7 @@ def check_parity(
     unpatchify), a wrong block order, a wrong layer function or kind conversion. It does
     **not** check the time convention: both sides receive the same converted time, so a wrong
     :class:`TimeConvention` passes here and samples wrongly. Check that against the model's own
-    sampling loop (where it multiplies ``t``; README, "Time conventions").
+    sampling loop (where it multiplies ``t``; docs/bring-your-own-model.md, "Which time the model reads").
 
     Args:
       network: the network.

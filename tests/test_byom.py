@@ -1,6 +1,6 @@
 """Bringing your own model: Linen and NNX models as written, the parity check, the time
-convention, the README's worked examples, and the errors a new user meets (each a message that
-names what was expected).
+convention, the worked examples of docs/bring-your-own-model.md, and the errors a new user
+meets (each a message that names what was expected).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 #!/bin/bash
-# The FLUX peer benchmark, both sides in one run on one card (GPU machine; diffusers as a wheel
-# in .whl/, see README.md's "Benchmarks"). Usage: bash benchmarks/peers/run.sh OUTDIR
+# The FLUX peer benchmark, both sides in one run on one card (GPU machine; diffusers as a
+# wheel in .whl/, see wheels.sh and BENCHMARKS.md "Running them").
+# Usage: bash benchmarks/peers/run.sh OUTDIR
 # Row settings: flux_diffusers.py --help and flux_jax.py --help.
 set -u
 out=${1:-out/peers}

@@ -125,10 +125,14 @@ def _parser() -> argparse.ArgumentParser:
         help="interval only. static: the schedule compiles to a loop with no decision in it; "
         "device: decide every step on the device, as signal-driven policies must",
     )
+    p.add_argument("--layer-stack", choices=["auto", "scan", "unroll"], default="auto",
+                   help="how the layer stack compiles (Network.layer_unroll): auto: the default "
+                   "for the backend (unroll on a GPU, scan elsewhere); scan: one layer in the "
+                   "program, a lax.scan over stacked weights; unroll: straight-line code with "
+                   "one weight array per layer (no per-step weight copies on a GPU, compile "
+                   "time grows with the depth)")
     p.add_argument("--unroll-layers", action="store_true",
-                   help="run each layer stack in straight-line code with one weight array per "
-                   "layer (Network.layer_unroll=True): no per-step weight copies on a GPU, "
-                   "compile time grows with the depth")
+                   help="the same as --layer-stack unroll")
     p.add_argument("--compiler-options", type=_compiler_options, default=None,
                    help='XLA options for every program of the run (Network.compiler_options), '
                    'as JSON: \'{"xla_gpu_enable_triton_gemm": false}\' (cuBLAS GEMMs on a GPU; '
@@ -156,6 +160,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.attn is not None:
         overrides["attn_implementation"] = args.attn
     return overrides
+
+
+def _layer_unroll(args: argparse.Namespace) -> bool | int | None:
+    """``Network.layer_unroll`` for ``--layer-stack`` / ``--unroll-layers`` (None: auto)."""
+    if args.unroll_layers or args.layer_stack == "unroll":
+        return True
+    return 1 if args.layer_stack == "scan" else None
 
 
 def _time(fn: Callable[[], Any]) -> float:
@@ -561,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             order=args.order, first=args.first, last=args.last, warmup=args.warmup,
             hand_loop=not args.no_hand_loop, host_loop=args.host_loop,
             refresh_target=args.refresh_target, forecast_dtype=args.forecast_dtype,
-            overrides=_overrides(args), layer_unroll=True if args.unroll_layers else None,
+            overrides=_overrides(args), layer_unroll=_layer_unroll(args),
             compiler_options=args.compiler_options,
         )
     except ValueError as e:
