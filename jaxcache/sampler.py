@@ -22,6 +22,14 @@ such as :class:`~jaxcache.FlowMatchHeun` makes two per solver step, and the cach
 The solver's state (a multistep solver's earlier predictions, Heun's predictor) rides in the
 loop's carry; an ancestral solver's key is folded with the evaluation index inside the loop, so
 the seed is traced and a new one reuses the compiled program.
+
+On a mesh of devices (docs/sharding.md) the same program runs under ``jax.jit`` with sharded
+inputs, or inside ``jax.shard_map``. There every piece of loop state the program creates (the
+solver's state, the reuse mode's, the policy's, the mask of rows that stored) is cast to vary
+over the noise's manual mesh axes, so the loops keep one carry type; with ``sequence_axis`` a
+decision's per-row measure is averaged over the devices that hold a row's tokens and the body's
+run-or-skip predicate is agreed over them (``pmax``), so those devices always take the same
+branch. Outside ``shard_map`` none of this is in the program.
 """
 
 from __future__ import annotations
@@ -37,10 +45,11 @@ import numpy as np
 from jaxcache._checks import check_int
 from jaxcache.plan import CachePlan, SegmentParams
 from jaxcache.policies.base import RefreshPolicy
-from jaxcache.policies.signals import signal_function
+from jaxcache.policies.signals import sequence_axes, signal_function
 from jaxcache.reuse.base import Position, ReuseMode, select_rows
 from jaxcache.reuse.forecast import Ladder
 from jaxcache.reuse.output import OutputReuse
+from jaxcache.sharding import check_sequence_axes, manual_axes, normalize_sequence_axis, vary
 from jaxcache.solvers import Solver
 from jaxcache.work import network_work
 
@@ -111,6 +120,7 @@ def sample(
     guidance_scale: float | None = None,
     key: jax.Array | None = None,
     remat: bool = False,
+    sequence_axis: str | tuple[str, ...] | None = None,
 ) -> SampleResult:
     """Samples with the cached body of ``plan`` reused between refreshes, in one program.
 
@@ -147,6 +157,17 @@ def sample(
         compute. The samples are the same. Static. Refused (ValueError) with a policy that
         decides on the device: that loop runs the body in a ``while_loop``, which reverse-mode
         differentiation does not cross, so there is no backward pass to rematerialise.
+      sequence_axis: inside ``jax.shard_map``, the mesh axis name (or names) that split each
+        sample's tokens over devices (sequence parallelism; the network's layers then mix
+        tokens through collectives over the same axes). A device-decided policy's per-row
+        measure (:func:`~jaxcache.policies.signals.relative_l1`) is then averaged over these
+        axes and the body's run-or-skip predicate agreed over them (``lax.pmax``), so every
+        device holding a sample's tokens takes the same decision and the same branch, and the
+        collectives inside the body cannot deadlock. None (the default): no axis splits a
+        sample's tokens (one device, data parallelism, or ``jax.jit`` with sharded inputs,
+        whose sharding propagation needs nothing more). Static. Naming an axis that is not a
+        ``shard_map`` axis where ``sample`` runs is a ValueError while tracing.
+        See docs/sharding.md.
 
     Returns:
       A :class:`SampleResult`.
@@ -161,7 +182,7 @@ def sample(
       ...                       policy=jaxcache.IntervalPolicy(3))
     """
     args = _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond,
-                    guidance_scale, key, remat)
+                    guidance_scale, key, remat, sequence_axis)
     return _program(plan)(*args)
 
 
@@ -179,6 +200,7 @@ def lower(
     guidance_scale: float | None = None,
     key: jax.Array | None = None,
     remat: bool = False,
+    sequence_axis: str | tuple[str, ...] | None = None,
 ) -> jax.stages.Lowered:
     """The lowered (not yet compiled) program of :func:`sample` for these arguments.
 
@@ -187,7 +209,7 @@ def lower(
     decisions).
     """
     args = _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond,
-                    guidance_scale, key, remat)
+                    guidance_scale, key, remat, sequence_axis)
     return _program(plan).lower(*args)
 
 
@@ -233,7 +255,7 @@ def _check_instance(value: Any, base: type, what: str) -> None:
 
 
 def _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond, scale, key,
-             remat=False):
+             remat=False, sequence_axis=None):
     """Validates every argument (before tracing) and returns ``_sample``'s arguments."""
     _check_instance(plan, CachePlan, "plan")
     if not isinstance(plan, CachePlan):
@@ -292,7 +314,9 @@ def _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond
             f"the unconditional one, above 1 guides), got {scale!r}"
         )
     _check_conditions(noise, cond, uncond)
-    return plan, params, noise, cond, uncond, solver, num_steps, policy, reuse, scale, key, remat
+    sequence = normalize_sequence_axis(sequence_axis)
+    return (plan, params, noise, cond, uncond, solver, num_steps, policy, reuse, scale, key,
+            remat, sequence)
 
 
 def _check_solver(solver: Solver, key) -> None:
@@ -439,12 +463,20 @@ def _program(plan: CachePlan):
 
 @functools.lru_cache(maxsize=None)
 def _jitted_sample(options: tuple[tuple[str, Any], ...]):
-    return jax.jit(_sample, static_argnums=(0, 5, 6, 9, 11),
+    return jax.jit(_sample, static_argnums=(0, 5, 6, 9, 11, 12),
                    compiler_options=dict(options) or None)
 
 
 def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse, guidance_scale,
-            key, remat):
+            key, remat, sequence=None):
+    # Inside shard_map: the manual mesh axes the noise varies over; loop state made here is cast
+    # to vary over them too (else a scan's carry changes type). Empty outside: no casts at all.
+    axes = manual_axes(noise)
+    check_sequence_axes(sequence, noise)
+    if key is not None and axes:
+        # Each device draws its own noise (the same key everywhere would repeat one draw on
+        # every device's block of the batch and tokens).
+        key = jax.random.fold_in(key, jax.lax.axis_index(axes))
     guided = guidance_scale is not None
     batch = noise.shape[0]
     branches = 2 if guided else 1
@@ -476,14 +508,14 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse,
     times, next_times = solver.times(num_steps)
     steps = len(times)  # model evaluations: the cache's steps
     xs = (jnp.arange(steps, dtype=jnp.int32), jnp.asarray(times), jnp.asarray(next_times))
-    start = (noise, solver.init_state(noise))
+    start = vary((noise, solver.init_state(noise)), axes)
 
     if policy is None or plan.cached_layers == 0:
 
         def plain_step(z, step_t):
             i, t, t_next = step_t
             _, h, ctx = head(z, t)
-            return finish(z, plan.run_body(params, h, ctx), ctx, i, t, t_next), None
+            return vary(finish(z, plan.run_body(params, h, ctx), ctx, i, t, t_next), axes), None
 
         if remat:  # the backward pass recomputes each step from its carry
             plain_step = jax.checkpoint(plain_step)
@@ -495,8 +527,8 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse,
 
     mode = reuse if reuse is not None else OutputReuse()
     _, body_shape, _ = jax.eval_shape(head, start, jnp.zeros((), jnp.float32))
-    state = mode.init(plan, body_shape, constant)
-    loop = _Loop(plan, params, mode, head, finish, remat)
+    state = vary(mode.init(plan, body_shape, constant), axes)
+    loop = _Loop(plan, params, mode, head, finish, remat, axes, sequence)
 
     schedule = policy.static_schedule(steps)
     if schedule is not None:
@@ -540,10 +572,16 @@ class _Loop:
     ``finish`` returns.
     """
 
-    def __init__(self, plan, params, mode, head, finish, remat=False):
+    def __init__(self, plan, params, mode, head, finish, remat=False, axes=(), sequence=None):
         self.plan, self.params, self.mode = plan, params, mode
         self.head, self.finish = head, finish
         self.remat = remat
+        self.axes = axes  # the manual mesh axes of the noise (empty outside shard_map)
+        self.sequence = sequence  # the mesh axes that split a sample's tokens, or None
+
+    def vary(self, tree):
+        """``tree`` cast to vary over the noise's manual mesh axes (nothing outside shard_map)."""
+        return vary(tree, self.axes)
 
     def body(self, h, ctx, state, position, rows):
         """Runs the body and stores it for ``rows`` (None: every row): ``(output, state)``."""
@@ -572,7 +610,7 @@ class _Loop:
                 h = self.plan.run_body(self.params, h, ctx)
             else:
                 h = self.mode.reuse(state, h, position)
-            return self.finish(x, h, ctx, i, t, t_next), state
+            return self.vary((self.finish(x, h, ctx, i, t, t_next), state))
 
         if self.remat:  # the backward pass recomputes each step from its carry
             step = jax.checkpoint(step, static_argnums=(0,))
@@ -629,6 +667,7 @@ class _Loop:
                 lambda x: signal_of(*self.head(x, jnp.zeros((), jnp.float32))), noise
             )
             policy_state = policy.init(num_steps, structure)
+        policy_state = self.vary(policy_state)
 
         def cached_step(carry, step_t):
             x, state, policy_state, stored = carry
@@ -636,22 +675,27 @@ class _Loop:
             position = Position(i, t)
             embedded, h, ctx = self.head(x, t)
             signal = None if signal_of is None else signal_of(embedded, h, ctx)
-            refresh, policy_state = policy.decide(policy_state, i, signal)
+            if self.sequence:  # relative_l1 averages each row over the devices of its tokens
+                with sequence_axes(self.sequence):
+                    refresh, policy_state = policy.decide(policy_state, i, signal)
+            else:
+                refresh, policy_state = policy.decide(policy_state, i, signal)
             refresh = jnp.broadcast_to(jnp.asarray(refresh, bool), (rows,))
             # A row with nothing stored yet runs without storing, as the reference did.
             compute = refresh | ~stored
             out, state = self.run_or_reuse(compute, refresh, h, ctx, state, position)
             x = self.finish(x, out, ctx, i, t, t_next)
-            return (x, state, policy_state, stored | refresh), compute
+            return self.vary((x, state, policy_state, stored | refresh)), compute
 
-        carry = (noise, state, policy_state, jnp.zeros((rows,), bool))
+        carry = (noise, state, policy_state, self.vary(jnp.zeros((rows,), bool)))
         (x, state, _, _), computed = jax.lax.scan(cached_step, carry, xs)
         return x, state, computed
 
     def run_or_reuse(self, compute, refresh, h, ctx, state, position):
         """The body's output per row: computed where ``compute``, else from the reuse mode.
 
-        The body runs when any row computes. The choice is a ``while_loop`` of zero or one
+        The body runs when any row computes (on this device; with ``sequence_axis``, on any
+        device holding the same rows' tokens). The choice is a ``while_loop`` of zero or one
         trips rather than a ``lax.cond``: XLA's GPU pipeline copies every buffer that passes
         through a conditional (twice per step, measured: the slots of DiT-XL at batch 8 are
         68 MB), while a loop updates its carry in place. Rows that refresh store what ran.
@@ -660,9 +704,14 @@ class _Loop:
         def run(carry):
             trips, _, state = carry
             out, state = self.body(h, ctx, state, position, refresh)
-            return trips - 1, out, state
+            return (trips - 1, *self.vary((out, state)))
 
         trips = jnp.any(compute).astype(jnp.int32)
+        if self.sequence:
+            # The devices that hold one sample's tokens run the body together (its collectives
+            # span them): one runs it, all do. Their decisions already agree (relative_l1
+            # averages over them); this makes the branch agree by construction.
+            trips = jax.lax.pmax(trips, self.sequence)
         _, ran, state = jax.lax.while_loop(lambda c: c[0] > 0, run, (trips, h, state))
         # Rows that did not store kept their state, so this is their own reuse value.
         reused = self.mode.reuse(state, h, position)

@@ -1,15 +1,53 @@
-"""Per-row measures of change that signal-driven policies compare against a threshold."""
+"""Per-row measures of change that signal-driven policies compare against a threshold.
+
+Inside ``jax.shard_map`` with a sample's tokens split over mesh axes (``sample(...,
+sequence_axis=...)``), each device holds part of every row: :func:`relative_l1` then reduces its
+means over those axes (``lax.pmean``), so every device holding a row's tokens measures the whole
+row and takes the same decision. The sampler names the axes while it traces a policy's
+``decide`` (:func:`sequence_axes`); a policy calls ``relative_l1`` as it always does.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 
 from jaxcache.stack import layer_at
 
-__all__ = ["relative_l1", "signal_function"]
+__all__ = ["current_sequence_axes", "relative_l1", "sequence_axes", "signal_function"]
+
+# The mesh axes that split a sample's tokens, while the sampler traces a decision (else empty).
+_SEQUENCE_AXES: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "jaxcache_sequence_axes", default=()
+)
+
+
+@contextlib.contextmanager
+def sequence_axes(axes: str | tuple[str, ...] | None) -> Iterator[tuple[str, ...]]:
+    """While active (tracing), :func:`relative_l1` reduces its per-row means over ``axes``.
+
+    The sampler enters it around a policy's ``decide`` when ``sequence_axis`` is given; a
+    policy of one's own that measures a row some other way reads the axes with
+    :func:`current_sequence_axes` and reduces over them itself (``lax.pmean``).
+
+    Args:
+      axes: the ``shard_map`` mesh axes that split each sample's tokens (None or empty: none).
+    """
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    token = _SEQUENCE_AXES.set(axes)
+    try:
+        yield axes
+    finally:
+        _SEQUENCE_AXES.reset(token)
+
+
+def current_sequence_axes() -> tuple[str, ...]:
+    """The mesh axes that split a sample's tokens in the decision being traced (else ``()``)."""
+    return _SEQUENCE_AXES.get()
 
 # A floor for the denominator: a signal that is exactly zero (a block that does nothing) must
 # read as "no change", never as 0 / 0 = NaN, which compares False with every threshold and
@@ -17,7 +55,11 @@ __all__ = ["relative_l1", "signal_function"]
 _TINY = 1e-12
 
 
-def relative_l1(current: jax.Array, previous: jax.Array) -> jax.Array:
+def relative_l1(
+    current: jax.Array,
+    previous: jax.Array,
+    axis_name: str | tuple[str, ...] | None = None,
+) -> jax.Array:
     """``mean|current - previous| / mean|previous|`` per row (axis 0), in float32.
 
     The earlier value is the denominator, as in First-Block Cache, TeaCache and DBCache; the
@@ -27,14 +69,24 @@ def relative_l1(current: jax.Array, previous: jax.Array) -> jax.Array:
     Args:
       current: ``[rows, ...]``.
       previous: ``[rows, ...]``, the value at the earlier step.
+      axis_name: inside ``jax.shard_map``, the mesh axes that split each row's other axes
+        (its tokens) into equal parts: both means are then averaged over them
+        (``lax.pmean``), so every device holding part of a row gets the whole row's value.
+        None (the default) takes the axes the sampler names while tracing a decision
+        (:func:`sequence_axes`: ``sample(..., sequence_axis=...)``), none outside it; ``()``
+        measures the local block only.
 
     Returns:
       ``[rows]`` float32.
     """
+    axes = current_sequence_axes() if axis_name is None else axis_name
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
     current = current.astype(jnp.float32)
     previous = previous.astype(jnp.float32)
     change = _row_mean(jnp.abs(current - previous))
     scale = _row_mean(jnp.abs(previous))
+    if axes:  # equal blocks per device: the mean of the local means is the row's mean
+        change, scale = jax.lax.pmean((change, scale), axes)
     return change / jnp.maximum(scale, _TINY)
 
 
