@@ -43,9 +43,21 @@ def test_page_runs(page):
         exec(compile(code, f"docs/{page}", "exec"), namespace)
 
 
+# Pages whose blocks need several devices or hosts: their forms run in an example that the
+# tests execute on 8 simulated devices (examples/sharded.py, in tests/sharding_checks.py).
+MULTI_DEVICE = {"sharding.md": ROOT / "examples" / "sharded.py"}
+
+
+def test_multi_device_pages_have_their_example():
+    for page, example in MULTI_DEVICE.items():
+        assert (DOCS / page).exists() and example.exists(), (page, example)
+        assert not python_blocks(DOCS / page), f"{page}: mark its blocks ```python no-run"
+
+
 def test_every_page_is_run_and_fragments_are_rare():
     assert PAGES and set(RUN_ELSEWHERE) <= set(PAGES)
-    fragments = {p: len(python_blocks(DOCS / p, fragments=True)) for p in [*PAGES]}
+    fragments = {p: len(python_blocks(DOCS / p, fragments=True)) for p in PAGES
+                 if p not in MULTI_DEVICE}
     fragments["README.md"] = len(python_blocks(ROOT / "README.md", fragments=True))
     assert sum(fragments.values()) <= 3, fragments
 
