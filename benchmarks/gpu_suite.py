@@ -1,19 +1,19 @@
 """The GPU rows of BENCHMARKS.md in one process per model: every policy and reuse mode.
 
-    python benchmarks/gpu_suite.py dit  [OUTDIR]         # DiT-XL/2, bf16, batch 8, 50 steps
-    python benchmarks/gpu_suite.py qwen-image [OUTDIR]  # 60 double-stream blocks, batch 1
-    python benchmarks/gpu_suite.py flux [OUTDIR]        # FLUX.1: 19 double + 38 single, batch 1
+    python benchmarks/gpu_suite.py dit-unrolled-cublas [OUTDIR]  # DiT-XL/2, bf16, b8, 50 steps
+    python benchmarks/gpu_suite.py qwen-image-scanned [OUTDIR]   # 60 double-stream blocks, b1
+    python benchmarks/gpu_suite.py flux [OUTDIR]                 # FLUX.1: 19 + 38 blocks, b1
 
 Each row is one ``jaxcache.evaluation.bench.run_benchmark`` call on a model built once (random,
 non-zero weights); signal-driven rows search the threshold that refreshes about a third of the
 steps (thresholds are traced, so the search reuses the compiled program). One JSON line per row
 goes to OUTDIR/<suite>.jsonl; a table is printed last.
 
-The FLUX-scale rows of BENCHMARKS.md recorded before the ``flux`` size took FLUX.1's layout
-(``gpu_suite.py flux``, ``flux-dbcache``, ``flux-fitted`` then) ran 60 double-stream blocks:
-those suites are now ``qwen-image``, ``qwen-image-dbcache`` and ``qwen-image-fitted``. Attention
-follows the models' default (``"auto"``: cuDNN in bfloat16 on a CUDA GPU); rows recorded before
-that default ran XLA attention.
+Suites are named for what they measure; each one whose name gives a layer stack pins it and its
+XLA options, so its command reproduces its rows whatever the backend's defaults. Attention follows
+the models' default (``"auto"``: cuDNN in bfloat16 on a CUDA GPU); rows recorded before that
+default ran XLA attention. Raw results are named after their suite
+(``benchmarks/results/<suite>.jsonl``).
 """
 
 import json
@@ -50,14 +50,13 @@ ROWS = {
 }
 
 
-def _unrolled(suite):
-    """The suite with one weight array per layer (``Network.layer_unroll=True``)."""
-    return dict(suite, common=dict(suite["common"], layer_unroll=True))
-
-
-def _with_options(suite, options):
-    """The suite with XLA options for its programs only (``Network.compiler_options``)."""
-    return dict(suite, common=dict(suite["common"], compiler_options=options))
+def _stack(suite, layer_unroll, options=None):
+    """The suite with its layer stack, XLA options and attention (XLA's) pinned, not the
+    backend's defaults, so its command reproduces the rows BENCHMARKS.md recorded with it."""
+    common = dict(suite["common"], layer_unroll=layer_unroll,
+                  compiler_options={} if options is None else options,
+                  overrides={"attn_implementation": "xla"})
+    return dict(suite, common=common)
 
 
 CUBLAS = {"xla_gpu_enable_triton_gemm": False}  # cuBLAS GEMMs instead of XLA's Triton GEMMs
@@ -65,6 +64,7 @@ CUBLAS = {"xla_gpu_enable_triton_gemm": False}  # cuBLAS GEMMs instead of XLA's 
 GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
           "CONDITIONAL,WHILE"}
 SIGNAL_ROWS = ["first-block/residual", "teacache/residual", "dbcache/residual"]
+SCANNED, UNROLLED = 1, True
 
 
 def _suite(base, cached_layers, names):
@@ -77,42 +77,37 @@ def _suite(base, cached_layers, names):
     return dict(base, rows=rows)
 
 
+# Named for what they measure: model, layer stack (scanned: one layer in the program;
+# unrolled: one weight array per layer), XLA options, rows. The suites without a stack in
+# their name run the library's defaults for the backend.
 SUITES = {
-    # Pass 1 (no flags, one-stage signal reductions at the time).
-    "dit": _suite(DIT, 14, ["interval/output", "interval/taylor1", "interval/hermite2",
-                            "interval/output/device", "first-block/residual/host",
-                            "first-block/taylor1", "teacache/residual", "dbcache/residual"]),
-    # The per-step decision's cost with other structures (run with XLA_FLAGS set).
-    "dit-decisions": _suite(DIT, 14, ["interval/output/device", "first-block/residual"]),
-    # Pass 2 (run with the command-buffer XLA flags): forecast variants and every policy.
-    "dit-b": _suite(DIT, 14, ["interval/output", "interval/taylor1", "interval/taylor1/f32",
-                              "interval/taylor0", "first-block/residual",
-                              "first-block/res/0.2+host", "teacache/residual",
-                              "dbcache/residual"]),
-    # Pass 3, the current code without flags (the BENCHMARKS.md table).
-    "dit-c": _suite(DIT, 14, ["interval/output", "interval/taylor1", "interval/output/device",
-                              "first-block/residual", "first-block/res/0.2+host",
-                              "teacache/residual", "dbcache/residual"]),
-    # Pass 4 (2026-11-30, afternoon): the forecast and TeaCache rows again, beside their baseline.
-    "dit-d": _suite(DIT, 14, ["interval/output", "interval/taylor1", "teacache/residual"]),
-    # Pass 5: every layer stack unrolled with one weight array per layer (no weight copies).
-    "dit-u": _unrolled(_suite(DIT, 14, ["interval/output", "interval/taylor1"])),
-    "dit-u-teacache": _unrolled(_suite(DIT, 14, ["teacache/residual"])),
-    "qwen-image-dbcache": _suite(QWEN, 25, ["dbcache/residual"]),
-    # Pass 6: one array per layer and cuBLAS GEMMs (Network.compiler_options): every policy.
-    "dit-uc": _with_options(_unrolled(_suite(DIT, 14, [
-        "interval/output", "interval/taylor1", *SIGNAL_ROWS])), CUBLAS),
-    # Pass 7: the signal-driven rows with one array per layer, without and with device-side
-    # decisions in CUDA graphs (run one after the other, on one machine).
-    "dit-u-signal": _unrolled(_suite(DIT, 14, SIGNAL_ROWS)),
-    "dit-ug": _with_options(_unrolled(_suite(DIT, 14, SIGNAL_ROWS)), GRAPHS),
-    "qwen-image": _suite(QWEN, 25, ["interval/output", "interval/taylor1",
-                                    "first-block/residual", "teacache/residual"]),
-    # Pass 8 (2026-12-01): the fitted forecast beside Taylor and plain reuse, scanned default.
-    "dit-fitted": _suite(DIT, 14, ["interval/output", "interval/taylor1", "interval/fitted1"]),
-    "qwen-image-fitted": _suite(QWEN, 25, ["interval/output", "interval/taylor1",
-                                           "interval/fitted1"]),
-    # FLUX.1's real layout: the body of the interval rows spans both kinds of block.
+    # DiT-XL/2, every policy, the scanned stack, no XLA options.
+    "dit-scanned": _stack(_suite(DIT, 14, [
+        "interval/output", "interval/taylor1", "interval/output/device",
+        "first-block/residual", "first-block/res/0.2+host", "teacache/residual",
+        "dbcache/residual"]), SCANNED),
+    # The same stack with forecast variants; run with the command-buffer XLA_FLAGS.
+    "dit-scanned-forecasts": _stack(_suite(DIT, 14, [
+        "interval/output", "interval/taylor1", "interval/taylor1/f32", "interval/taylor0",
+        "first-block/residual", "first-block/res/0.2+host", "teacache/residual",
+        "dbcache/residual"]), SCANNED),
+    "dit-unrolled": _stack(_suite(DIT, 14, ["interval/output", "interval/taylor1"]), UNROLLED),
+    "dit-unrolled-cublas": _stack(_suite(DIT, 14, [
+        "interval/output", "interval/taylor1", *SIGNAL_ROWS]), UNROLLED, CUBLAS),
+    # The signal-driven rows without and with device-side decisions in CUDA graphs.
+    "dit-unrolled-signal": _stack(_suite(DIT, 14, SIGNAL_ROWS), UNROLLED),
+    "dit-unrolled-graphs": _stack(_suite(DIT, 14, SIGNAL_ROWS), UNROLLED, GRAPHS),
+    # The fitted forecast beside Taylor and plain reuse.
+    "dit-fitted-scanned": _stack(_suite(DIT, 14, [
+        "interval/output", "interval/taylor1", "interval/fitted1"]), SCANNED),
+    # Qwen-Image's layout (60 double-stream blocks), scanned.
+    "qwen-image-scanned": _stack(_suite(QWEN, 25, [
+        "interval/output", "interval/taylor1", "first-block/residual",
+        "teacache/residual"]), SCANNED),
+    "qwen-image-dbcache-scanned": _stack(_suite(QWEN, 25, ["dbcache/residual"]), SCANNED),
+    "qwen-image-fitted-scanned": _stack(_suite(QWEN, 25, [
+        "interval/output", "interval/taylor1", "interval/fitted1"]), SCANNED),
+    # FLUX.1's real layout with the library's defaults: the interval body spans both kinds.
     "flux": _suite(FLUX, 24, ["interval/output", "interval/taylor1", "first-block/residual",
                               "teacache/residual"]),
     "flux-dbcache": _suite(FLUX, 24, ["dbcache/residual"]),
@@ -125,7 +120,8 @@ def main() -> None:
     out = pathlib.Path(sys.argv[2] if len(sys.argv) > 2 else "/tmp")
     print("jax", jax.__version__, jax.devices(), flush=True)
     start = time.perf_counter()
-    built = build_model(*suite["model"], suite["common"]["dtype"])
+    built = build_model(*suite["model"], suite["common"]["dtype"],
+                        **suite["common"].get("overrides", {}))
     print(f"built {suite['model']} in {time.perf_counter() - start:.1f} s", flush=True)
     results = []
     for name, row in suite["rows"]:
