@@ -1,10 +1,15 @@
-"""The main job: cached vs full-compute sampling of digits on the shipped trained models.
+"""The main job: is caching worth it? Cached sampling of digits on the shipped trained models
+against full compute and against the honest baseline, fewer steps at the same compute.
 
-Samples a grid of digits (every class, several samples each) with and without caching on the
-shipped class-conditional models (the flow-matching single-stream DiT and dual-stream MMDiT, and
-the noise-prediction DiT sampled with DDIM), prints a table per setting (cached layers,
-interval: layer evaluations, speedups, PSNR, SSIM, class accuracy, Frechet distance) and saves a
-side-by-side PNG grid (full | cached).
+Samples a grid of digits (every class, several samples each) on the shipped class-conditional
+models (the flow-matching single-stream DiT and dual-stream MMDiT, and the noise-prediction DiT
+sampled with DDIM). The headline is the recommended setting (every layer cached, the order-1
+forecast, a refresh every 2 steps) beside uncached sampling with as many steps as fit the same
+layer evaluations, in one summary line per model. Then a table per model: full compute, the
+chosen settings (cached layers, interval, reuse), and beside each the fewer-steps run at its
+compute (layer evaluations, ideal and measured speedup with its spread, PSNR, SSIM, class
+accuracy, Frechet distance; a legend says what each column means and which way is better). A
+side-by-side PNG grid (full | cached) per model.
 
     python examples/digits.py                          # dit and mmdit, 4 cached layers, interval 3
     python examples/digits.py --arch dit --cached-layers 6 --interval 2
@@ -39,6 +44,17 @@ from jaxcache.digits import pretrained
 from jaxcache.digits.quality import REUSE_MODES, SettingReport, evaluate_settings
 
 SWEEP_INTERVALS = (1, 2, 3, 4, 5)
+# The recommended setting (the README's): every layer cached, the order-1 forecast, interval 2.
+RECOMMENDED_INTERVAL, RECOMMENDED_REUSE = 2, "taylor1"
+LEGEND = """columns: layer evals = per sample (lower: less compute); ideal x = matrix FLOPs of full
+compute over this run's (what a perfect implementation gains); speedup x = measured wall time of
+full compute over this run's, median [slowest-fastest] of --repeats (noisy on a CPU; above ideal
+is noise); PSNR dB, SSIM = against full compute with the same noise (higher: closer; inf: equal);
+rel L1 = mean relative difference to full compute (lower: closer); class acc = the share the
+digit classifier labels as the requested class (higher: better); Frechet = distance of the
+classifier's features to 359 real held-out digits (lower: more like real digits; on few samples
+it moves by a point or two either way, so full compute is no floor). "N steps" rows: uncached
+sampling with N steps, the most that fit the compute of the cached rows above them."""
 SWEEP_LAYERS = (2, 4, 6, 8)
 # --arch: the shipped models, and the two groups.
 _ARCH_GROUPS = {"both": ["dit", "mmdit"], "all": list(pretrained.SHIPPED_MODELS)}
@@ -187,16 +203,47 @@ def _save_sweep_plot(path: Path, sweeps: dict[str, list[SettingReport]]):
     plt.close(fig)
 
 
+def _evaluations(steps: int, depth: int, cached_layers: int, interval: int) -> int:
+    """Layer evaluations per sample of an interval schedule (refreshes at 0, k, 2k, ...)."""
+    refreshes = len(range(0, steps, interval))
+    return steps * depth - (steps - refreshes) * cached_layers
+
+
+def _same_compute_steps(steps: int, depth: int, cached_layers: int, interval: int) -> int:
+    """The most uncached steps within a cached setting's layer evaluations (at least 1)."""
+    return max(1, _evaluations(steps, depth, cached_layers, interval) // depth)
+
+
+def _spread(r: SettingReport) -> str:
+    return f"{r.speedup:.2f} [{r.speedup_min:.2f}-{r.speedup_max:.2f}]"
+
+
+def _summary(name: str, recommended: SettingReport, baseline: SettingReport, depth: int) -> str:
+    def db(x):
+        return "inf" if np.isinf(x) else f"{x:.1f}"
+
+    better = "better" if recommended.psnr > baseline.psnr else "NOT better"
+    return (
+        f"{name}: every layer ({depth}) cached with the order-1 forecast, refresh every "
+        f"{recommended.interval} steps: PSNR {db(recommended.psnr)} dB against "
+        f"{db(baseline.psnr)} dB for {baseline.num_steps} uncached steps at the same compute "
+        f"({recommended.layer_evaluations} vs {baseline.layer_evaluations} layer evaluations): "
+        f"caching is {better}; ideal {recommended.ideal_speedup:.2f}x, measured "
+        f"{_spread(recommended)}x"
+    )
+
+
 def _table(title: str, full: SettingReport, reports: list[SettingReport]) -> str:
-    head = ("layers", "interval", "reuse", "layer evals", "ideal x", "speedup x", "PSNR dB", "SSIM",
-            "rel L1", "class acc", "Frechet")
+    head = ("layers", "interval", "reuse", "layer evals", "ideal x", "speedup x [spread]",
+            "PSNR dB", "SSIM", "rel L1", "class acc", "Frechet")
     rows = [head]
     for r in [full, *reports]:
+        plain = r.cached_layers == 0
         rows.append((
-            "full" if r.cached_layers == 0 else str(r.cached_layers),
-            "-" if r.cached_layers == 0 else str(r.interval),
-            "-" if r.cached_layers == 0 else r.reuse,
-            str(r.layer_evaluations), f"{r.ideal_speedup:.2f}", f"{r.speedup:.2f}",
+            "full" if plain else str(r.cached_layers),
+            "-" if plain else str(r.interval),
+            (f"{r.num_steps} steps" if r.reuse == "fewer steps" else "-") if plain else r.reuse,
+            str(r.layer_evaluations), f"{r.ideal_speedup:.2f}", _spread(r),
             "inf" if np.isinf(r.psnr) else f"{r.psnr:.1f}", f"{r.ssim:.4f}",
             f"{r.relative_l1:.4f}", f"{r.accuracy:.3f}", f"{r.frechet:.2f}",
         ))
@@ -204,6 +251,11 @@ def _table(title: str, full: SettingReport, reports: list[SettingReport]) -> str
     lines = [title]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
     return "\n".join(lines)
+
+
+def _json_row(row: dict) -> dict:
+    """A report for JSON: infinities (identical images) as null."""
+    return {k: (None if isinstance(v, float) and np.isinf(v) else v) for k, v in row.items()}
 
 
 def main(argv=None) -> int:
@@ -239,7 +291,7 @@ def main(argv=None) -> int:
     scored = (f"class acc, Frechet: over the {len(labels)} samples of each setting "
               f"({args.per_class} per class x {len(classes)} classes, noise seed {args.seed}), "
               "scored by the shipped digit classifier")
-    results, recipes, images, sweeps = {}, {}, {}, {}
+    results, recipes, images, sweeps, extra = {}, {}, {}, {}, {}
     for name, model in models.items():
         settings = list(main_settings)
         if args.sweep:
@@ -259,6 +311,14 @@ def main(argv=None) -> int:
                       f"{REUSE_MODES[reuse].history()} computed steps, {steps} steps give "
                       f"{len(range(0, steps, k))}", flush=True)
         settings = fed
+        depth = model.config.depth
+        recommended = (depth, RECOMMENDED_INTERVAL, RECOMMENDED_REUSE)
+        feeds = REUSE_MODES[RECOMMENDED_REUSE].history() <= len(range(0, steps, 2))
+        if feeds and recommended not in settings:
+            settings.append(recommended)
+        # Beside each cached setting, uncached sampling with the steps its compute buys.
+        fewer = sorted({_same_compute_steps(steps, depth, n, k) for n, k, _ in settings})
+        fewer = [k for k in fewer if k < steps]
         solver = type(recipe.solver).__name__
         recipes[name] = dict(objective=recipe.objective, solver=solver, num_steps=steps,
                              guidance_scale=guidance)
@@ -266,30 +326,51 @@ def main(argv=None) -> int:
         try:
             full, reports, imgs = evaluate_settings(
                 model, labels, settings, seed=args.seed, num_steps=steps,
-                guidance_scale=guidance, repeats=args.repeats,
+                guidance_scale=guidance, repeats=args.repeats, fewer_steps=fewer,
             )
         except ValueError as e:  # a setting the solver refuses, e.g. more DDIM steps than 1000
             print(f"error: {name}: {e}", file=sys.stderr)
             return 2
-        title = (f"{name}: full compute vs cached (same noise, same classes; {steps} {solver} "
-                 f"steps, guidance {guidance})\n{scored}")
-        print(_table(title, full, reports) + f"\n({time.perf_counter() - start:.1f} s)",
+        by_key = dict(zip([*settings, *[("steps", k) for k in fewer]], reports))
+        baseline = {k: by_key[("steps", k)] for k in fewer}
+        if feeds and _same_compute_steps(steps, depth, *recommended[:2]) in baseline:
+            print(_summary(name, by_key[recommended],
+                           baseline[_same_compute_steps(steps, depth, *recommended[:2])], depth),
+                  flush=True)
+        rows = []
+        for key in settings:  # each cached setting, then the fewer-steps run at its compute
+            rows.append(by_key[key])
+            k = _same_compute_steps(steps, depth, *key[:2])
+            if k in baseline and baseline[k] not in rows:
+                rows.append(baseline[k])
+        title = (f"{name}: full compute, cached, and fewer steps at the same compute (same "
+                 f"noise, same classes; {steps} {solver} steps, guidance {guidance})\n{scored}")
+        print(_table(title, full, rows) + f"\n({time.perf_counter() - start:.1f} s)",
               flush=True)
         images[name] = [imgs[(0, 1, "reuse")]] + [imgs[s] for s in main_settings if s in imgs]
-        results[name] = [vars(full)] + [vars(r) for r in reports]
-        sweeps[name] = reports
+        results[name] = [vars(full)] + [vars(by_key[s]) for s in settings
+                                        if s != recommended or s in main_settings]
+        extra[name] = dict(
+            recommended=vars(by_key[recommended]) if recommended in by_key else None,
+            fewer_steps=[vars(b) for b in baseline.values()],
+        )
+        sweeps[name] = [by_key[s] for s in settings]
 
     os.makedirs(out, exist_ok=True)
     for name, panels in images.items():
         _save_side_by_side(out / f"digits_{name}.png", panels, rows=len(classes))
     payload = dict(
         settings=dict(vars(args)), labels=labels, models=recipes, scored=scored,
-        results={a: [{k: (None if isinstance(v, float) and np.isinf(v) else v)
-                      for k, v in r.items()} for r in rs] for a, rs in results.items()},
+        results={a: [_json_row(r) for r in rs] for a, rs in results.items()},
+        recommended={a: e["recommended"] and _json_row(e["recommended"])
+                     for a, e in extra.items()},
+        fewer_steps={a: [_json_row(r) for r in e["fewer_steps"]] for a, e in extra.items()},
+        legend=LEGEND,
     )
     (out / "results.json").write_text(json.dumps(payload, indent=1))
     if args.sweep:
         _save_sweep_plot(out / "sweep.png", sweeps)
+    print("\n" + LEGEND)
     print(f"\nwrote {out}/: " + ", ".join(files))
     panels = ", then ".join(f"cached with {r}" for r in _reuse_names(args))
     print(f"each PNG, left to right: full compute, then {panels} ({args.cached_layers} layers, "

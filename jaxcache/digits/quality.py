@@ -32,7 +32,6 @@ from jaxcache.digits.classifier import (
 )
 from jaxcache.digits.data import load_digits_images
 from jaxcache.evaluation import metrics
-from jaxcache.evaluation.flops import ideal_speedup
 from jaxcache.network import from_nnx
 from jaxcache.plan import CachePlan
 from jaxcache.policies import IntervalPolicy
@@ -58,6 +57,11 @@ class SettingReport:
       relative_l1: mean relative L1 against full compute.
       accuracy: classifier accuracy against the requested classes.
       frechet: Frechet distance of classifier features to the real held-out digits.
+      reuse: what skipped steps used (a :data:`REUSE_MODES` name), or ``"fewer steps"`` for
+        uncached sampling with fewer steps (the honest baseline at equal compute).
+      num_steps: the solver steps of this run.
+      speedup_min: the slowest of the timed runs as a speedup (``speedup`` is the median).
+      speedup_max: the fastest of the timed runs as a speedup.
     """
 
     cached_layers: int
@@ -72,6 +76,9 @@ class SettingReport:
     accuracy: float
     frechet: float
     reuse: str = "reuse"
+    num_steps: int = 0
+    speedup_min: float = float("nan")
+    speedup_max: float = float("nan")
 
 
 #: What a skipped step uses, by the name a setting gives it.
@@ -113,6 +120,7 @@ def evaluate_settings(
     solver: Solver | None = None,
     classifier: DigitClassifier | None = None,
     real_images: Any = None,
+    fewer_steps: Sequence[int] = (),
 ) -> tuple[SettingReport, list[SettingReport], dict[tuple[int, int], np.ndarray]]:
     """Samples the digits in ``labels`` under each cache setting and scores them.
 
@@ -131,11 +139,14 @@ def evaluate_settings(
       solver: the solver; None: the model's recipe's.
       classifier: the digit classifier (default: the shipped one).
       real_images: real digits for the Frechet distance (default: the held-out split).
+      fewer_steps: step counts to sample uncached with, scored against full compute at
+        ``num_steps`` (the honest baseline: fewer steps at the compute of a cached setting).
 
     Returns:
-      ``(full, reports, images)``: the full-compute report, one report per setting, and the
-      images of every setting keyed by ``(cached_layers, interval, reuse)`` (``(0, 1,
-      "reuse")``: full compute).
+      ``(full, reports, images)``: the full-compute report, one report per setting then one
+      per ``fewer_steps`` count (``reuse="fewer steps"``), and the images of every run keyed
+      by ``(cached_layers, interval, reuse)`` (``(0, 1, "reuse")``: full compute;
+      ``(0, 1, "steps<k>")``: ``k`` uncached steps).
 
     Raises:
       ValueError: for a setting outside the model's depth or an interval below 1.
@@ -163,16 +174,24 @@ def evaluate_settings(
     # Through sampler.sample (keyword arguments), not a compiled program called with positional
     # ones: the compiled program's argument layout is the sampler's own business. Its jit cache
     # keeps one program per setting.
-    programs, segments = {}, {}
+    programs, segments, steps_of = {}, {}, {}
     full_key = (0, 1, "reuse")
     for key in [full_key, *settings]:
         n, interval, reuse = key
         plan = CachePlan(network, n)
         seg = segments[key] = plan.split(params)
         policy = None if n == 0 else IntervalPolicy(interval)
+        steps_of[key] = num_steps
         programs[key] = functools.partial(
             sampler.sample, plan, seg, noise, cond, policy=policy, reuse=REUSE_MODES[reuse],
             **common,
+        )
+    for k in fewer_steps:
+        key = (0, 1, f"steps{check_int(k, 'fewer_steps')}")
+        plan = CachePlan(network, 0)
+        segments[key], steps_of[key] = segments[full_key], k
+        programs[key] = functools.partial(
+            sampler.sample, plan, segments[key], noise, cond, **dict(common, num_steps=k),
         )
     # Compile everything first (the first call of each), so timing sees only execution.
     outputs = jax.block_until_ready({key: fn() for key, fn in programs.items()})
@@ -188,6 +207,8 @@ def evaluate_settings(
     full = jnp.clip(outputs[full_key].sample, -1.0, 1.0)
     full_seconds = statistics.median(seconds[full_key])
 
+    full_flops = float(outputs[full_key].uncached_flops)
+
     def report(key) -> SettingReport:
         n, interval, reuse = key
         out = outputs[key]
@@ -200,23 +221,25 @@ def evaluate_settings(
             cached_layers=n,
             interval=interval,
             layer_evaluations=evaluations,
-            ideal_speedup=ideal_speedup(
-                network, segments[key], noise, cond, uncond=uncond,
-                num_steps=num_steps, layer_evaluations=evaluations,
-            ),
+            # Against full compute at num_steps (fewer-steps runs too): what ran, FLOP-weighted.
+            ideal_speedup=full_flops / float(out.flops),
             speedup=full_seconds / med,
+            speedup_min=full_seconds / max(seconds[key]),
+            speedup_max=full_seconds / min(seconds[key]),
+            num_steps=steps_of[key],
             seconds=med,
             psnr=psnr,
             ssim=ssim,
             relative_l1=relative_l1,
             accuracy=accuracy(classifier, images, jnp.asarray(labels)),
             frechet=metrics.frechet_distance(feats, real_features),
-            reuse=reuse,
+            reuse="fewer steps" if reuse.startswith("steps") else reuse,
         )
 
     reports = {key: report(key) for key in programs}
     images = {key: np.asarray(jnp.clip(outputs[key].sample, -1, 1)) for key in programs}
-    return reports[full_key], [reports[key] for key in settings], images
+    extra = [key for key in programs if key[2].startswith("steps")]
+    return reports[full_key], [reports[key] for key in [*settings, *extra]], images
 
 
 def digit_scores(
