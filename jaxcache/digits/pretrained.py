@@ -368,11 +368,18 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def load_checkpoint(
+    path: str | os.PathLike, *, expect_arch: str | None = None, allow_non_finite: bool = False
+) -> Checkpoint:
     """Reads a checkpoint written by :func:`save_checkpoint` (never writes anything).
 
     Args:
       path: the checkpoint file.
+      expect_arch: the architecture the caller expects (``"dit"`` or ``"mmdit"``); a file of
+        another one is refused (without it, a checkpoint of the other architecture under the
+        expected file name would load as that architecture).
+      allow_non_finite: load parameters holding NaN or infinity (a diverged run) instead of
+        refusing them.
 
     Returns:
       A :class:`Checkpoint`; its model carries the stored sampling recipe (:data:`FLOW` for a
@@ -381,9 +388,12 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     Raises:
       FileNotFoundError: if ``path`` does not exist.
       ValueError: if the file is not a readable checkpoint: truncated or corrupt bytes, a wrong
-        format tag, an unknown architecture, an invalid config or recipe, or parameters that do
-        not match the model the config describes (names, shapes or dtypes).
+        format tag, an unknown architecture or not ``expect_arch``, an invalid config or
+        recipe, parameters that do not match the model the config describes (names, shapes or
+        dtypes), or non-finite parameters; or ``expect_arch`` is not an architecture.
     """
+    if expect_arch is not None and expect_arch not in ARCHITECTURES:
+        raise ValueError(f"expect_arch must be one of {list(ARCHITECTURES)}, got {expect_arch!r}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -398,6 +408,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     arch = payload.get("arch")
     if arch not in ARCHITECTURES:
         raise ValueError(f"{path}: unknown architecture {arch!r}; valid: {list(ARCHITECTURES)}")
+    if expect_arch is not None and arch != expect_arch:
+        raise ValueError(f"{path} holds a {arch} model, expected a {expect_arch} model")
     try:
         config = ModelConfig(**payload["config"])
     except (KeyError, TypeError, ValueError) as e:
@@ -430,6 +442,12 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             raise ValueError(
                 f"{path}: parameter {name} is {desc}, expected {want.dtype}{list(want.shape)}"
             )
+        if not allow_non_finite and not np.all(np.isfinite(have)):
+            bad = int(np.size(have) - np.count_nonzero(np.isfinite(have)))
+            raise ValueError(
+                f"{path}: parameter {name} holds {bad} non-finite values (NaN or infinity: a "
+                "diverged run?); pass allow_non_finite=True to load it anyway"
+            )
     params = serialization.from_state_dict(target, payload["params"])
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     model = with_recipe(nnx.merge(graphdef, state), recipe)
@@ -452,4 +470,4 @@ def load_digits_model(name: str = "dit") -> nnx.Module:
         raise ValueError(f"unknown digit model {name!r}; valid: {', '.join(SHIPPED_MODELS)}")
     ref = importlib.resources.files("jaxcache.digits").joinpath("assets", SHIPPED_MODELS[name])
     with importlib.resources.as_file(ref) as path:
-        return load_checkpoint(path).model
+        return load_checkpoint(path, expect_arch=name.split("-")[0]).model
