@@ -10,7 +10,8 @@ block (FLUX: double-stream, then single-stream blocks) gives one :class:`~jaxcac
 list; blocks stacked with ``nn.scan`` are read by the stack's name, their parameters as stored.
 
 jaxcache imports no Linen (the core is NNX; ``tests/test_layout.py`` keeps it so): this module
-works on the Linen that the user's model has already loaded.
+works on the Linen that the user's model has already loaded. The NNX counterpart is
+:mod:`jaxcache.nnx`; what the two share is in :mod:`jaxcache._adapters`.
 """
 
 from __future__ import annotations
@@ -25,21 +26,18 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jaxcache.network import (
+from jaxcache._adapters import (
     Blocks,
-    Network,
     NetworkCache,
-    NetworkParams,
-    TimeConvention,
-    _check_time,
-    _default_layer,
-    _identity_condition,
-    _layer_field,
     as_block_lists,
+    check_time,
+    default_layer,
+    glued_network,
     hashable_key,
-    stack_trees,
+    stacked_layers,
 )
-from jaxcache.stack import BlockKind, Segments
+from jaxcache.network import Network, NetworkParams, TimeConvention, stack_trees
+from jaxcache.stack import BlockKind
 
 PyTree = Any
 LinenModule = Any  # a flax.linen.Module
@@ -520,7 +518,7 @@ def from_linen(
         received, or a ``leave`` that does not restore the network's form, raises a ValueError
         when the network is first traced.
     """
-    time = _check_time(time, "from_linen")
+    time = check_time(time, "from_linen")
     _linen(model)
     if "params" not in variables:
         raise ValueError(
@@ -553,8 +551,7 @@ def from_linen(
                         tuple(groups), fns, time, dual_stream))
     network = _NETWORKS.get(key, lambda: _linen_network(
         model, others, block_defs, tuple(groups), scanned, *fns, time, dual_stream))
-    stacks = [stacked for _, _, stacked, _ in found]
-    layers = stacks[0] if len(stacks) == 1 else Segments(stacks, range(len(stacks)))
+    layers = stacked_layers([stacked for _, _, stacked, _ in found])
     return network, NetworkParams(rest, rest, layers, rest)
 
 
@@ -583,7 +580,7 @@ def _linen_kind(block_def, group: Blocks, scanned: bool, layer, index: int, coun
     (``run_layers`` checks that ``leave`` restores the network's form.)
     """
     given = group.layer or layer
-    call = given or (_scan_layer if scanned else _default_layer)
+    call = given or (_scan_layer if scanned else default_layer)
     where = f"blocks {group.label!r}" + (f" (list {index + 1} of {count})" if count > 1 else "")
     hint = ""
     if index > 0 and group.enter is None:
@@ -620,8 +617,6 @@ def _linen_kind(block_def, group: Blocks, scanned: bool, layer, index: int, coun
 
 def _linen_network(model, others, block_defs, groups, scanned, embed, final, condition, layer,
                    modulated_input, time, dual_stream) -> Network:
-    condition = condition or _identity_condition
-
     def parts(rest):
         return LinenParts(model, others, rest)
 
@@ -635,12 +630,4 @@ def _linen_network(model, others, block_defs, groups, scanned, embed, final, con
         def modulated(layer_vars, h, ctx):
             return modulated_input(_Bound(block_defs[0], layer_vars), h, ctx)
 
-    return Network(
-        condition=lambda rest, cond: condition(parts(rest), cond),
-        embed=lambda rest, x, t, constant: embed(parts(rest), x, t, constant),
-        layer=_layer_field(kinds),
-        final=lambda rest, h, ctx: final(parts(rest), h, ctx),
-        dual_stream=dual_stream,
-        modulated_input=modulated,
-        time=time,
-    )
+    return glued_network(parts, kinds, modulated, embed, final, condition, time, dual_stream)

@@ -4,11 +4,14 @@ jaxcache never calls a model's ``__call__``. It needs the forward pass cut where
 happens: a step-independent condition path, a per-step embedding, a stack of identical layers
 (the part that is cached), and a final projection. ``Network`` holds those four pure functions;
 ``NetworkParams`` holds their parameters, with the layers' parameters stacked on a leading axis.
+:func:`check_parity` compares a network with the model's own forward; :func:`stack_trees`
+stacks per-block parameters; :func:`default_layer_unroll` and :func:`default_compiler_options`
+say what a Network's ``"auto"`` settings mean on the default backend.
 
-A Flax NNX model becomes a ``Network`` through :func:`from_nnx` (its four pieces as submodules,
-or its blocks as a list plus small functions for the inline parts); a Linen model through
-:func:`jaxcache.from_linen`; any pure JAX code builds a ``Network`` directly. :func:`check_parity`
-compares a glued network with the model's own forward.
+This module is the abstraction only: any pure JAX code builds a ``Network`` directly, and the
+adapters build one from a model as written, :func:`jaxcache.from_nnx` (:mod:`jaxcache.nnx`) for
+Flax NNX and :func:`jaxcache.from_linen` (:mod:`jaxcache.linen`) for Linen.
+``jaxcache.network.from_nnx`` and ``jaxcache.network.Blocks`` still name them.
 
 Time: solvers work in ``t`` in ``[0, 1]`` (1 is noise). A model trained on another time scale
 declares it once with :class:`TimeConvention` (``Network.time``); the network converts ``t``
@@ -25,7 +28,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxcache._checks import check_int
 from jaxcache.stack import BlockKind, Segments, as_kinds, run_layers, stack_length
@@ -38,10 +40,25 @@ __all__ = [
     "ParityError",
     "TimeConvention",
     "check_parity",
-    "from_nnx",
+    "from_nnx",  # noqa: F822 (the NNX adapter's, re-exported by __getattr__ below)
     "num_layers",
     "stack_trees",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Names that lived here before the adapters had modules of their own, imported on first use
+    # (jaxcache.nnx and jaxcache._adapters import this module): ``jaxcache.network.from_nnx``.
+    if name == "from_nnx":
+        from jaxcache.nnx import from_nnx
+
+        return from_nnx
+    if name == "Blocks":
+        from jaxcache._adapters import Blocks
+
+        return Blocks
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _TIME_KINDS = ("continuous", "index", "scaled")
 
@@ -170,116 +187,6 @@ class NetworkParams(NamedTuple):
     final: PyTree
 
 
-@dataclasses.dataclass(frozen=True)
-class Blocks:
-    """One list of blocks of a model as written, for a model with several kinds of block.
-
-    FLUX is 19 double-stream blocks then 38 single-stream blocks; its port keeps them in two
-    lists. Give :func:`from_nnx` / :func:`jaxcache.from_linen` one ``Blocks`` per list, in
-    the order ``__call__`` runs them::
-
-        blocks=[jaxcache.Blocks("double_blocks"),
-                jaxcache.Blocks("single_blocks", layer=single, enter=join, leave=split)]
-
-    Layer indices then run across the lists (double blocks 0-18, single blocks 19-56), and a
-    cache plan may span the boundary.
-
-    Attributes:
-      path: where the blocks are. NNX: an attribute or dotted path (``"double_blocks"``,
-        ``"transformer.blocks"``) holding a list, an ``nnx.Sequential`` or one stacked
-        (``nnx.vmap``) module; or a list of such paths, one block each. Linen: the blocks'
-        name prefix (``"DoubleBlock"`` matches ``DoubleBlock_0, DoubleBlock_1, ...``), the
-        name of an ``nn.scan`` stack, or a list of names.
-      layer: ``layer(block, state, ctx) -> state``: how ``__call__`` calls one block of this
-        list; default the ``layer=`` given to the adapter, else ``block(state, ctx)``.
-      enter: ``enter(h, ctx) -> state``: the hidden state as the previous list left it, in
-        this list's form (FLUX's single blocks: the ``(image, text)`` pair concatenated into
-        one token sequence). None: the same form.
-      leave: ``leave(state, h, ctx) -> h``: back to the first list's form (split the tokens
-        again; ``h`` is the value the list entered with, for its shapes). Required with
-        ``enter``.
-      name: a label for messages (default: the path).
-    """
-
-    path: str | tuple[str, ...]
-    layer: Callable[..., PyTree] | None = None
-    enter: Callable[[PyTree, PyTree], PyTree] | None = None
-    leave: Callable[[PyTree, PyTree, PyTree], PyTree] | None = None
-    name: str = ""
-
-    def __post_init__(self):
-        path = self.path
-        if isinstance(path, (list, tuple)):
-            if not path or not all(isinstance(p, str) for p in path):
-                raise ValueError(f"Blocks.path must be a name or a list of names, got {path!r}")
-            object.__setattr__(self, "path", tuple(path))
-        elif not isinstance(path, str) or not path:
-            raise ValueError(f"Blocks.path must be a name or a list of names, got {path!r}")
-        BlockKind(_default_layer, self.enter, self.leave, self.label)  # checks enter/leave
-
-    @property
-    def label(self) -> str:
-        """The name in messages."""
-        if self.name:
-            return self.name
-        return self.path if isinstance(self.path, str) else f"{self.path[0]}..."
-
-
-def as_block_lists(blocks: Any, where: str) -> list[Blocks] | None:
-    """``blocks`` as a list of :class:`Blocks` when it names several kinds, else None."""
-    if isinstance(blocks, Blocks):
-        return [blocks]
-    if isinstance(blocks, (list, tuple)) and blocks and any(isinstance(b, Blocks) for b in blocks):
-        if not all(isinstance(b, Blocks) for b in blocks):
-            raise TypeError(
-                f"{where}: blocks= mixes jaxcache.Blocks with plain names; give every list of "
-                "blocks as a Blocks (e.g. [Blocks('double_blocks'), Blocks('single_blocks', "
-                "...)])"
-            )
-        return list(blocks)
-    return None
-
-
-def _layer_field(kinds: tuple[BlockKind, ...]):
-    """What ``Network.layer`` takes: a plain function for one kind that needs no conversion."""
-    if len(kinds) == 1 and kinds[0].enter is None:
-        return kinds[0].layer
-    return kinds
-
-
-def hashable_key(key: tuple) -> tuple | None:
-    """``key`` if it can be hashed (to share one Network between equal models), else None.
-
-    A model may keep unhashable settings (a list of RoPE axes, a config object): it then gets
-    a Network of its own per call, and the sampler compiles once per Network.
-    """
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
-
-
-class NetworkCache:
-    """A small memo of Networks by model structure (oldest dropped past ``size``)."""
-
-    def __init__(self, size: int = 128):
-        self._entries: dict[tuple, Network] = {}
-        self._size = size
-
-    def get(self, key: tuple | None, build: Callable[[], Network]) -> Network:
-        """The Network stored under ``key``, built and stored if missing (``None``: not kept)."""
-        if key is None:
-            return build()
-        network = self._entries.get(key)
-        if network is None:
-            network = build()
-            if len(self._entries) >= self._size:
-                self._entries.pop(next(iter(self._entries)))
-            self._entries[key] = network
-        return network
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class Network:
     """A diffusion transformer cut into the pieces a cache plan needs.
@@ -313,19 +220,19 @@ class Network:
         cannot use TeaCache.
       time: the :class:`TimeConvention` the model reads; None: continuous ``t`` in ``[0, 1]``,
         or, for an ``embed`` taken from another Network, that network's convention. Set it once
-        here (or in :func:`from_nnx` / :func:`jaxcache.from_linen`); the sampler checks the
+        here (or in :func:`jaxcache.from_nnx` / :func:`jaxcache.from_linen`); the sampler checks the
         solver's times against it.
 
       layer_unroll: how many layers one iteration of the layer scan runs (``lax.scan``'s
         ``unroll``). ``"auto"`` (the default): the fastest measured setting for the default
         backend (:func:`default_layer_unroll`: ``True`` on a GPU, ``1`` elsewhere), resolved
-        when the Network is built. ``True``: no scan at all; :meth:`~jaxcache.CachePlan.split` then keeps
-        each layer's parameters in arrays of their own (a :class:`~jaxcache.stack.LayerList`),
-        so the program never slices a stacked weight: on a GPU a scan copies every layer's
-        weights out of the stack each step (a third of the time of a FLUX-size block), and each
-        iteration reads its predicate back to the host. Compile time then grows with the depth.
-        ``1``: one layer in the program whatever the depth. Change it with
-        ``dataclasses.replace(network, layer_unroll=True)``.
+        when the Network is built. ``True``: no scan at all; :meth:`~jaxcache.CachePlan.split`
+        then keeps each layer's parameters in arrays of their own (a
+        :class:`~jaxcache.stack.LayerList`), so the program never slices a stacked weight: on a
+        GPU a scan copies every layer's weights out of the stack each step (a third of the time
+        of a FLUX-size block), and each iteration reads its predicate back to the host. Compile
+        time then grows with the depth. ``1``: one layer in the program whatever the depth.
+        Change it with ``dataclasses.replace(network, layer_unroll=True)``.
       compiler_options: XLA options by name for this network's sampling programs only (not
         process-wide like ``XLA_FLAGS``), e.g. ``{"xla_gpu_enable_triton_gemm": False}``:
         cuBLAS instead of XLA's Triton GEMMs, which on an H200 compiled the FLUX-size model with
@@ -335,8 +242,8 @@ class Network:
         cuBLAS GEMMs on a GPU, none elsewhere); ``{}``: none.
 
     A Network compares by identity and the sampler compiles once per Network object: build it
-    once and reuse it (:func:`from_nnx` and :func:`jaxcache.from_linen` return the same object
-    for models of the same structure).
+    once and reuse it (:func:`jaxcache.from_nnx` and :func:`jaxcache.from_linen` return the same
+    object for models of the same structure).
     """
 
     condition: Callable[[PyTree, PyTree], PyTree]
@@ -485,13 +392,14 @@ def check_parity(
 ) -> float:
     """Compares a network with the model's own forward on given inputs; raises if they differ.
 
-    Run it once after gluing a model (:func:`from_nnx`, :func:`jaxcache.from_linen`, a
+    Run it once after gluing a model (:func:`jaxcache.from_nnx`, :func:`jaxcache.from_linen`, a
     hand-built :class:`Network`). It checks that the network's pieces compose to the model's
     own forward: it catches a missed piece of inline code (a position embedding, an
     unpatchify), a wrong block order, a wrong layer function or kind conversion. It does
     **not** check the time convention: both sides receive the same converted time, so a wrong
     :class:`TimeConvention` passes here and samples wrongly. Check that against the model's own
-    sampling loop (where it multiplies ``t``; docs/bring-your-own-model.md, "Which time the model reads").
+    sampling loop (where it multiplies ``t``; docs/bring-your-own-model.md, "Which time the
+    model reads").
 
     Args:
       network: the network.
@@ -596,361 +504,3 @@ def stack_trees(trees: Sequence[PyTree], names: Sequence[str]) -> PyTree:
 def _paths(leaves) -> list[str]:
     return [jax.tree_util.keystr(path) for path, _ in leaves]
 
-
-def _check_time(time: Any, where: str) -> TimeConvention:
-    if time is None:
-        raise TypeError(
-            f"{where} needs time=: say which time the model's embedding reads, "
-            "jaxcache.TimeConvention.continuous() (t in [0, 1]), .index(1000) (the integer "
-            "training step of a 1000-step DDPM schedule: DiT, ADM) or .scaled(1000.0) "
-            "(the model's own loop passes 1000 t). Look where the model multiplies t: FLUX's "
-            "JAX ports scale t in [0, 1] inside their embedding, so they are continuous(). A "
-            "wrong choice runs without error and gives wrong images"
-        )
-    if not isinstance(time, TimeConvention):
-        raise TypeError(f"time must be a jaxcache.TimeConvention, got {time!r}")
-    return time
-
-
-def _identity_condition(model, cond):
-    return cond
-
-
-def _default_layer(block, h, ctx):
-    return block(h, ctx)
-
-
-def _apply(graphdef: nnx.GraphDef, method: str = "__call__") -> Callable[..., Any]:
-    """A pure ``apply(state, *args)`` that rebuilds the module from ``graphdef`` and calls it."""
-
-    def apply(state, *args):
-        return getattr(nnx.merge(graphdef, state), method)(*args)
-
-    return apply
-
-
-_PROTOCOL_CACHE = NetworkCache()
-
-
-def _network_for(
-    graphdefs: tuple[nnx.GraphDef, ...],
-    block_defs: tuple[nnx.GraphDef, ...],
-    block_types: tuple[type, ...],
-    dual_stream: bool,
-    has_modulated_input: bool,
-    time: TimeConvention | None = None,
-) -> "Network":
-    # One Network per model structure: the sampler compiles once per Network object, so models
-    # of the same structure (a reloaded checkpoint, new weights) reuse the compiled program.
-    def build():
-        condition, embed, final = (_apply(g) for g in graphdefs)
-        kinds = tuple(
-            BlockKind(_apply(g), getattr(cls, "enter", None), getattr(cls, "leave", None),
-                      cls.__name__)
-            for g, cls in zip(block_defs, block_types)
-        )
-        modulated = _apply(block_defs[0], "modulated_input") if has_modulated_input else None
-        return Network(
-            condition, embed, _layer_field(kinds), final,
-            dual_stream=dual_stream, modulated_input=modulated, time=time,
-        )
-
-    key = hashable_key((graphdefs, block_defs, block_types, dual_stream, has_modulated_input,
-                        time))
-    return _PROTOCOL_CACHE.get(key, build)
-
-
-def _stack_problem(state: PyTree) -> str | None:
-    """Why ``state`` is not a stack of layers (no common leading axis), or None."""
-    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    if not leaves:
-        return "it holds no parameters"
-    sizes = {np.shape(a)[0] if np.ndim(a) else None for _, a in leaves}
-    if len(sizes) == 1 and None not in sizes:
-        return None
-    shown = ", ".join(f"{jax.tree_util.keystr(p)} {np.shape(a)}" for p, a in leaves[:4])
-    return f"its parameters share no leading layer axis ({shown})"
-
-
-def _how_to_stack(owner: str) -> str:
-    return (
-        "Either build the blocks stacked, with nnx.vmap over the block constructor (see "
-        "jaxcache.models.layers.stack_blocks), or keep them as they are and describe the "
-        f"inline parts: from_nnx(model, blocks={owner!r}, embed=..., final=..., time=...)"
-    )
-
-
-def from_nnx(
-    model: nnx.Module,
-    *,
-    blocks: str | Sequence[str] | Blocks | Sequence[Blocks] | None = None,
-    embed: Callable[..., tuple[PyTree, PyTree]] | None = None,
-    final: Callable[..., jax.Array] | None = None,
-    condition: Callable[..., PyTree] | None = None,
-    layer: Callable[..., PyTree] | None = None,
-    modulated_input: Callable[..., jax.Array] | None = None,
-    time: TimeConvention | None = None,
-    dual_stream: bool | None = None,
-) -> tuple[Network, NetworkParams]:
-    """Turns a Flax NNX diffusion transformer into a :class:`Network` and its parameters.
-
-    Two ways. **The four-piece protocol** (``from_nnx(model)``; the reference models in
-    :mod:`jaxcache.models` follow it): the model exposes
-
-    * ``model.condition_encoder(cond) -> constant``
-    * ``model.embedder(x, t, constant) -> (h, ctx)``
-    * ``model.blocks(h, ctx) -> h``: one block whose parameters carry a leading layer axis
-      (built with ``nnx.vmap`` over the block constructor); called on one slice at a time.
-    * ``model.final_layer(h, ctx) -> prediction``
-
-    and a boolean attribute ``dual_stream`` when ``h`` is an ``(image, text)`` pair. A block
-    that defines ``modulated_input(h, ctx)`` (its timestep-modulated input) supports TeaCache.
-
-    **A model as written** (``from_nnx(model, blocks=..., embed=..., final=..., time=...)``):
-    the blocks are a list (``nnx.List``, a list attribute, an ``nnx.Sequential``, or attributes
-    named in ``blocks``) or one ``nnx.vmap`` stack, and the rest lives inline in ``__call__``.
-    Paths may be dotted (``"transformer.double_blocks"``; ``"blocks.layers"`` reaches the list
-    inside an ``nnx.Sequential``, which ``"blocks"`` alone also does). A model with several
-    lists of blocks of different kinds (FLUX: ``double_blocks`` then ``single_blocks``) gives
-    one :class:`Blocks` per list, each with its own ``layer`` and, where its blocks work on
-    another form of ``h``, ``enter`` / ``leave``; layer indices then run across the lists. Small functions say
-    what ``__call__`` does around the blocks; each receives the model itself (rebuilt from its
-    parameters, blocks left out), so it reads submodules, parameters and settings by name:
-
-    * ``embed(model, x, t, constant) -> (h, ctx)``: e.g. patch embedding plus position
-      embedding, and the timestep vector plus ``constant``.
-    * ``final(model, h, ctx) -> prediction``: e.g. the final layer and the unpatchify.
-    * ``condition(model, cond) -> constant``: step-independent work (a label or caption
-      embedding); default: ``constant = cond``.
-    * ``layer(block, h, ctx) -> h``: how ``__call__`` calls one block; default ``block(h, ctx)``.
-    * ``modulated_input(block, h, ctx) -> array``: optional, for TeaCache.
-
-    The blocks' parameters are stacked on a leading axis (a copy: drop the model to free the
-    originals).
-
-    Args:
-      model: the NNX model.
-      blocks: the attribute holding the blocks (a list, an ``nnx.Sequential`` or a stacked
-        module; a dotted path reaches inside submodules), or a list of attribute names, one
-        block each, in layer order; or a list of :class:`Blocks`, one per kind of block.
-      embed: see above (with ``blocks``).
-      final: see above (with ``blocks``).
-      condition: see above (with ``blocks``).
-      layer: see above (with ``blocks``).
-      modulated_input: see above (with ``blocks``).
-      time: the model's :class:`TimeConvention`; required with ``blocks``; default continuous
-        for the protocol.
-      dual_stream: whether ``h`` is an ``(image, text)`` pair; default: the model's
-        ``dual_stream`` attribute, else False.
-
-    Returns:
-      ``(network, params)``. The parameters are the model's current state, so call this again
-      after training to pick up new weights. Models of the same structure (and the same
-      functions) get the same ``network``, so they share compiled sampling programs.
-
-    Raises:
-      TypeError: if a piece is missing, or the protocol's ``blocks`` is a list or one unstacked
-        block (the message says how to stack, or how to pass the list).
-      ValueError: if ``blocks`` names nothing, or the blocks differ in structure or shape.
-    """
-    if dual_stream is None:
-        dual_stream = bool(getattr(model, "dual_stream", False))
-    given = {"embed": embed, "final": final, "condition": condition, "layer": layer,
-             "modulated_input": modulated_input}
-    if blocks is not None:
-        return _from_nnx_parts(
-            model, blocks, given, _check_time(time, "from_nnx(model, blocks=...)"), dual_stream
-        )
-    extra = sorted(k for k, v in given.items() if v is not None)
-    if extra:
-        raise TypeError(f"from_nnx: {extra} describe a model as written and need blocks=")
-    if time is not None and not isinstance(time, TimeConvention):
-        raise TypeError(f"time must be a jaxcache.TimeConvention, got {time!r}")
-    pieces = ("condition_encoder", "embedder", "final_layer")
-    name = type(model).__name__
-    stacks = tuple(getattr(model, "block_stacks", ("blocks",)))
-    for attribute in stacks:
-        if isinstance(getattr(model, attribute, None), (nnx.List, list, tuple)):
-            value = getattr(model, attribute)
-            raise TypeError(
-                f"{name}.{attribute} is a list of {len(value)} blocks; from_nnx(model) needs one "
-                "block module whose parameters are stacked on a leading layer axis. "
-                + _how_to_stack(attribute)
-            )
-    wanted = ("condition_encoder", "embedder", *stacks, "final_layer")
-    missing = [p for p in wanted if not isinstance(getattr(model, p, None), nnx.Module)]
-    if missing:
-        raise TypeError(
-            f"from_nnx needs the NNX submodules {wanted}; {name} lacks {missing} "
-            "(or pass blocks=, embed=, final= and time= for a model whose other parts live in "
-            "__call__)"
-        )
-    graphdefs, states = zip(*(nnx.split(getattr(model, p)) for p in pieces))
-    block_defs, block_states = zip(*(nnx.split(getattr(model, p)) for p in stacks))
-    for attribute, state in zip(stacks, block_states):
-        problem = _stack_problem(state)
-        if problem is not None:
-            raise TypeError(
-                f"{name}.{attribute} is not a stack of blocks: {problem}. "
-                + _how_to_stack(attribute)
-            )
-    first_blocks = getattr(model, stacks[0])
-    network = _network_for(
-        tuple(graphdefs),
-        tuple(block_defs),
-        tuple(type(getattr(model, p)) for p in stacks),
-        dual_stream,
-        callable(getattr(first_blocks, "modulated_input", None)),
-        time,
-    )
-    layers = block_states[0] if len(stacks) == 1 else Segments(block_states, range(len(stacks)))
-    condition, embed, final = states
-    return network, NetworkParams(condition, embed, layers, final)
-
-
-# ----------------------------------------------------------------- an NNX model as written
-_PARTS_CACHE = NetworkCache()
-
-
-def _attribute(model: nnx.Module, dotted: str):
-    value = model
-    for part in dotted.split("."):
-        if isinstance(value, (nnx.List, list, tuple)) and part.isdigit():
-            value = value[int(part)]
-            continue
-        if not hasattr(value, part):
-            raise ValueError(
-                f"blocks={dotted!r}: {type(model).__name__} has no attribute {dotted!r} "
-                f"(its submodules: {_submodule_names(model)})"
-            )
-        value = getattr(value, part)
-    return value
-
-
-def _path_of(dotted: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in dotted.split("."))
-
-
-def _submodule_names(model: nnx.Module) -> list[str]:
-    return sorted(k for k, v in vars(model).items() if isinstance(v, (nnx.Module, list, tuple)))
-
-
-def _nnx_blocks(model: nnx.Module, blocks: str | Sequence[str]):
-    """``(paths, modules, stacked)``: the blocks' state paths and modules, in layer order."""
-    if isinstance(blocks, str):
-        value = _attribute(model, blocks)
-        prefix = _path_of(blocks)
-        if isinstance(value, nnx.Sequential):  # its blocks are the list value.layers
-            value, prefix = value.layers, (*prefix, "layers")
-        if isinstance(value, (nnx.List, list, tuple)):
-            if not len(value):
-                raise ValueError(f"blocks={blocks!r} is an empty list")
-            paths = [(*prefix, i) for i in range(len(value))]
-            return paths, list(value), False
-        if isinstance(value, nnx.Module):
-            return [prefix], [value], True
-        raise ValueError(
-            f"blocks={blocks!r} is a {type(value).__name__}, not a list of NNX blocks, an "
-            "nnx.Sequential or a stacked (nnx.vmap) block module"
-        )
-    names = list(blocks)
-    if not names or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"blocks must be an attribute name or a list of names, got {blocks!r}")
-    modules = [_attribute(model, n) for n in names]
-    return [_path_of(n) for n in names], modules, False
-
-
-def _nnx_group(model, group: Blocks):
-    """One list of blocks: ``(paths, block graphdef, stacked parameters)``."""
-    paths, modules, stacked = _nnx_blocks(model, group.path)
-    labels = [".".join(str(p) for p in path) for path in paths]
-    splits = [nnx.split(m) for m in modules]
-    block_def = splits[0][0]
-    for label, (graphdef, _) in zip(labels[1:], splits[1:]):
-        if graphdef != block_def:
-            raise ValueError(
-                f"blocks {labels[0]} and {label} differ in structure or settings; only blocks "
-                "of one kind can share a list (the body scans one block over all of them). "
-                "For a model with several kinds of block, give one jaxcache.Blocks per list: "
-                "blocks=[Blocks('double_blocks'), Blocks('single_blocks', ...)]"
-            )
-    if stacked:
-        layers = splits[0][1]
-        problem = _stack_problem(layers)
-        if problem is not None:
-            raise TypeError(
-                f"{labels[0]} is one block, not a stack: {problem}. Pass the attribute holding "
-                "the list of blocks (a list, nnx.List or nnx.Sequential), or a stack built "
-                "with nnx.vmap"
-            )
-    else:
-        layers = stack_trees([state for _, state in splits], labels)
-    return paths, block_def, layers
-
-
-def _from_nnx_parts(model, blocks, given, time, dual_stream):
-    if given["embed"] is None or given["final"] is None:
-        raise TypeError(
-            "from_nnx(model, blocks=...) needs embed=(model, x, t, constant) -> (h, ctx) and "
-            "final=(model, h, ctx) -> prediction: the parts of __call__ around the blocks"
-        )
-    groups = as_block_lists(blocks, "from_nnx") or [Blocks(blocks)]
-    found = [_nnx_group(model, group) for group in groups]
-    all_paths = [path for paths, _, _ in found for path in paths]
-
-    def is_block(path, value):
-        return any(tuple(path[: len(p)]) == p for p in all_paths)
-
-    graphdef, block_state, rest = nnx.split(model, is_block, ...)
-    signature = tuple(
-        (jax.tree_util.keystr(k), np.shape(a), str(a.dtype))
-        for k, a in jax.tree_util.tree_flatten_with_path(block_state)[0]
-    )
-    block_defs = tuple(block_def for _, block_def, _ in found)
-    fns = tuple(given[k] for k in ("embed", "final", "condition", "layer", "modulated_input"))
-    key = hashable_key((graphdef, block_defs, signature, fns, tuple(groups), time, dual_stream))
-
-    def build():
-        placeholder = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
-                                   block_state)
-        return _nnx_parts_network(graphdef, placeholder, block_defs, groups, *fns, time,
-                                  dual_stream)
-
-    network = _PARTS_CACHE.get(key, build)
-    stacks = [layers for _, _, layers in found]
-    layers = stacks[0] if len(stacks) == 1 else Segments(stacks, range(len(stacks)))
-    return network, NetworkParams(rest, rest, layers, rest)
-
-
-def _nnx_parts_network(graphdef, placeholder, block_defs, groups, embed, final, condition,
-                       layer, modulated_input, time, dual_stream) -> Network:
-    condition = condition or _identity_condition
-
-    def model_of(rest):
-        # The blocks' slots hold shapes only: the pieces around the blocks never read them.
-        return nnx.merge(graphdef, placeholder, rest)
-
-    def kind(block_def, group):
-        call = group.layer or layer or _default_layer
-
-        def run(layer_state, h, ctx):
-            return call(nnx.merge(block_def, layer_state), h, ctx)
-
-        return BlockKind(run, group.enter, group.leave, group.label)
-
-    kinds = tuple(kind(d, g) for d, g in zip(block_defs, groups))
-    modulated = None
-    if modulated_input is not None:
-
-        def modulated(layer_state, h, ctx):
-            return modulated_input(nnx.merge(block_defs[0], layer_state), h, ctx)
-
-    return Network(
-        condition=lambda rest, cond: condition(model_of(rest), cond),
-        embed=lambda rest, x, t, constant: embed(model_of(rest), x, t, constant),
-        layer=_layer_field(kinds),
-        final=lambda rest, h, ctx: final(model_of(rest), h, ctx),
-        dual_stream=dual_stream,
-        modulated_input=modulated,
-        time=time,
-    )
