@@ -1,7 +1,9 @@
 """jaxcache: step-level feature caching for diffusion transformers in JAX, compiled whole.
 
-The public API (the core; it imports nothing from :mod:`jaxcache.models`,
-:mod:`jaxcache.evaluation` or :mod:`jaxcache.digits`):
+The public API (the core; it imports nothing from :mod:`jaxcache.tuning`,
+:mod:`jaxcache.models`, :mod:`jaxcache.evaluation` or :mod:`jaxcache.digits`, except that this
+module re-exports the tuning layer's :func:`fit_forecast` and :func:`calibrate_teacache` on first
+use):
 
 * :class:`StepCache`, :func:`should_refresh`: the reference step cache, as an immutable pytree.
 * :class:`Network`, :class:`NetworkParams`, :func:`from_nnx`, :func:`from_linen`: a model cut
@@ -13,15 +15,22 @@ The public API (the core; it imports nothing from :mod:`jaxcache.models`,
 * Policies, when the body is recomputed: :class:`RefreshPolicy`; schedules known before
   sampling, :class:`IntervalPolicy`, :class:`StepMaskPolicy`; signal-driven, decided on the
   device per sample, :class:`FirstBlockPolicy`, :class:`TeaCachePolicy` (with
-  :func:`calibrate_teacache`), :class:`DBCachePolicy`; :class:`OnDevice`.
+  :func:`calibrate_teacache`, from :mod:`jaxcache.tuning`), :class:`DBCachePolicy`;
+  :class:`OnDevice`.
 * Reuse modes, what a skipped step uses: :class:`ReuseMode`, :class:`OutputReuse`,
   :class:`ResidualReuse`, :class:`TaylorForecast`, :class:`HermiteForecast`,
-  :class:`FittedForecast` (with :func:`fit_forecast`).
+  :class:`FittedForecast` (with :func:`fit_forecast`, from :mod:`jaxcache.tuning`).
 * :class:`Solver` and solvers: :class:`FlowMatchEuler`, :class:`FlowMatchHeun` (rectified flow);
   :class:`DDIM`, :class:`DDPM`, :class:`EulerAncestral`, :class:`DPMSolverPP2M` (noise
   prediction on the DDPM schedule).
 * :func:`sample`, :func:`lower`, :class:`SampleResult`: the cached sampling loop, one program.
+
+Above the core, :mod:`jaxcache.tuning` fits settings to a model with the sampler:
+:func:`fit_forecast`, :func:`calibrate_teacache` and :func:`jaxcache.tuning.threshold_for` (a
+signal policy's threshold for a compute budget).
 """
+
+import importlib as _importlib
 
 from jaxcache.linen import from_linen
 from jaxcache.network import (
@@ -42,7 +51,6 @@ from jaxcache.policies import (
     RefreshPolicy,
     StepMaskPolicy,
     TeaCachePolicy,
-    calibrate_teacache,
 )
 from jaxcache.reuse import (
     FittedForecast,
@@ -51,7 +59,6 @@ from jaxcache.reuse import (
     ResidualReuse,
     ReuseMode,
     TaylorForecast,
-    fit_forecast,
 )
 from jaxcache.sampler import SampleResult, lower, sample
 from jaxcache.solvers import (
@@ -109,3 +116,18 @@ __all__ = [
     "sample",
     "should_refresh",
 ]
+
+# The tuning layer sits above the sampler: the core never imports it, and these names load it on
+# first use (``import jaxcache`` alone does not).
+_FROM_TUNING = ("calibrate_teacache", "fit_forecast")
+
+
+def __getattr__(name: str):
+    if name in _FROM_TUNING or name == "tuning":
+        tuning = _importlib.import_module("jaxcache.tuning")
+        return tuning if name == "tuning" else getattr(tuning, name)
+    raise AttributeError(f"module 'jaxcache' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_FROM_TUNING, "tuning"})

@@ -45,7 +45,7 @@ import numpy as np
 from jaxcache._checks import check_int
 from jaxcache.plan import CachePlan, SegmentParams
 from jaxcache.policies.base import RefreshPolicy
-from jaxcache.policies.signals import sequence_axes, signal_function
+from jaxcache.policies.signals import relative_l1, sequence_axes, signal_function
 from jaxcache.reuse.base import Position, ReuseMode, select_rows
 from jaxcache.reuse.forecast import Ladder
 from jaxcache.reuse.output import OutputReuse
@@ -55,7 +55,10 @@ from jaxcache.work import network_work
 
 PyTree = Any
 
-__all__ = ["SampleResult", "lower", "sample"]
+__all__ = ["RECORDABLE", "SampleResult", "lower", "sample"]
+
+#: What ``sample(..., record=...)`` can return beside the sample (see :class:`SampleResult`).
+RECORDABLE = ("signal", "output_change")
 
 
 class SampleResult(NamedTuple):
@@ -81,6 +84,17 @@ class SampleResult(NamedTuple):
         ones). Counted on the traced pieces (:mod:`jaxcache.work`); NaN for a network whose
         pieces hold a ``while`` loop (its trip count is unknown).
       uncached_flops: the same for the run without caching.
+      signals: with ``record=("signal", ...)`` only (else None): ``[evaluations, rows]``
+        float32, the relative L1 change (:func:`~jaxcache.policies.signals.relative_l1`) of the
+        policy's signal (its ``signal_kind``: the first block's residual for First-Block and
+        DBCache, the first layer's modulated input for TeaCache) at each model evaluation
+        against the previous evaluation's, per row (the conditional rows, then the
+        unconditional ones); NaN at evaluation 0. TeaCache's measure before its rescaling;
+        First-Block's and DBCache's wherever the step before computed (they compare with the
+        row's last computed step), so all of them along a run that computes every step.
+      output_changes: with ``record=("output_change", ...)`` only (else None): ``[evaluations,
+        rows]`` float32, the same change of the network's prediction (the final projection's
+        output, per row, before the guidance combine); NaN at evaluation 0.
     """
 
     sample: jax.Array
@@ -90,6 +104,8 @@ class SampleResult(NamedTuple):
     body_computed: jax.Array | None = None
     flops: jax.Array | None = None
     uncached_flops: jax.Array | None = None
+    signals: jax.Array | None = None
+    output_changes: jax.Array | None = None
 
     @property
     def layer_evaluations(self) -> jax.Array:
@@ -121,6 +137,7 @@ def sample(
     key: jax.Array | None = None,
     remat: bool = False,
     sequence_axis: str | tuple[str, ...] | None = None,
+    record: tuple[str, ...] = (),
 ) -> SampleResult:
     """Samples with the cached body of ``plan`` reused between refreshes, in one program.
 
@@ -168,6 +185,13 @@ def sample(
         whose sharding propagation needs nothing more). Static. Naming an axis that is not a
         ``shard_map`` axis where ``sample`` runs is a ValueError while tracing.
         See docs/sharding.md.
+      record: per-step values to return beside the sample, computed only when asked (static;
+        the default program computes none): ``"signal"``, the change of the policy's signal
+        between consecutive evaluations (:attr:`SampleResult.signals`; the policy must read a
+        signal: First-Block, TeaCache, DBCache), and ``"output_change"``, that of the
+        network's prediction (:attr:`SampleResult.output_changes`). A policy at threshold 0
+        computes every step, so its recorded values follow the uncached trajectory (TeaCache's
+        calibration, :func:`jaxcache.tuning.teacache_calibration_data`).
 
     Returns:
       A :class:`SampleResult`.
@@ -182,7 +206,7 @@ def sample(
       ...                       policy=jaxcache.IntervalPolicy(3))
     """
     args = _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond,
-                    guidance_scale, key, remat, sequence_axis)
+                    guidance_scale, key, remat, sequence_axis, record)
     return _program(plan)(*args)
 
 
@@ -201,6 +225,7 @@ def lower(
     key: jax.Array | None = None,
     remat: bool = False,
     sequence_axis: str | tuple[str, ...] | None = None,
+    record: tuple[str, ...] = (),
 ) -> jax.stages.Lowered:
     """The lowered (not yet compiled) program of :func:`sample` for these arguments.
 
@@ -209,7 +234,7 @@ def lower(
     decisions).
     """
     args = _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond,
-                    guidance_scale, key, remat, sequence_axis)
+                    guidance_scale, key, remat, sequence_axis, record)
     return _program(plan).lower(*args)
 
 
@@ -255,7 +280,7 @@ def _check_instance(value: Any, base: type, what: str) -> None:
 
 
 def _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond, scale, key,
-             remat=False, sequence_axis=None):
+             remat=False, sequence_axis=None, record=()):
     """Validates every argument (before tracing) and returns ``_sample``'s arguments."""
     _check_instance(plan, CachePlan, "plan")
     if not isinstance(plan, CachePlan):
@@ -315,8 +340,38 @@ def _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond
         )
     _check_conditions(noise, cond, uncond)
     sequence = normalize_sequence_axis(sequence_axis)
+    record = _check_record(record, policy, plan)
     return (plan, params, noise, cond, uncond, solver, num_steps, policy, reuse, scale, key,
-            remat, sequence)
+            remat, sequence, record)
+
+
+def _check_record(record: Any, policy: RefreshPolicy | None, plan: CachePlan) -> tuple[str, ...]:
+    """``record`` as a tuple in :data:`RECORDABLE`'s order; refused where it cannot apply."""
+    names = (record,) if isinstance(record, str) else record
+    try:
+        names = tuple(names)
+    except TypeError:
+        raise TypeError(
+            f"record must be a tuple of names from {RECORDABLE}, got {record!r}"
+        ) from None
+    unknown = [n for n in names if n not in RECORDABLE]
+    if unknown:
+        raise ValueError(f"record: unknown {unknown!r}; choose from {RECORDABLE}")
+    if "signal" in names:
+        kind = None if policy is None else policy.signal_kind
+        if kind is None:
+            name = "policy=None" if policy is None else type(policy).__name__
+            raise ValueError(
+                f"record='signal' returns the change of the policy's signal, and {name} reads "
+                "none: give a policy that reads one (FirstBlockPolicy, TeaCachePolicy, "
+                "DBCachePolicy); at threshold 0 it computes every step, as uncached"
+            )
+        if plan.first_layers + plan.cached_layers == 0:
+            raise ValueError(
+                "record='signal' reads the first layer in the head or the cached body; this plan "
+                "has neither (first_layers + cached_layers == 0)"
+            )
+    return tuple(n for n in RECORDABLE if n in names)
 
 
 def _check_solver(solver: Solver, key) -> None:
@@ -463,12 +518,12 @@ def _program(plan: CachePlan):
 
 @functools.lru_cache(maxsize=None)
 def _jitted_sample(options: tuple[tuple[str, Any], ...]):
-    return jax.jit(_sample, static_argnums=(0, 5, 6, 9, 11, 12),
+    return jax.jit(_sample, static_argnums=(0, 5, 6, 9, 11, 12, 13),
                    compiler_options=dict(options) or None)
 
 
 def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse, guidance_scale,
-            key, remat, sequence=None):
+            key, remat, sequence=None, record=()):
     # Inside shard_map: the manual mesh axes the noise varies over; loop state made here is cast
     # to vary over them too (else a scan's carry changes type). Empty outside: no casts at all.
     axes = manual_axes(noise)
@@ -488,56 +543,67 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse,
     rows = jnp.concatenate([noise, noise]) if guided else noise
     work = functools.partial(_flops, plan, params, rows, cond_rows)
 
-    # The loop carries z = (x, solver state); the state is None for stateless solvers.
+    # The loop carries z = (x, solver state); the state is None for stateless solvers. With
+    # record=, z = (x, solver state, _Record): what the run records rides with the sample.
     def head(z, t):
         x = z[0]
         rows = jnp.concatenate([x, x]) if guided else x
         t_rows = jnp.full((rows.shape[0],), t, jnp.float32)
         return plan.run_head(params, rows, t_rows, constant)
 
-    def finish(z, h, ctx, i, t, t_next):
-        x, solver_state = z
+    def finish(z, h, ctx, i, t, t_next, signal=None):
+        x, solver_state = z[0], z[1]
         prediction = plan.run_tail(params, h, ctx)
         _check_prediction(prediction, x, branches)  # while tracing: costs nothing
+        if record:
+            recorded = _record(z[2], i, signal, prediction, sequence)
         if guided:
             positive, negative = jnp.split(prediction, 2)
             prediction = negative + guidance_scale * (positive - negative)
         step_key = None if key is None else jax.random.fold_in(key, i)
-        return solver.advance(solver_state, x, prediction, t, t_next, index=i, key=step_key)
+        z_next = solver.advance(solver_state, x, prediction, t, t_next, index=i, key=step_key)
+        return (*z_next, recorded) if record else z_next
 
     times, next_times = solver.times(num_steps)
     steps = len(times)  # model evaluations: the cache's steps
     xs = (jnp.arange(steps, dtype=jnp.int32), jnp.asarray(times), jnp.asarray(next_times))
     start = vary((noise, solver.init_state(noise)), axes)
+    # The policy's signal, where a step records it (else None: nothing computes it).
+    signal_of = (signal_function(policy.signal_kind, plan, params) if "signal" in record
+                 else None)
+    if record:
+        start = vary((*start, _record_start(record, head, signal_of, start, steps)), axes)
 
     if policy is None or plan.cached_layers == 0:
 
         def plain_step(z, step_t):
             i, t, t_next = step_t
-            _, h, ctx = head(z, t)
-            return vary(finish(z, plan.run_body(params, h, ctx), ctx, i, t, t_next), axes), None
+            embedded, h, ctx = head(z, t)
+            signal = None if signal_of is None else signal_of(embedded, h, ctx)
+            out = plan.run_body(params, h, ctx)
+            return vary(finish(z, out, ctx, i, t, t_next, signal), axes), None
 
         if remat:  # the backward pass recomputes each step from its carry
             plain_step = jax.checkpoint(plain_step)
-        (x, _), _ = jax.lax.scan(plain_step, start, xs)
+        z, _ = jax.lax.scan(plain_step, start, xs)
         every = jnp.ones((steps, branches, batch), bool)
         computed = jnp.ones((steps, depth), bool)
-        return SampleResult(x, jnp.ones((steps,), bool), computed, None, every,
-                            *work(computed))
+        return SampleResult(z[0], jnp.ones((steps,), bool), computed, None, every,
+                            *work(computed), *_recorded(z, record))
 
     mode = reuse if reuse is not None else OutputReuse()
     _, body_shape, _ = jax.eval_shape(head, start, jnp.zeros((), jnp.float32))
     state = vary(mode.init(plan, body_shape, constant), axes)
-    loop = _Loop(plan, params, mode, head, finish, remat, axes, sequence)
+    loop = _Loop(plan, params, mode, head, finish, remat, axes, sequence, signal_of)
 
     schedule = policy.static_schedule(steps)
     if schedule is not None:
-        (x, _), state = loop.static(start, state, xs, np.asarray(schedule, bool))
+        z, state = loop.static(start, state, xs, np.asarray(schedule, bool))
         rows_computed = jnp.broadcast_to(
             jnp.asarray(_computed_steps(schedule))[:, None], (steps, branches * batch)
         )
     else:
-        (x, _), state, rows_computed = loop.dynamic(start, state, xs, policy, steps)
+        z, state, rows_computed = loop.dynamic(start, state, xs, policy, steps)
 
     body_ran = jnp.any(rows_computed, axis=1)
     columns = [jnp.ones((steps, plan.first_layers), bool)]
@@ -546,9 +612,65 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse,
     caches = tuple(mode.rows(state, j * batch, (j + 1) * batch) for j in range(branches))
     computed = jnp.concatenate(columns, axis=1)
     return SampleResult(
-        x, body_ran, computed, caches, rows_computed.reshape(steps, branches, batch),
-        *work(computed),
+        z[0], body_ran, computed, caches, rows_computed.reshape(steps, branches, batch),
+        *work(computed), *_recorded(z, record),
     )
+
+
+# ------------------------------------------------------------------ recorded per-step values
+class _Record(NamedTuple):
+    """What a run records (``record=``), carried with the sample; None where not recorded.
+
+    ``previous_*``: the value at the previous evaluation, per row; ``signals`` and
+    ``output_changes``: ``[evaluations, rows]``, written one evaluation at a time.
+    """
+
+    previous_signal: jax.Array | None
+    signals: jax.Array | None
+    previous_output: jax.Array | None
+    output_changes: jax.Array | None
+
+
+def _record_start(record, head, signal_of, start, steps) -> _Record:
+    """The record before evaluation 0 (shapes from the head and the sample, traced abstractly)."""
+    zero = jnp.zeros((), jnp.float32)
+    shapes = jax.eval_shape(head, start, zero)
+    rows = jax.tree.leaves(shapes[1])[0].shape[0]
+    empty = jnp.full((steps, rows), jnp.nan, jnp.float32)
+    signal = output = None
+    if "signal" in record:
+        shape = jax.eval_shape(lambda z: signal_of(*head(z, zero)), start).shape
+        signal = jnp.zeros(shape, jnp.float32)
+    if "output_change" in record:
+        output = jnp.zeros((rows, *start[0].shape[1:]), jnp.float32)
+    return _Record(signal, None if signal is None else empty,
+                   output, None if output is None else empty)
+
+
+def _record(recorded: _Record, i, signal, prediction, sequence) -> _Record:
+    """``recorded`` with evaluation ``i``'s changes written (NaN at evaluation 0)."""
+    axes = sequence or ()  # a row split over devices is measured whole (relative_l1)
+
+    def change(current, previous, buffer):
+        value = relative_l1(current, previous, axis_name=axes)
+        value = jnp.where(i == 0, jnp.nan, value)
+        return current.astype(jnp.float32), buffer.at[i].set(value)
+
+    if recorded.signals is not None:
+        previous, signals = change(signal, recorded.previous_signal, recorded.signals)
+        recorded = recorded._replace(previous_signal=previous, signals=signals)
+    if recorded.output_changes is not None:
+        previous, changes = change(prediction, recorded.previous_output,
+                                   recorded.output_changes)
+        recorded = recorded._replace(previous_output=previous, output_changes=changes)
+    return recorded
+
+
+def _recorded(z, record) -> tuple[jax.Array | None, jax.Array | None]:
+    """``(signals, output_changes)`` of a finished run's carry."""
+    if not record:
+        return None, None
+    return z[2].signals, z[2].output_changes
 
 
 def _flops(plan, params, rows, cond_rows, computed):
@@ -572,12 +694,14 @@ class _Loop:
     ``finish`` returns.
     """
 
-    def __init__(self, plan, params, mode, head, finish, remat=False, axes=(), sequence=None):
+    def __init__(self, plan, params, mode, head, finish, remat=False, axes=(), sequence=None,
+                 recorded_signal=None):
         self.plan, self.params, self.mode = plan, params, mode
         self.head, self.finish = head, finish
         self.remat = remat
         self.axes = axes  # the manual mesh axes of the noise (empty outside shard_map)
         self.sequence = sequence  # the mesh axes that split a sample's tokens, or None
+        self.recorded_signal = recorded_signal  # the signal a step records (record=), or None
 
     def vary(self, tree):
         """``tree`` cast to vary over the noise's manual mesh axes (nothing outside shard_map)."""
@@ -603,14 +727,16 @@ class _Loop:
             x, state = carry
             i, t, t_next = step_t
             position = Position(i, t)
-            _, h, ctx = self.head(x, t)
+            embedded, h, ctx = self.head(x, t)
+            signal = (None if self.recorded_signal is None
+                      else self.recorded_signal(embedded, h, ctx))
             if kind == "refresh":
                 h, state = self.body(h, ctx, state, position, None)
             elif kind == "plain":  # before the first refresh: run, store nothing
                 h = self.plan.run_body(self.params, h, ctx)
             else:
                 h = self.mode.reuse(state, h, position)
-            return self.vary((self.finish(x, h, ctx, i, t, t_next), state))
+            return self.vary((self.finish(x, h, ctx, i, t, t_next, signal), state))
 
         if self.remat:  # the backward pass recomputes each step from its carry
             step = jax.checkpoint(step, static_argnums=(0,))
@@ -684,7 +810,7 @@ class _Loop:
             # A row with nothing stored yet runs without storing, as the reference did.
             compute = refresh | ~stored
             out, state = self.run_or_reuse(compute, refresh, h, ctx, state, position)
-            x = self.finish(x, out, ctx, i, t, t_next)
+            x = self.finish(x, out, ctx, i, t, t_next, signal)
             return self.vary((x, state, policy_state, stored | refresh)), compute
 
         carry = (noise, state, policy_state, self.vary(jnp.zeros((rows,), bool)))

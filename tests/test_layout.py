@@ -1,10 +1,16 @@
 """Tests of the package layout: which parts of jaxcache may import which.
 
 Layers, lowest first: the core (the top-level modules of ``jaxcache`` and every subpackage but
-the three below), ``jaxcache.models``, ``jaxcache.evaluation``, ``jaxcache.digits``. A layer
-imports only from layers below it; the core imports none of the three. Checked on the source
-with ``ast`` (every import statement, including those inside functions and ``TYPE_CHECKING``
-blocks), and on a fresh interpreter's ``sys.modules``.
+the four below), ``jaxcache.tuning``, ``jaxcache.models``, ``jaxcache.evaluation``,
+``jaxcache.digits``. A layer imports only from layers below it; the core imports none of the
+four. ``jaxcache.tuning`` (settings fitted to a model: the fitted forecast, TeaCache's
+calibration, thresholds for a budget) sits right above the core because it runs the sampler, the
+top of the core; evaluation and digits use it. The one exception: the package's ``__init__``
+re-exports two tuning functions (``jaxcache.fit_forecast``, ``jaxcache.calibrate_teacache``)
+lazily, inside a module ``__getattr__``, so ``import jaxcache`` still loads no outer layer.
+Inside the core, only the package's ``__init__`` imports the sampler: no arrow points back up.
+Checked on the source with ``ast`` (every import statement, including those inside functions and
+``TYPE_CHECKING`` blocks), and on a fresh interpreter's ``sys.modules``.
 """
 
 from __future__ import annotations
@@ -20,8 +26,11 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "jaxcache"
-OUTER = ("models", "evaluation", "digits")  # lowest first; each may import only lower ones
-PUBLIC = ("jaxcache", "jaxcache.policies", "jaxcache.reuse", "jaxcache.models")
+# Lowest first; each may import only lower ones (and the core).
+OUTER = ("tuning", "models", "evaluation", "digits")
+PUBLIC = ("jaxcache", "jaxcache.policies", "jaxcache.reuse", "jaxcache.tuning", "jaxcache.models")
+FACADE = PACKAGE / "__init__.py"  # may load jaxcache.tuning lazily (module __getattr__)
+LAZY_FROM_TUNING = ("calibrate_teacache", "fit_forecast")
 
 
 def _module_name(path: pathlib.Path, root: pathlib.Path) -> str:
@@ -83,7 +92,45 @@ def test_core_files_are_found():
 
 
 def test_core_imports_no_outer_layer():
-    assert _violations(_files(), OUTER) == []
+    core = [p for p in _files() if p != FACADE]
+    assert _violations(core, OUTER) == []
+    assert _violations([FACADE], OUTER[1:]) == []
+
+
+def test_the_facade_loads_the_tuning_layer_only_lazily():
+    # Its module-level statements import no outer layer; jaxcache.tuning is named only inside
+    # functions (the module __getattr__).
+    tree = ast.parse(FACADE.read_text())
+    top = ast.Module(body=[n for n in tree.body if not isinstance(n, ast.FunctionDef)],
+                     type_ignores=[])
+    names = {a.name for n in ast.walk(top) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module or "" for n in ast.walk(top) if isinstance(n, ast.ImportFrom)}
+    assert not [m for m in names if m.split(".")[1:2] and m.split(".")[1] in OUTER]
+
+
+def test_only_the_facade_imports_the_sampler_inside_the_core():
+    # The sampler is the top of the core: policies, reuse modes, plans and the rest sit below
+    # it, and what runs it to fit settings lives in jaxcache.tuning.
+    core = [p for p in _files() if p not in (FACADE, PACKAGE / "sampler.py")]
+    bad = [f"{p.relative_to(ROOT)} imports {m}" for p in core for m in _imported(p)
+           if m == "jaxcache.sampler" or m.startswith("jaxcache.sampler.")]
+    assert bad == []
+
+
+def test_tuning_is_built_on_the_sampler_not_a_loop_of_its_own():
+    # Every tuning module that samples does so through jaxcache.sample: none writes a loop of
+    # network calls (no lax loop primitive in the layer).
+    files = _files(inside="tuning")
+    loops = ("scan", "fori_loop", "while_loop")
+    found = [
+        f"{path.relative_to(ROOT)}: {node.attr}"
+        for path in files
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr in loops
+    ]
+    assert found == []
+    for name in ("forecast.py", "teacache.py", "threshold.py"):
+        assert "jaxcache.sampler" in _imported(PACKAGE / "tuning" / name)
 
 
 @pytest.mark.parametrize("index", range(len(OUTER)))
@@ -151,3 +198,23 @@ def test_importing_jaxcache_loads_no_outer_layer():
     assert outer == []
     # ``import flax`` itself imports flax.linen (flax/__init__.py); jaxcache must add none of it.
     assert [m for m in loaded["new"] if m == "flax.linen" or m.startswith("flax.linen.")] == []
+
+
+def test_the_tuning_functions_load_on_first_use():
+    names = repr(LAZY_FROM_TUNING)
+    code = (
+        "import json, sys\n"
+        "import jaxcache\n"
+        "before = sorted(m for m in sys.modules if m.startswith('jaxcache.tuning'))\n"
+        "from jaxcache import fit_forecast\n"
+        "import jaxcache.tuning\n"
+        "print(json.dumps({'before': before,\n"
+        f"    'same': [getattr(jaxcache, n) is getattr(jaxcache.tuning, n) for n in {names}],\n"
+        f"    'listed': [n in dir(jaxcache) for n in {names}]}}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded == {"before": [], "same": [True, True], "listed": [True, True]}
+    assert set(LAZY_FROM_TUNING) <= set(importlib.import_module("jaxcache").__all__)

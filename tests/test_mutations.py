@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import jaxcache as jc
-from jaxcache.policies import teacache_calibration_data
+from jaxcache.tuning import teacache_calibration_data
 
 import toy_networks
 

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxcache as jc
-from jaxcache.policies import fit_teacache_coefficients, relative_l1, teacache_calibration_data
+from jaxcache.policies import relative_l1
+from jaxcache.tuning import fit_teacache_coefficients, teacache_calibration_data
 
 import toy_networks
 

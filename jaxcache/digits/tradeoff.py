@@ -36,6 +36,7 @@ from jaxcache.digits.classifier import accuracy, default_classifier, extract_fea
 from jaxcache.digits.data import load_digits_images
 from jaxcache.evaluation import metrics
 from jaxcache.evaluation.flops import step_flops
+from jaxcache.tuning import threshold_for
 
 __all__ = [
     "DEFAULT_MODES",
@@ -224,14 +225,18 @@ class _Bench:
         self.flops = step_flops(self.network, seg, self.noise, self.cond, uncond=self.uncond)
         self._split: dict[Any, Any] = {}
 
-    def run(self, setting: Setting, noise=None, cond=None, uncond=None, policy=None):
-        plan = (setting.plan or (lambda net, depth: jc.CachePlan(net, 0)))(self.network,
-                                                                           self.depth)
+    def split(self, plan: jc.CachePlan):
+        """The model's parameters split for ``plan`` (once per head and body)."""
         key = (plan.first_layers, plan.cached_layers)
         if key not in self._split:
             self._split[key] = plan.split(self.params)
+        return self._split[key]
+
+    def run(self, setting: Setting, noise=None, cond=None, uncond=None, policy=None):
+        plan = (setting.plan or (lambda net, depth: jc.CachePlan(net, 0)))(self.network,
+                                                                           self.depth)
         return jc.sample(
-            plan, self._split[key], self.noise if noise is None else noise,
+            plan, self.split(plan), self.noise if noise is None else noise,
             self.cond if cond is None else cond, solver=self.solver,
             num_steps=setting.num_steps, policy=policy or setting.policy, reuse=setting.reuse,
             uncond=self.uncond if uncond is None else uncond, guidance_scale=self.guidance,
@@ -276,29 +281,27 @@ def calibrate(bench: _Bench, num_steps: int, *, seed: int, per_class: int = 10):
 
 def find_threshold(
     bench: _Bench, setting: Setting, make: Callable[[float], jc.RefreshPolicy],
-    target: float, full_steps: int, *, rows: int = 100, low: float = 0.0, high: float = 4.0,
-    iterations: int = 12,
+    target: float, full_steps: int, *, rows: int = 100,
 ) -> float:
     """The threshold whose per-sample ideal speedup on the first ``rows`` digits is ``target``.
 
-    Bisection on the threshold (more skipping as it grows); each probe reuses the compiled
-    program, since thresholds are traced.
+    The speedup is a budget of layer evaluations per sample (the matrix FLOPs of a run are
+    linear in them); :func:`jaxcache.tuning.threshold_for` finds the least threshold within it
+    (bisection on one compiled program: thresholds are traced), so the speedup reached is at
+    least ``target``.
     """
     noise, cond = bench.noise[:rows], bench.cond[:rows]
     uncond = None if bench.uncond is None else bench.uncond[:rows]
-
-    def speedup(value):
-        out = bench.run(setting, noise, cond, uncond, make(value))
-        return bench.ideal(setting.num_steps, bench.per_sample_evaluations(setting, out),
-                           full_steps)
-
-    for _ in range(iterations):
-        middle = (low + high) / 2
-        if speedup(middle) < target:
-            low = middle
-        else:
-            high = middle
-    return (low + high) / 2
+    flops = bench.flops
+    full = flops.total(full_steps, full_steps * bench.depth)
+    budget = (full / target - flops.condition - setting.num_steps * flops.step) / flops.layer
+    plan = setting.plan(bench.network, bench.depth)
+    found = threshold_for(
+        plan, bench.split(plan), noise, cond, policy=make(0.0), solver=bench.solver,
+        num_steps=setting.num_steps, layer_budget=budget, per_sample=True,
+        reuse=setting.reuse, uncond=uncond, guidance_scale=bench.guidance,
+    )
+    return found.threshold
 
 
 def evaluate(

@@ -43,6 +43,7 @@ import jaxcache as jc
 from jaxcache.models import ARCHS, SIZES, create_model, get_config
 from jaxcache.policies.signals import signal_function
 from jaxcache.reuse import Position
+from jaxcache.tuning import threshold_for
 
 __all__ = ["POLICIES", "REUSE_MODES", "main", "run_benchmark"]
 
@@ -316,20 +317,6 @@ def build_model(model: str, size: str, dtype: str, seed: int = 0, **overrides: A
     return jc.from_nnx(net_model)
 
 
-def _threshold_for(run_cached, rule, target: float, iterations: int = 10) -> float:
-    """Bisection on the threshold until the run refreshes ``target`` of its steps."""
-    low, high = 0.0, 1.0
-    while float(np.mean(np.asarray(run_cached(dataclasses.replace(rule, threshold=high))
-                                   .refreshed))) > target and high < 1e3:
-        low, high = high, high * 4
-    for _ in range(iterations):
-        middle = (low + high) / 2
-        fraction = float(np.mean(np.asarray(
-            run_cached(dataclasses.replace(rule, threshold=middle)).refreshed)))
-        low, high = (middle, high) if fraction > target else (low, middle)
-    return high
-
-
 def _compiler_options(text: str) -> dict[str, Any]:
     """``--compiler-options``: a JSON object of XLA option names and values."""
     try:
@@ -373,8 +360,9 @@ def run_benchmark(
     """Runs the benchmark and returns its figures (see the module docstring).
 
     ``refresh_target`` (signal-driven policies) replaces ``threshold`` by the one whose run
-    refreshes that fraction of the steps, found by bisection on the compiled program (a new
-    threshold does not recompile). ``built`` reuses a model from :func:`build_model` across
+    refreshes at most that fraction of the steps (the batch's), found by
+    :func:`jaxcache.tuning.threshold_for` (bisection on one compiled program: a new threshold
+    does not recompile). ``built`` reuses a model from :func:`build_model` across
     runs (its parameters are then kept, not donated); ``overrides`` are the config fields it
     was built with (``depth=19``), so the benchmark counts the same layers. ``layer_unroll``
     sets ``Network.layer_unroll`` (``True``: one array per layer; ``1`` or ``False``: the
@@ -431,8 +419,9 @@ def run_benchmark(
     if refresh_target is not None:
         if policy == "interval":
             raise ValueError("--refresh-target applies to the signal-driven policies")
-        threshold = _threshold_for(programs["cached"], rule, refresh_target)
-        rule = dataclasses.replace(rule, threshold=threshold)
+        found = threshold_for(plan, seg, noise, cond, policy=rule, reuse=mode,
+                              target_fraction=refresh_target, **common)
+        threshold, rule = found.threshold, found.policy
         compiled_cached = programs["cached"]
         programs["cached"] = lambda: compiled_cached(rule)
     if hand_loop:

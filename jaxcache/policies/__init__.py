@@ -4,7 +4,9 @@
 * Schedules known before sampling, compiled with no decision in the loop:
   :class:`IntervalPolicy` (the reference), :class:`StepMaskPolicy`.
 * Signal-driven, decided on the device per sample: :class:`FirstBlockPolicy` (First-Block
-  Cache), :class:`TeaCachePolicy` (with :func:`calibrate_teacache`), :class:`DBCachePolicy`.
+  Cache), :class:`TeaCachePolicy`, :class:`DBCachePolicy`. Fitting their settings to a model
+  (TeaCache's calibration, a threshold for a compute budget) samples, so it lives in the
+  tuning layer above the sampler, :mod:`jaxcache.tuning`.
 * :class:`OnDevice`: forces a per-step decision on the device.
 """
 
@@ -15,14 +17,7 @@ from jaxcache.policies.interval import IntervalPolicy
 from jaxcache.policies.on_device import OnDevice
 from jaxcache.policies.signals import relative_l1
 from jaxcache.policies.step_mask import StepMaskPolicy
-from jaxcache.policies.teacache import (
-    FLUX_COEFFICIENTS,
-    TeaCachePolicy,
-    TeaCacheState,
-    calibrate_teacache,
-    fit_teacache_coefficients,
-    teacache_calibration_data,
-)
+from jaxcache.policies.teacache import FLUX_COEFFICIENTS, TeaCachePolicy, TeaCacheState
 
 __all__ = [
     "FLUX_COEFFICIENTS",
@@ -37,8 +32,5 @@ __all__ = [
     "StepMaskPolicy",
     "TeaCachePolicy",
     "TeaCacheState",
-    "calibrate_teacache",
-    "fit_teacache_coefficients",
     "relative_l1",
-    "teacache_calibration_data",
 ]

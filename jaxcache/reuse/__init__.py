@@ -5,11 +5,11 @@
 * :class:`TaylorForecast`: TaylorSeer, a forecast from the last computed steps in the solver's
   time; :class:`HermiteForecast`: HiCache, the same ladder in a scaled Hermite basis;
   :class:`FittedForecast`: TaylorSeer with a gain per step fitted to a model
-  (:func:`fit_forecast`).
+  (:func:`jaxcache.fit_forecast`, in the tuning layer above the sampler).
 """
 
 from jaxcache.reuse.base import Position, ReuseMode, select_rows
-from jaxcache.reuse.fitted import FittedForecast, fit_forecast
+from jaxcache.reuse.fitted import FittedForecast
 from jaxcache.reuse.forecast import ForecastState, HermiteForecast, TaylorForecast
 from jaxcache.reuse.output import OutputReuse
 from jaxcache.reuse.residual import ResidualReuse, ResidualState
@@ -24,6 +24,5 @@ __all__ = [
     "ResidualState",
     "ReuseMode",
     "TaylorForecast",
-    "fit_forecast",
     "select_rows",
 ]
