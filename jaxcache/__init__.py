@@ -32,16 +32,10 @@ signal policy's threshold for a compute budget).
 
 import importlib as _importlib
 
+from jaxcache._adapters import Blocks
 from jaxcache.linen import from_linen
-from jaxcache.network import (
-    Blocks,
-    Network,
-    NetworkParams,
-    ParityError,
-    TimeConvention,
-    check_parity,
-    from_nnx,
-)
+from jaxcache.network import Network, NetworkParams, ParityError, TimeConvention, check_parity
+from jaxcache.nnx import from_nnx
 from jaxcache.plan import CachePlan, SegmentParams
 from jaxcache.policies import (
     DBCachePolicy,
