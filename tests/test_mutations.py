@@ -4,9 +4,10 @@
   conditional and unconditional rows of a guided run must decide apart. A guided run whose
   branches decide differently is compared with a plain Python loop over the network's pieces
   that decides each row by the published rule (First-Block Cache, TeaCache).
-* A wrong guidance combine in TeaCache calibration's own copy of the sampling loop
-  (now one uncached ``jaxcache.sample`` run that records per-step changes, in ``jaxcache.tuning.teacache``): its pairs are compared with a plain Python loop over network calls
-  that records the same pairs, and its trajectory with ``jaxcache.sample(..., policy=None)``.
+* A wrong guidance combine in TeaCache calibration (now one uncached ``jaxcache.sample`` run
+  that records per-step changes, in ``jaxcache.tuning.teacache``): its pairs are compared with a
+  plain Python loop over network calls that records the same pairs, and its trajectory with
+  ``jaxcache.sample(..., policy=None)``.
 
 Each was checked by applying the mutation by hand and watching these tests fail.
 """
