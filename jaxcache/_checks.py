@@ -7,7 +7,26 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["check_int", "check_number", "is_concrete"]
+__all__ = ["check_arrays", "check_int", "check_number", "is_concrete"]
+
+_SHOWN = 120  # characters of a path or type shown in a message, so messages stay short
+
+
+def check_arrays(tree: Any, name: str) -> None:
+    """Raises a TypeError unless every leaf of ``tree`` is an array (has a shape and a dtype).
+
+    A parameter given as a Python list or number would fail later inside the program with a
+    message about tracers (or one that prints the whole list); this names the first such leaf by
+    its path, in a message of bounded length.
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+            where = jax.tree_util.keystr(path)[:_SHOWN]
+            raise TypeError(
+                f"{name}{where} is a {type(leaf).__name__[:_SHOWN]}, not an array: parameters "
+                "must be arrays (a list of numbers is a pytree of Python floats); convert it "
+                "with jnp.asarray"
+            )
 
 
 def check_int(value: Any, name: str, *, minimum: int = 1) -> int:

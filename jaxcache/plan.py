@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from jaxcache._checks import check_int
+from jaxcache._checks import check_arrays, check_int
 from jaxcache.network import Network, NetworkParams, num_layers
 from jaxcache.stack import LayerList, Observer, Segments, run_layers, stack_length
 
@@ -146,6 +146,7 @@ class CachePlan:
             raise TypeError(
                 f"plan.split takes the network's NetworkParams, got {type(params).__name__}"
             )
+        check_arrays(params, "params")
         self.network.check_layers(params.layers)
         total = num_layers(params)
         start, stop = self.body_start, self.body_stop

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcache._checks import check_int
+from jaxcache._checks import check_arrays, check_int
 from jaxcache.plan import CachePlan, SegmentParams
 from jaxcache.policies.base import RefreshPolicy
 from jaxcache.policies.signals import relative_l1, sequence_axes, signal_function
@@ -287,6 +287,7 @@ def _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond
         raise TypeError(f"plan must be a CachePlan, got {_kind_of(plan)}")
     _check_remat(remat)
     plan.check(params)
+    check_arrays(params, "params")
     _check_solver(solver, key)
     check_int(num_steps, "num_steps")
     times, next_times = solver.times(num_steps)

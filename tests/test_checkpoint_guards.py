@@ -1,4 +1,5 @@
-"""Loading a checkpoint refuses the wrong architecture and non-finite weights, and says so."""
+"""Bad parameters are refused where they enter, with short messages: a checkpoint of the wrong
+architecture or with non-finite weights, a parameter given as a Python list."""
 
 from __future__ import annotations
 
@@ -49,3 +50,21 @@ def test_the_shipped_models_load_as_their_architecture():
     for name in pretrained.SHIPPED_MODELS:
         model = pretrained.load_digits_model(name)
         assert type(model).__name__.lower() == name.split("-")[0]
+
+
+def test_a_parameter_given_as_a_list_is_named_in_a_short_message():
+    import jaxcache as jc
+    from toy_networks import single_stream
+
+    network, params = single_stream()
+    listed = params._replace(layers={"w": np.asarray(params.layers["w"]).tolist(),
+                                     "b": params.layers["b"]})
+    with pytest.raises(TypeError, match=r"params.*\['w'\]\[0\]\[0\]\[0\] is a float, not an "
+                                        r"array.*jnp.asarray") as info:
+        jc.CachePlan(network, 3).split(listed)
+    assert len(str(info.value)) < 400
+    plan = jc.CachePlan(network, 3)
+    seg = plan.split(params)._replace(final=np.asarray(params.final).tolist())
+    with pytest.raises(TypeError, match=r"params.*final.*is a float, not an array"):
+        jc.sample(plan, seg, jnp.ones((2, 8)), jnp.array([1, 2]), solver=jc.FlowMatchEuler(),
+                  num_steps=4)
