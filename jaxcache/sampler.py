@@ -58,7 +58,7 @@ PyTree = Any
 __all__ = ["RECORDABLE", "SampleResult", "lower", "sample"]
 
 #: What ``sample(..., record=...)`` can return beside the sample (see :class:`SampleResult`).
-RECORDABLE = ("signal", "output_change")
+RECORDABLE = ("signal", "output_change", "body_residual")
 
 
 class SampleResult(NamedTuple):
@@ -95,6 +95,12 @@ class SampleResult(NamedTuple):
       output_changes: with ``record=("output_change", ...)`` only (else None): ``[evaluations,
         rows]`` float32, the same change of the network's prediction (the final projection's
         output, per row, before the guidance combine); NaN at evaluation 0.
+      body_residuals: with ``record=("body_residual", ...)`` only (else None): the cached
+        body's residual (its output minus its input) at every evaluation, per row: the body's
+        structure (one array, or ``(image, text)``) with leaves ``[evaluations, rows, ...]``
+        float32. Recorded on the uncached run (``policy=None``) of a plan with a body, so
+        every evaluation computes it: the calibration data of planned schedules (MagCache's
+        magnitude ratios, :mod:`jaxcache.tuning`).
     """
 
     sample: jax.Array
@@ -106,6 +112,7 @@ class SampleResult(NamedTuple):
     uncached_flops: jax.Array | None = None
     signals: jax.Array | None = None
     output_changes: jax.Array | None = None
+    body_residuals: PyTree = None
 
     @property
     def layer_evaluations(self) -> jax.Array:
@@ -189,7 +196,9 @@ def sample(
         the default program computes none): ``"signal"``, the change of the policy's signal
         between consecutive evaluations (:attr:`SampleResult.signals`; the policy must read a
         signal: First-Block, TeaCache, DBCache), and ``"output_change"``, that of the
-        network's prediction (:attr:`SampleResult.output_changes`). A policy at threshold 0
+        network's prediction (:attr:`SampleResult.output_changes`), and ``"body_residual"``, the
+        cached body's residual at every evaluation (:attr:`SampleResult.body_residuals`; only
+        uncached, ``policy=None``, with ``cached_layers > 0``). A policy at threshold 0
         computes every step, so its recorded values follow the uncached trajectory (TeaCache's
         calibration, :func:`jaxcache.tuning.teacache_calibration_data`).
 
@@ -371,6 +380,18 @@ def _check_record(record: Any, policy: RefreshPolicy | None, plan: CachePlan) ->
             raise ValueError(
                 "record='signal' reads the first layer in the head or the cached body; this plan "
                 "has neither (first_layers + cached_layers == 0)"
+            )
+    if "body_residual" in names:
+        if policy is not None:
+            raise ValueError(
+                f"record='body_residual' records the cached body's residual at every "
+                f"evaluation, which only the uncached run computes: pass policy=None (got "
+                f"{type(policy).__name__})"
+            )
+        if plan.cached_layers == 0:
+            raise ValueError(
+                "record='body_residual' records the cached body's residual; this plan caches no "
+                "layer (cached_layers == 0): build it with the layers the schedule will cache"
             )
     return tuple(n for n in RECORDABLE if n in names)
 
@@ -582,7 +603,10 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse,
             embedded, h, ctx = head(z, t)
             signal = None if signal_of is None else signal_of(embedded, h, ctx)
             out = plan.run_body(params, h, ctx)
-            return vary(finish(z, out, ctx, i, t, t_next, signal), axes), None
+            z_next = finish(z, out, ctx, i, t, t_next, signal)
+            if "body_residual" in record:
+                z_next = (*z_next[:-1], _record_residual(z_next[-1], i, h, out))
+            return vary(z_next, axes), None
 
         if remat:  # the backward pass recomputes each step from its carry
             plain_step = jax.checkpoint(plain_step)
@@ -590,7 +614,7 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse,
         every = jnp.ones((steps, branches, batch), bool)
         computed = jnp.ones((steps, depth), bool)
         return SampleResult(z[0], jnp.ones((steps,), bool), computed, None, every,
-                            *work(computed), *_recorded(z, record))
+                            *work(computed), *_recorded(z, record), _residuals(z, record))
 
     mode = reuse if reuse is not None else OutputReuse()
     _, body_shape, _ = jax.eval_shape(head, start, jnp.zeros((), jnp.float32))
@@ -630,6 +654,7 @@ class _Record(NamedTuple):
     signals: jax.Array | None
     previous_output: jax.Array | None
     output_changes: jax.Array | None
+    body_residuals: PyTree = None
 
 
 def _record_start(record, head, signal_of, start, steps) -> _Record:
@@ -644,8 +669,25 @@ def _record_start(record, head, signal_of, start, steps) -> _Record:
         signal = jnp.zeros(shape, jnp.float32)
     if "output_change" in record:
         output = jnp.zeros((rows, *start[0].shape[1:]), jnp.float32)
+    residuals = None
+    if "body_residual" in record:
+        residuals = jax.tree.map(lambda s: jnp.zeros((steps, *s.shape), jnp.float32), shapes[1])
     return _Record(signal, None if signal is None else empty,
-                   output, None if output is None else empty)
+                   output, None if output is None else empty, residuals)
+
+
+def _record_residual(recorded: _Record, i, body_in, body_out) -> _Record:
+    """``recorded`` with evaluation ``i``'s body residual written."""
+    residuals = jax.tree.map(
+        lambda buf, o, h: buf.at[i].set((o - h).astype(jnp.float32)),
+        recorded.body_residuals, body_out, body_in,
+    )
+    return recorded._replace(body_residuals=residuals)
+
+
+def _residuals(z, record) -> PyTree:
+    """The recorded body residuals of a finished run's carry (None unless recorded)."""
+    return z[2].body_residuals if "body_residual" in record else None
 
 
 def _record(recorded: _Record, i, signal, prediction, sequence) -> _Record:
