@@ -23,12 +23,15 @@ from hypothesis import strategies as st
 import jaxcache as jc
 
 import toy_networks
+import random_models as rand
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 import linen_dit  # noqa: E402 (the example's public-style Linen DiT)
 
-TINY = dict(input_size=8, patch_size=2, hidden_size=32, depth=3, num_heads=2, num_classes=10)
+# The example's own tiny size, batch and keys (test_linen_example_runs): the example's run then
+# finds the model's init and sampling programs compiled here.
+TINY = dict(linen_dit.SIZES["tiny"])
 BATCH = 2
 INDEX = jc.TimeConvention.index(1000)
 
@@ -46,8 +49,8 @@ def _counted_embed(m, x, t, y_emb):
 def linen():
     model = linen_dit.DiT(**TINY)
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-    noise = jax.random.normal(k1, (BATCH, 8, 8, 4))
-    labels = jax.random.randint(k2, (BATCH,), 0, 10)
+    noise = rand.normal(k1, (BATCH, 8, 8, 4))
+    labels = rand.randint(k2, (BATCH,), 0, 10)
     variables = jax.jit(model.init)(k3, noise, jnp.zeros((BATCH,), jnp.int32), labels)
     return model, variables, noise, labels
 
@@ -158,7 +161,7 @@ def test_linen_sampling_interval_one_bitwise_and_caching_acts(linen):
     cached = jc.sample(plan, seg, noise, labels, policy=jc.IntervalPolicy(3), **kw)
     np.testing.assert_array_equal(np.asarray(every.sample), np.asarray(uncached.sample))
     assert float(jnp.max(jnp.abs(cached.sample - uncached.sample))) > 1e-5
-    assert int(cached.layer_evaluations) == 6 * 3 - 4 * 2
+    assert int(cached.layer_evaluations) == 6 * TINY["depth"] - 4 * 2
 
 
 def test_linen_dit_uncached_equals_its_own_sampling_loop(linen):
@@ -310,7 +313,7 @@ N_KW = dict(condition=_n_condition, embed=_n_embed, final=_n_final,
 
 
 def _n_inputs():
-    x = jax.random.normal(jax.random.key(3), (3, 5, 6))
+    x = rand.normal(jax.random.key(3), (3, 5, 6))
     return x, jnp.asarray([1.0, 0.5, 0.0], jnp.float32), jnp.asarray([1, 2, 10])
 
 
@@ -543,7 +546,9 @@ def test_readme_worked_examples_run():
 
 
 def test_linen_example_runs():
-    result = linen_dit.main(["--size", "tiny", "--steps", "4", "--interval", "2", "--repeats",
-                             "1", "--batch", "2"])
+    # The sampling settings of test_linen_sampling_interval_one_bitwise_and_caching_acts: the
+    # same network, so the same compiled programs.
+    result = linen_dit.main(["--size", "tiny", "--steps", "6", "--interval", "3", "--guidance",
+                             "3.0", "--repeats", "1", "--batch", str(BATCH)])
     assert result["parity"] < 1e-4 and result["uncached_vs_own"] < 1e-3
-    assert result["layer_evaluations"] == 4 * 4 - 2 * 2
+    assert result["layer_evaluations"] == 6 * 4 - 4 * 2  # 4 layers, 2 cached, refreshes 0 and 3

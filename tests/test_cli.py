@@ -67,7 +67,9 @@ def test_bench_interval_one_is_exact(capsys):
 
 
 def test_bench_table(capsys):
-    assert bench.main(["--size", "tiny", "--steps", "4", "--repeats", "1", "--no-hand-loop"]) == 0
+    # The JSON test's model, steps and batch: its two compiled programs serve this run too.
+    assert bench.main(["--size", "tiny", "--steps", "6", "--batch", "2", "--repeats", "1",
+                       "--no-hand-loop"]) == 0
     out = capsys.readouterr().out
     assert "speedup" in out and "efficiency" in out and "uncached" in out
     assert "hand loop" not in out  # the JSON test covers the hand-written loop's column
@@ -128,7 +130,8 @@ def test_digits_job_end_to_end(tmp_path, capsys):
 
 def test_digits_job_interval_one_is_identical(tmp_path, capsys):
     out = tmp_path / "o"
-    assert _digits_main()(["--arch", "dit", "--interval", "1", "--per-class", "1",
+    # Two per class, as in the end-to-end run: its compiled full-compute program serves here.
+    assert _digits_main()(["--arch", "dit", "--interval", "1", "--per-class", "2",
                            "--reuse", "taylor1", "--repeats", "1", "--out", str(out)]) == 0
     full, *cached = json.loads((out / "results.json").read_text())["results"]["dit"]
     for row in cached:
@@ -181,7 +184,9 @@ def test_digits_job_help_says_checkpoint_decides(capsys):
 def test_digits_job_checkpoint_alone(tmp_path, capsys):
     out = tmp_path / "out"
     ckpt = ROOT / "jaxcache" / "digits" / "assets" / "digits_dit.msgpack"
-    assert _digits_main()([*_TINY_JOB, "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    # The classes of the next test: the same model and shapes, so the same compiled programs.
+    assert _digits_main()([*_TINY_JOB, "--checkpoint", str(ckpt), "--classes", "1,7",
+                           "--out", str(out)]) == 0
     assert {p.name for p in out.iterdir()} == {"digits_dit.png", "results.json"}
 
 

@@ -12,6 +12,8 @@ import pytest
 
 import jaxcache as jc
 
+import random_models as rand
+
 B, L, D, LAYERS, VOCAB = 3, 4, 8, 4, 10
 SOLVER = jc.FlowMatchEuler(shift=3.0)
 
@@ -37,24 +39,24 @@ def rope_network(tokens: int):
     k = jax.random.split(jax.random.key(7), 7)
     params = jc.NetworkParams(
         condition={
-            "captions": jax.random.normal(k[0], (VOCAB, L, D)),
-            "rope": jax.random.normal(k[1], (tokens, D)),
+            "captions": rand.normal(k[0], (VOCAB, L, D)),
+            "rope": rand.normal(k[1], (tokens, D)),
         },
-        embed=jax.random.normal(k[2], (D, D)) / 3,
+        embed=rand.normal(k[2], (D, D)) / 3,
         layers={
-            "w": jax.random.normal(k[3], (LAYERS, D, D)) / 3,
-            "c": jax.random.normal(k[4], (LAYERS, D, D)) / 3,
-            "r": jax.random.normal(k[5], (LAYERS, D)) / 3,
+            "w": rand.normal(k[3], (LAYERS, D, D)) / 3,
+            "c": rand.normal(k[4], (LAYERS, D, D)) / 3,
+            "r": rand.normal(k[5], (LAYERS, D)) / 3,
         },
-        final=jax.random.normal(k[6], (D, D)) / 3,
+        final=rand.normal(k[6], (D, D)) / 3,
     )
     return jc.Network(condition, embed, layer, final), params
 
 
 def _inputs(tokens: int):
     k1, k2 = jax.random.split(jax.random.key(11))
-    noise = jax.random.normal(k1, (B, tokens, D))
-    cond = jax.random.randint(k2, (B,), 1, VOCAB)
+    noise = rand.normal(k1, (B, tokens, D))
+    cond = rand.randint(k2, (B,), 1, VOCAB)
     return noise, cond, jnp.zeros((B,), jnp.int32)
 
 

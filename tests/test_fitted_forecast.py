@@ -12,6 +12,7 @@ from jaxcache.evaluation.program import host_round_trips, runtime_decisions
 from jaxcache.reuse import Position
 
 import toy_networks
+import random_models as rand
 
 SOLVER = jc.FlowMatchEuler(shift=3.0)
 STEPS = 12
@@ -28,7 +29,7 @@ def _run(reuse, policy=INTERVAL_3, batch=3, network=None, params=None):
 
 
 def _gains(order, seed=0):
-    return jax.random.uniform(jax.random.key(seed), (STEPS, order), minval=0.3, maxval=1.7)
+    return rand.uniform(jax.random.key(seed), (STEPS, order), minval=0.3, maxval=1.7)
 
 
 @pytest.mark.parametrize("order, residual, policy", [

@@ -22,6 +22,8 @@ from jaxcache.network import num_layers
 from jaxcache.stack import layer_at
 from jaxcache.work import network_work
 
+import random_models as rand
+
 BATCH = 2
 
 
@@ -34,9 +36,9 @@ def _flux_tiny():
 
 def _inputs(cfg, seed: int = 0):
     kx, kc = jax.random.split(jax.random.key(seed))
-    x = jax.random.normal(kx, (BATCH, *cfg.image_shape), jnp.float32)
+    x = rand.normal(kx, (BATCH, *cfg.image_shape), jnp.float32)
     t = jnp.array([0.25, 0.75], jnp.float32)
-    cond = jax.random.randint(kc, (BATCH, cfg.caption_len), 0, cfg.vocab_size, jnp.int32)
+    cond = rand.randint(kc, (BATCH, cfg.caption_len), 0, cfg.vocab_size, jnp.int32)
     return x, t, cond
 
 
@@ -63,23 +65,30 @@ def test_from_nnx_gives_two_kinds_over_four_layers():
 def test_network_forward_equals_the_model_and_the_hand_written_pass():
     model, network, params = _flux_tiny()
     x, t, cond = _inputs(model.config)
-    got = network(params, x, t, cond)
-    want = model(x, t, cond)
+    # Each of the three computed as one compiled program: op by op, every call of the network
+    # compiles its layer scans anew and each op compiles alone (twice this test's time on a CPU).
+    got = jax.jit(network)(params, x, t, cond)
+    want = nnx.jit(lambda model, x, t, cond: model(x, t, cond))(model, x, t, cond)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
     # By hand: the submodules called one by one.
-    constant = model.condition_encoder(cond)
-    (image, text), c = model.embedder(x, t, constant)
     double_def, double_state = nnx.split(model.blocks)
     single_def, single_state = nnx.split(model.single_blocks)
-    for i in range(2):
-        image, text = nnx.merge(double_def, layer_at(double_state, i))((image, text), c)
-    tokens = jnp.concatenate([text, image], axis=1)
-    for i in range(2):
-        tokens = nnx.merge(single_def, layer_at(single_state, i))(tokens, c)
-    n_text = text.shape[1]
-    image, text = tokens[:, n_text:], tokens[:, :n_text]
-    by_hand = model.final_layer((image, text), c)
+
+    @nnx.jit
+    def by_hand_pass(model, x, t, cond):
+        constant = model.condition_encoder(cond)
+        (image, text), c = model.embedder(x, t, constant)
+        for i in range(2):
+            image, text = nnx.merge(double_def, layer_at(double_state, i))((image, text), c)
+        tokens = jnp.concatenate([text, image], axis=1)
+        for i in range(2):
+            tokens = nnx.merge(single_def, layer_at(single_state, i))(tokens, c)
+        n_text = text.shape[1]
+        image, text = tokens[:, n_text:], tokens[:, :n_text]
+        return model.final_layer((image, text), c)
+
+    by_hand = by_hand_pass(model, x, t, cond)
     np.testing.assert_allclose(got, by_hand, rtol=0, atol=1e-6)
     np.testing.assert_allclose(want, by_hand, rtol=0, atol=1e-6)
 
@@ -117,8 +126,8 @@ def test_single_block_computes_its_formula():
     dh, hidden = d // heads, int(d * cfg.mlp_ratio)
     n = 6
     kx, kc = jax.random.split(jax.random.key(3))
-    x = jax.random.normal(kx, (1, n, d), jnp.float32)
-    c = jax.random.normal(kc, (1, d), jnp.float32)
+    x = rand.normal(kx, (1, n, d), jnp.float32)
+    c = rand.normal(kc, (1, d), jnp.float32)
     got = np.asarray(block(x, c), np.float64)
 
     p = {k: np.asarray(v, np.float64) for k, v in {

@@ -24,6 +24,8 @@ from jaxcache.models import (
 )
 from jaxcache.network import from_nnx, num_layers
 
+import random_models as rand
+
 ARCHS = ("dit", "mmdit")
 BATCH = 2
 
@@ -38,9 +40,9 @@ def _tiny(arch: str, dtype: str = "float32"):
 
 def _inputs(cfg: ModelConfig, seed: int = 0):
     kx, kc = jax.random.split(jax.random.key(seed))
-    x = jax.random.normal(kx, (BATCH, *cfg.image_shape), jnp.float32)
+    x = rand.normal(kx, (BATCH, *cfg.image_shape), jnp.float32)
     t = jnp.array([0.25, 0.75], jnp.float32)
-    cond = jax.random.randint(kc, (BATCH, cfg.caption_len), 0, cfg.vocab_size, jnp.int32)
+    cond = rand.randint(kc, (BATCH, cfg.caption_len), 0, cfg.vocab_size, jnp.int32)
     return x, t, cond
 
 
@@ -210,7 +212,7 @@ def test_attention_auto_is_xla_off_a_cuda_gpu():
     assert cfg.attn_implementation == "auto"
     # The kernel is an execution choice, not the model: configs that differ only there match.
     assert dataclasses.replace(cfg, attn_implementation=None) == cfg
-    q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 5, 2, 8))
+    q, k, v = rand.normal(jax.random.key(0), (3, 2, 5, 2, 8))
     for dtype in (jnp.float32, jnp.bfloat16):
         qd, kd, vd = (a.astype(dtype) for a in (q, k, v))
         if jax.default_backend() != "gpu" or dtype == jnp.float32:
@@ -223,11 +225,17 @@ def test_attention_auto_is_xla_off_a_cuda_gpu():
                                           np.asarray(xla, np.float32))
     assert layers.attention_implementation(q, k, v, "cudnn") == "cudnn"
     assert layers.attention_implementation(q, k, v, None) is None
-    model = create_model("mmdit", "tiny", rngs=nnx.Rngs(0))
-    xla_model = create_model("mmdit", "tiny", rngs=nnx.Rngs(0), attn_implementation="xla")
+    # The module's tiny MMDiT, and the same weights under a config that names XLA (its structure
+    # from eval_shape: no initialisers run).
+    model = _tiny("mmdit")[0]
+    xla_def = nnx.graphdef(nnx.eval_shape(lambda: create_model(
+        "mmdit", "tiny", rngs=nnx.Rngs(0), dtype=model.config.dtype, attn_implementation="xla")))
+    xla_model = nnx.merge(xla_def, nnx.state(model))
+    assert xla_model.config.attn_implementation == "xla" != model.config.attn_implementation
     x, t, cond = _inputs(model.config)
+    forward = nnx.jit(lambda m, x, t, cond: m(x, t, cond))  # one program each, not op by op
     if jax.default_backend() != "gpu":
-        np.testing.assert_array_equal(model(x, t, cond), xla_model(x, t, cond))
+        np.testing.assert_array_equal(forward(model, x, t, cond), forward(xla_model, x, t, cond))
 
 
 def test_overrides():

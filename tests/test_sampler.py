@@ -12,6 +12,7 @@ import jaxcache as jc
 from jaxcache import sampler as sampler_module
 
 import toy_networks
+import random_models as rand
 from reference import reference_sample
 
 ALL_LAYERS = jc.OutputReuse(all_layers=True)
@@ -263,8 +264,8 @@ def tiny_model(request):
     network, params = jc.from_nnx(model)
     config = model.config
     k1, k2 = jax.random.split(jax.random.key(7))
-    noise = jax.random.normal(k1, (2, *config.image_shape))
-    cond = jax.random.randint(k2, (2, config.caption_len), 1, config.vocab_size)
+    noise = rand.normal(k1, (2, *config.image_shape))
+    cond = rand.randint(k2, (2, config.caption_len), 1, config.vocab_size)
     return network, params, noise, cond
 
 

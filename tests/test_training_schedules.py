@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 import jaxcache as jc
 from jaxcache import DDIM, DDPM, DPMSolverPP2M, EulerAncestral
 
+import random_models as rand
+
 SCHEDULE_SOLVERS = [DDIM, DDPM, EulerAncestral, DPMSolverPP2M]
 
 
@@ -170,7 +172,7 @@ def test_ddim_from_betas_samples_like_the_named_schedule_bitwise():
                  beta_end=0.012)
     betas = np.linspace(0.00085**0.5, 0.012**0.5, 500) ** 2
     network, params = _closed_form_network(500)
-    x = jax.random.normal(jax.random.key(0), (2, 4))
+    x = rand.normal(jax.random.key(0), (2, 4))
     cond = jnp.zeros((2,), jnp.int32)
     plan = jc.CachePlan(network, 0)
     seg = plan.split(params)
@@ -225,7 +227,7 @@ def test_scaled_linear_ddim_samples_its_own_schedule(num_steps):
     solver = DDIM(num_train_steps=T, beta_schedule="scaled_linear", beta_start=0.00085,
                   beta_end=0.012)
     network, params = _closed_form_network(T)
-    x = jax.random.normal(jax.random.key(1), (3, 4))
+    x = rand.normal(jax.random.key(1), (3, 4))
     cond = jnp.zeros((3,), jnp.int32)
     plan = jc.CachePlan(network, 0)
     seg = plan.split(params)

@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 import jaxcache as jc
 
+import random_models as rand
+
 D = 8
 LAYERS = 6
 VOCAB = 10
 
 
+def _shared(build):
+    """``build`` made once per process: the same Network object every call (jaxcache compiles
+    once per Network and static arguments, so tests that sample alike share their programs),
+    with fresh copies of its parameter arrays (a test may donate or delete them)."""
+    once = functools.cache(build)
+
+    @functools.wraps(build)
+    def made():
+        network, params = once()
+        return network, jax.tree.map(jnp.copy, params)
+
+    return made
+
+
+@_shared
 def single_stream():
     """A single-stream network of plain functions; the caption goes to the constant slot."""
 
@@ -30,17 +49,18 @@ def single_stream():
 
     k = jax.random.split(jax.random.key(0), 5)
     params = jc.NetworkParams(
-        condition=jax.random.normal(k[0], (VOCAB, D)),
-        embed=jax.random.normal(k[1], (D, D)) / 3,
+        condition=rand.normal(k[0], (VOCAB, D)),
+        embed=rand.normal(k[1], (D, D)) / 3,
         layers={
-            "w": jax.random.normal(k[2], (LAYERS, D, D)) / 3,
-            "b": jax.random.normal(k[3], (LAYERS, D)),
+            "w": rand.normal(k[2], (LAYERS, D, D)) / 3,
+            "b": rand.normal(k[3], (LAYERS, D)),
         },
-        final=jax.random.normal(k[4], (D, D)) / 3,
+        final=rand.normal(k[4], (D, D)) / 3,
     )
     return jc.Network(condition, embed, layer, final), params
 
 
+@_shared
 def dual_stream():
     """A dual-stream network: image and text states exchange information in every layer."""
 
@@ -62,13 +82,13 @@ def dual_stream():
 
     k = jax.random.split(jax.random.key(1), 5)
     params = jc.NetworkParams(
-        condition=jax.random.normal(k[0], (VOCAB, 3, D)),
-        embed=jax.random.normal(k[1], (D, D)) / 3,
+        condition=rand.normal(k[0], (VOCAB, 3, D)),
+        embed=rand.normal(k[1], (D, D)) / 3,
         layers={
-            "wi": jax.random.normal(k[2], (LAYERS, D, D)) / 3,
-            "wt": jax.random.normal(k[3], (LAYERS, D, D)) / 3,
+            "wi": rand.normal(k[2], (LAYERS, D, D)) / 3,
+            "wt": rand.normal(k[3], (LAYERS, D, D)) / 3,
         },
-        final=jax.random.normal(k[4], (D, D)) / 3,
+        final=rand.normal(k[4], (D, D)) / 3,
     )
     return jc.Network(condition, embed, layer, final, dual_stream=True), params
 
@@ -86,6 +106,7 @@ class _Embed(nn.Module):
         return nn.Dense(D)(x) + c, t
 
 
+@_shared
 def linen():
     """A Flax Linen model wired into a Network through ``apply``."""
     block, emb = _Block(), _Embed()
@@ -125,7 +146,7 @@ def trace_counted(network):
 
 def inputs(batch=3, seed=3):
     k1, k2 = jax.random.split(jax.random.key(seed))
-    noise = jax.random.normal(k1, (batch, D))
-    cond = jax.random.randint(k2, (batch,), 1, VOCAB)
+    noise = rand.normal(k1, (batch, D))
+    cond = rand.randint(k2, (batch,), 1, VOCAB)
     uncond = jnp.zeros((batch,), jnp.int32)
     return noise, cond, uncond
