@@ -23,7 +23,7 @@ import time
 
 import jax
 
-from jaxcache.evaluation.bench import build_model, run_benchmark
+from jaxcache.evaluation.bench import BenchSettings, build_model, run_benchmark
 
 DIT = dict(model=("dit", "dit-xl"), common=dict(batch=8, steps=50, dtype="bfloat16", repeats=10))
 # Qwen-Image's layout, 60 double-stream blocks (the size called flux before FLUX.1's layout).
@@ -126,8 +126,8 @@ def main() -> None:
     results = []
     for name, row in suite["rows"]:
         start = time.perf_counter()
-        r = run_benchmark(*suite["model"], **suite["common"], **row, hand_loop=False,
-                          built=built)
+        r = run_benchmark(BenchSettings(*suite["model"], **suite["common"], **row,
+                                        hand_loop=False), built=built)
         r["row"] = name
         r["wall_s"] = time.perf_counter() - start
         results.append(r)

@@ -21,7 +21,7 @@ import json
 
 import jax
 
-from jaxcache.evaluation.bench import build_model, run_benchmark
+from jaxcache.evaluation.bench import BenchSettings, build_model, run_benchmark
 from jaxcache.network import num_layers
 
 KEEP = ("uncached_s", "uncached_compile_s", "cached_s", "compile_s", "speedup", "ideal_speedup",
@@ -55,12 +55,12 @@ def main(argv=None) -> None:
     for text in args.settings:
         name, unroll, options = _setting(text)
         try:
-            result = run_benchmark(
+            result = run_benchmark(BenchSettings(
                 model=args.model, size=args.size, batch=args.batch, steps=args.steps,
                 dtype="bfloat16", repeats=args.repeats, interval=args.interval,
-                reuse=args.reuse, cached_layers=depth - 1, hand_loop=False, built=built,
+                reuse=args.reuse, cached_layers=depth - 1, hand_loop=False,
                 overrides=overrides, layer_unroll=unroll, compiler_options=options,
-            )
+            ), built=built)
         except Exception as error:  # noqa: BLE001 (an option this XLA lacks: say so, go on)
             print(f"{name}: failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
             continue

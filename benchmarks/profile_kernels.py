@@ -32,6 +32,7 @@ from jax.profiler import ProfileData
 
 import jaxcache as jc
 from jaxcache.evaluation.bench import build_model
+from jaxcache.evaluation.named import named_plan, named_policy
 from jaxcache.models import get_config
 
 DIT = ("dit", "dit-xl", dict(), 8, 50)
@@ -98,6 +99,10 @@ def _gaps(events, minimum_us: float = 5.0) -> tuple[float, list]:
     return total / 1e3, [(op, len(g), sum(g) / 1e3) for op, g in top]
 
 
+# The thresholds that computed the profiled rows' share of steps (BENCHMARKS.md).
+_THRESHOLDS = {"teacache": 0.6455, "first-block": 1.082}
+
+
 def _program(setting, built):
     (model, size, overrides, batch, steps), cached, unrolled = setting
     network, params = built
@@ -110,13 +115,8 @@ def _program(setting, built):
         plan = jc.CachePlan(network, 0)
     else:
         name, layers, reuse = cached
-        if name == "interval":
-            plan, policy = jc.CachePlan(network, layers), jc.IntervalPolicy(3)
-        elif name == "teacache":
-            plan, policy = jc.CachePlan(network, depth), jc.TeaCachePolicy(0.6455)
-        else:
-            plan = jc.CachePlan.around(network, depth, first=1)
-            policy = jc.FirstBlockPolicy(1.082)
+        plan = named_plan(name, network, depth, cached_layers=layers)
+        policy = named_policy(name, interval=3, threshold=_THRESHOLDS.get(name, 0.0))
     seg = plan.split(params)
     k_noise, k_cond = jax.random.split(jax.random.key(1))
     noise = jax.random.normal(k_noise, (batch, *config.image_shape), jnp.float32)

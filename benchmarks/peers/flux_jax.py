@@ -27,7 +27,7 @@ from pathlib import Path
 
 import jax
 
-from jaxcache.evaluation.bench import build_model, run_benchmark
+from jaxcache.evaluation.bench import BenchSettings, build_model, run_benchmark
 from jaxcache.models import SIZES, get_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -121,18 +121,20 @@ def main(argv=None) -> None:
         if attn in rows:
             # The hand-written loop (unrolled) compiles for over a minute at this size: once.
             emit(f"jaxcache {attn} interval 3 {where} reuse",
-                 run_benchmark(**common, **settings, built=built, overrides=overrides,
-                               hand_loop=attn == args.hand_loop))
+                 run_benchmark(BenchSettings(**common, **settings, overrides=overrides,
+                                             hand_loop=attn == args.hand_loop), built=built))
         if "taylor" in wanted:
             emit(f"jaxcache {attn} interval 3 {where} taylor1",
-                 run_benchmark(**common, **settings, reuse="taylor", order=1, built=built,
-                               overrides=overrides, hand_loop=False))
+                 run_benchmark(BenchSettings(**common, **settings, reuse="taylor", order=1,
+                                             overrides=overrides, hand_loop=False),
+                               built=built))
         if "first-block" in wanted:
             computed = args.fbc_computed or _fbc_computed(args.out) or 10
             emit(f"jaxcache {attn} first-block residual ({computed} of {args.steps} computed)",
-                 run_benchmark(**common, policy="first-block", refresh_target=computed
-                               / args.steps, built=built, overrides=overrides,
-                               hand_loop=False))
+                 run_benchmark(BenchSettings(**common, policy="first-block",
+                                             refresh_target=computed / args.steps,
+                                             overrides=overrides, hand_loop=False),
+                               built=built))
         del built
 
 

@@ -40,17 +40,96 @@ import numpy as np
 from flax import nnx
 
 import jaxcache as jc
+from jaxcache.evaluation.named import POLICIES, named_plan, named_policy
 from jaxcache.models import ARCHS, SIZES, create_model, get_config
 from jaxcache.policies.signals import signal_function
 from jaxcache.reuse import Position
 from jaxcache.tuning import threshold_for
 
-__all__ = ["POLICIES", "REUSE_MODES", "main", "run_benchmark"]
+__all__ = ["POLICIES", "REUSE_MODES", "BenchSettings", "main", "run_benchmark"]
 
 _SOLVERS = {"euler": jc.FlowMatchEuler, "ddim": jc.DDIM}
-POLICIES = ("interval", "first-block", "teacache", "dbcache")
 REUSE_MODES = ("output", "residual", "taylor", "hermite", "fitted")
 _DEFAULT_THRESHOLDS = {"first-block": 0.1, "teacache": 0.3, "dbcache": 0.1}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    """One benchmark run: the model, the sampling, the cache setting and what else to time.
+
+    The command line's options, one field each (``python -m jaxcache.evaluation.bench --help``
+    says what each means); :func:`run_benchmark` takes one. ``dataclasses.replace`` derives a
+    variant (another policy, another reuse mode) from a shared base.
+
+    Attributes:
+      model: architecture (:data:`jaxcache.models.ARCHS`).
+      size: named size.
+      steps: solver steps.
+      interval: refresh interval of ``policy="interval"``.
+      cached_layers: interval: the first layers cached (None: half the depth).
+      batch: samples per batch.
+      dtype: parameter and activation dtype (``"float32"``, ``"bfloat16"``).
+      solver: ``"euler"`` (FlowMatchEuler) or ``"ddim"``.
+      guidance: classifier-free guidance scale (None: off).
+      decide: interval only: ``"static"`` (no decision in the loop) or ``"device"``.
+      repeats: timed runs of each program.
+      seed: seed of the noise and the conditions (and the model's weights when built here).
+      policy: a :data:`POLICIES` name.
+      threshold: signal-driven policies' threshold (None: the policy's bench default).
+      reuse: a :data:`REUSE_MODES` name (None: output for the interval, residual otherwise).
+      order: forecast order of taylor / hermite / fitted.
+      first: dbcache's ``Fn``.
+      last: dbcache's ``Bn``.
+      warmup: dbcache's warm-up steps.
+      hand_loop: also time a jitted, unrolled hand-written loop.
+      host_loop: also time the same rule decided on the host.
+      refresh_target: signal-driven policies: search the threshold that refreshes this
+        fraction of the steps (replaces ``threshold``).
+      forecast_dtype: dtype of a forecast's stored differences (None: the activations').
+      overrides: model config fields changed (``{"depth": 19}``); a model passed to
+        :func:`run_benchmark` as ``built`` must have been built with them.
+      layer_unroll: ``Network.layer_unroll`` for every program (``True``: one array per layer;
+        ``1`` or ``False``: the scanned stack; ``"auto"`` or None: the backend's default).
+      compiler_options: ``Network.compiler_options`` for every program (XLA options by name;
+        ``"auto"`` or None: the backend's default).
+    """
+
+    model: str = "dit"
+    size: str = "small"
+    steps: int = 30
+    interval: int = 3
+    cached_layers: int | None = None
+    batch: int = 4
+    dtype: str = "float32"
+    solver: str = "euler"
+    guidance: float | None = None
+    decide: str = "static"
+    repeats: int = 5
+    seed: int = 0
+    policy: str = "interval"
+    threshold: float | None = None
+    reuse: str | None = None
+    order: int = 1
+    first: int = 1
+    last: int = 0
+    warmup: int = 2
+    hand_loop: bool = True
+    host_loop: bool = False
+    refresh_target: float | None = None
+    forecast_dtype: str | None = None
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    layer_unroll: bool | int | str | None = None
+    compiler_options: dict[str, Any] | str | None = None
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {list(POLICIES)}, got {self.policy!r}")
+        if self.reuse is not None and self.reuse not in REUSE_MODES:
+            raise ValueError(f"reuse must be one of {list(REUSE_MODES)}, got {self.reuse!r}")
+        if self.solver not in _SOLVERS:
+            raise ValueError(f"solver must be one of {sorted(_SOLVERS)}, got {self.solver!r}")
+        if self.decide not in ("static", "device"):
+            raise ValueError(f"decide must be 'static' or 'device', got {self.decide!r}")
 
 
 def _positive(name: str):
@@ -176,38 +255,37 @@ def _time(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def _setting(policy: str, network, depth: int, *, interval, threshold, reuse, order,
-             cached_layers, first, last, warmup, decide, forecast_dtype=None, evaluations=None):
-    """The plan, policy and reuse mode of a benchmark setting.
+def _setting(settings: BenchSettings, network, depth: int, evaluations: int):
+    """The plan, policy and reuse mode of a benchmark setting (and the reuse and threshold names).
 
     ``fitted`` is a :class:`~jaxcache.FittedForecast` with gains of one for ``evaluations``
     model evaluations: the fitted forecast's program, whose cost does not depend on the gains.
     """
-    if policy != "interval" and decide != "static":
+    policy = settings.policy
+    if policy != "interval" and settings.decide != "static":
         raise ValueError("--decide applies to --policy interval only")
+    threshold = settings.threshold
     if threshold is None:
         threshold = _DEFAULT_THRESHOLDS.get(policy)
-    if policy == "interval":
-        n = depth // 2 if cached_layers is None else cached_layers
-        if not 1 <= n <= depth:
-            raise ValueError(f"--cached-layers must be in [1, {depth}], got {n}")
-        plan = jc.CachePlan(network, n)
-        rule = jc.IntervalPolicy(interval)
-        rule = rule if decide == "static" else jc.OnDevice(rule)
-    elif policy == "first-block":
-        plan, rule = jc.CachePlan.around(network, depth, first=1), jc.FirstBlockPolicy(threshold)
-    elif policy == "teacache":
-        plan, rule = jc.CachePlan(network, depth), jc.TeaCachePolicy(threshold)
-    else:
-        plan = jc.CachePlan.around(network, depth, first=first, last=last)
-        rule = jc.DBCachePolicy(threshold, warmup_steps=warmup)
-    reuse = reuse or ("output" if policy == "interval" else "residual")
+    cached_layers = settings.cached_layers
+    if policy == "interval" and cached_layers is None:
+        cached_layers = depth // 2
+    if policy == "interval" and not 1 <= cached_layers <= depth:
+        raise ValueError(f"--cached-layers must be in [1, {depth}], got {cached_layers}")
+    plan = named_plan(policy, network, depth, cached_layers=cached_layers,
+                      first=settings.first, last=settings.last)
+    rule = named_policy(policy, interval=settings.interval,
+                        threshold=0.0 if threshold is None else threshold,
+                        warmup=settings.warmup, on_device=settings.decide == "device")
+    reuse = settings.reuse or ("output" if policy == "interval" else "residual")
+    order = settings.order
+    dtype = None if settings.forecast_dtype is None else jnp.dtype(settings.forecast_dtype)
     mode = {
         "output": lambda: jc.OutputReuse(),
         "residual": lambda: jc.ResidualReuse(),
-        "taylor": lambda: jc.TaylorForecast(order, dtype=forecast_dtype),
-        "hermite": lambda: jc.HermiteForecast(order, dtype=forecast_dtype),
-        "fitted": lambda: jc.FittedForecast.taylor(evaluations, order, dtype=forecast_dtype),
+        "taylor": lambda: jc.TaylorForecast(order, dtype=dtype),
+        "hermite": lambda: jc.HermiteForecast(order, dtype=dtype),
+        "fitted": lambda: jc.FittedForecast.taylor(evaluations, order, dtype=dtype),
     }[reuse]()
     return plan, rule, mode, reuse, threshold
 
@@ -329,82 +407,57 @@ def _compiler_options(text: str) -> dict[str, Any]:
 
 
 def run_benchmark(
-    model: str = "dit",
-    size: str = "small",
-    steps: int = 30,
-    interval: int = 3,
-    cached_layers: int | None = None,
-    batch: int = 4,
-    dtype: str = "float32",
-    solver: str = "euler",
-    guidance: float | None = None,
-    decide: str = "static",
-    repeats: int = 5,
-    seed: int = 0,
-    policy: str = "interval",
-    threshold: float | None = None,
-    reuse: str | None = None,
-    order: int = 1,
-    first: int = 1,
-    last: int = 0,
-    warmup: int = 2,
-    hand_loop: bool = True,
-    host_loop: bool = False,
-    refresh_target: float | None = None,
-    forecast_dtype: str | None = None,
+    settings: BenchSettings = BenchSettings(),
+    *,
     built: tuple[jc.Network, jc.NetworkParams] | None = None,
-    overrides: dict[str, Any] | None = None,
-    layer_unroll: bool | int | str | None = None,
-    compiler_options: dict[str, Any] | str | None = None,
 ) -> dict[str, Any]:
     """Runs the benchmark and returns its figures (see the module docstring).
 
-    ``refresh_target`` (signal-driven policies) replaces ``threshold`` by the one whose run
-    refreshes at most that fraction of the steps (the batch's), found by
+    ``settings.refresh_target`` (signal-driven policies) replaces the threshold by the one whose
+    run refreshes at most that fraction of the steps (the batch's), found by
     :func:`jaxcache.tuning.threshold_for` (bisection on one compiled program: a new threshold
-    does not recompile). ``built`` reuses a model from :func:`build_model` across
-    runs (its parameters are then kept, not donated); ``overrides`` are the config fields it
-    was built with (``depth=19``), so the benchmark counts the same layers. ``layer_unroll``
-    sets ``Network.layer_unroll`` (``True``: one array per layer; ``1`` or ``False``: the
-    scanned stack; ``"auto"`` or None: the library's default for the backend) for every
-    program: uncached, cached and the hand-written loop. ``compiler_options`` sets
-    ``Network.compiler_options`` (XLA options by name, e.g.
-    ``{"xla_gpu_enable_triton_gemm": False}``; ``"auto"`` or None: the default for the
-    backend) for every program of the run, the hand-written loop's included.
+    does not recompile).
+
+    Args:
+      settings: the run (:class:`BenchSettings`).
+      built: a model from :func:`build_model` to reuse across runs (its parameters are then
+        kept, not donated); built with ``settings.overrides``, so the benchmark counts the same
+        layers.
 
     Raises:
       ValueError: for settings that cannot run (a cached-layer count outside ``[1, depth]``,
         ``first + last`` at or above the depth, ...).
     """
-    overrides = dict(overrides or {})
-    config = dataclasses.replace(get_config(model, size), **overrides)
+    if not isinstance(settings, BenchSettings):
+        raise TypeError(f"run_benchmark takes a BenchSettings, got {type(settings).__name__}")
+    b = settings
+    overrides = dict(b.overrides)
+    config = dataclasses.replace(get_config(b.model, b.size), **overrides)
     if built is None:
-        network, params = build_model(model, size, dtype, seed, **overrides)
+        network, params = build_model(b.model, b.size, b.dtype, b.seed, **overrides)
     else:
         network, params = built
     depth = jc.network.num_layers(params)  # every block, of every kind
-    if layer_unroll is not None:
-        unroll = 1 if layer_unroll is False else layer_unroll
+    if b.layer_unroll is not None:
+        unroll = 1 if b.layer_unroll is False else b.layer_unroll
         network = dataclasses.replace(network, layer_unroll=unroll)
-    if compiler_options is not None:
-        network = dataclasses.replace(network, compiler_options=compiler_options)
+    if b.compiler_options is not None:
+        network = dataclasses.replace(network, compiler_options=b.compiler_options)
+    steps, batch, guidance, policy = b.steps, b.batch, b.guidance, b.policy
     plan, rule, mode, reuse, threshold = _setting(
-        policy, network, depth, interval=interval, threshold=threshold, reuse=reuse, order=order,
-        cached_layers=cached_layers, first=first, last=last, warmup=warmup, decide=decide,
-        forecast_dtype=None if forecast_dtype is None else jnp.dtype(forecast_dtype),
-        evaluations=len(_SOLVERS[solver]().times(steps)[0]),
+        b, network, depth, evaluations=len(_SOLVERS[b.solver]().times(steps)[0]),
     )
     # Split once (freeing the unsplit layers as we go, unless the caller keeps the model for
     # more runs); every program uses the split parameters.
     seg = plan.split(params, donate=built is None)
     del params
 
-    k_noise, k_cond = jax.random.split(jax.random.key(seed + 1))
+    k_noise, k_cond = jax.random.split(jax.random.key(b.seed + 1))
     noise = jax.random.normal(k_noise, (batch, *config.image_shape), jnp.float32)
     cond = jax.random.randint(k_cond, (batch, config.caption_len), 1, config.vocab_size)
     uncond = None if guidance is None else jnp.zeros_like(cond)
     scale = None if guidance is None else float(guidance)
-    the_solver = _SOLVERS[solver]()
+    the_solver = _SOLVERS[b.solver]()
     common = dict(solver=the_solver, num_steps=steps, uncond=uncond, guidance_scale=scale)
 
     programs: dict[str, Callable[[], Any]] = {}
@@ -416,15 +469,15 @@ def run_benchmark(
         compiled = lowered.compile()
         compile_s[name] = time.perf_counter() - start
         programs[name] = (lambda p=pol, c=compiled: c(seg, noise, cond, uncond, p, mode, None))
-    if refresh_target is not None:
+    if b.refresh_target is not None:
         if policy == "interval":
             raise ValueError("--refresh-target applies to the signal-driven policies")
         found = threshold_for(plan, seg, noise, cond, policy=rule, reuse=mode,
-                              target_fraction=refresh_target, **common)
+                              target_fraction=b.refresh_target, **common)
         threshold, rule = found.threshold, found.policy
         compiled_cached = programs["cached"]
         programs["cached"] = lambda: compiled_cached(rule)
-    if hand_loop:
+    if b.hand_loop:
         fn = _hand_loop(plan, seg, the_solver, steps, scale)
         start = time.perf_counter()
         compiled = fn.lower(seg, noise, cond, uncond).compile(
@@ -432,7 +485,7 @@ def run_benchmark(
         compile_s["hand_loop"] = time.perf_counter() - start
         programs["hand_loop"] = lambda c=compiled: c(seg, noise, cond, uncond)
     host_refreshes: list[int] = []
-    if host_loop:
+    if b.host_loop:
         host = _host_loop(plan, seg, rule, mode, the_solver, steps, scale)
 
         def host_run():
@@ -445,7 +498,7 @@ def run_benchmark(
     outputs = {name: fn() for name, fn in programs.items()}  # warm-up (and the host's compiles)
     jax.block_until_ready(outputs)
     times: dict[str, list[float]] = {name: [] for name in programs}
-    for _ in range(repeats):  # interleaved, so drifts in clocks hit every program alike
+    for _ in range(b.repeats):  # interleaved, so drifts in clocks hit every program alike
         for name, program in programs.items():
             times[name].append(_time(program))
     median = {name: statistics.median(ts) for name, ts in times.items()}
@@ -458,23 +511,23 @@ def run_benchmark(
     result = {
         "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
         "jax": jax.__version__,
-        "model": model,
-        "size": size,
+        "model": b.model,
+        "size": b.size,
         "overrides": {k: str(v) for k, v in overrides.items()},
-        "dtype": dtype,
+        "dtype": b.dtype,
         "batch": batch,
         "steps": steps,
         "policy": policy,
-        "interval": interval if policy == "interval" else None,
+        "interval": b.interval if policy == "interval" else None,
         "threshold": threshold,
         "reuse": reuse,
-        "order": order if reuse in ("taylor", "hermite", "fitted") else None,
-        "forecast_dtype": forecast_dtype,
+        "order": b.order if reuse in ("taylor", "hermite", "fitted") else None,
+        "forecast_dtype": b.forecast_dtype,
         "first_layers": plan.first_layers,
         "cached_layers": plan.cached_layers,
         "depth": depth,
         "guidance": guidance,
-        "decide": decide if policy == "interval" else "device",
+        "decide": b.decide if policy == "interval" else "device",
         "layer_unroll": plan.network.layer_unroll,
         "compiler_options": dict(plan.network.compiler_options),
         "refresh_fraction": float(np.mean(np.asarray(cached.refreshed))),
@@ -490,16 +543,16 @@ def run_benchmark(
         "uncached_compile_s": compile_s["uncached"],
         "max_abs_diff": float(jnp.max(diff)),
         "mean_abs_diff": float(jnp.mean(diff)),
-        "repeats": repeats,
+        "repeats": b.repeats,
     }
-    if hand_loop:
+    if b.hand_loop:
         result.update(
             hand_loop_s=median["hand_loop"],
             hand_loop_compile_s=compile_s["hand_loop"],
             uncached_over_hand_loop=median["uncached"] / median["hand_loop"],
             speedup_over_hand_loop=median["hand_loop"] / median["cached"],
         )
-    if host_loop:
+    if b.host_loop:
         result.update(
             host_loop_s=median["host_loop"],
             host_loop_refreshes=host_refreshes[-1],
@@ -553,7 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
-        result = run_benchmark(
+        result = run_benchmark(BenchSettings(
             model=args.model, size=args.size, steps=args.steps, interval=args.interval,
             cached_layers=args.cached_layers, batch=args.batch, dtype=args.dtype,
             solver=args.solver, guidance=args.guidance, decide=args.decide, repeats=args.repeats,
@@ -563,7 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             refresh_target=args.refresh_target, forecast_dtype=args.forecast_dtype,
             overrides=_overrides(args), layer_unroll=_layer_unroll(args),
             compiler_options=args.compiler_options,
-        )
+        ))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

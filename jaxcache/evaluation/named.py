@@ -1,0 +1,98 @@
+"""Policies by name, each with the plan it runs on: one pairing for every study and benchmark.
+
+A named setting (``"interval"``, ``"first-block"``, ``"teacache"``, ``"dbcache"``) is a refresh
+policy *and* the cache plan its published rule assumes: First-Block Cache runs the first block
+every step and caches the rest (``F = 1``), TeaCache and the interval cache the whole stack or
+its first layers, DBCache runs ``Fn`` first and ``Bn`` last blocks. The bench, the kernel
+profiler and the digit trade-off study all build their settings here, so a name means the same
+plan everywhere.
+"""
+
+from __future__ import annotations
+
+import jaxcache as jc
+
+__all__ = ["POLICIES", "named_plan", "named_policy"]
+
+#: The policies a name can give, in the order the command lines list them.
+POLICIES = ("interval", "first-block", "teacache", "dbcache")
+
+
+def _check_name(name: str) -> None:
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose from {list(POLICIES)}")
+
+
+def named_plan(
+    name: str,
+    network: jc.Network,
+    depth: int,
+    *,
+    cached_layers: int | None = None,
+    first: int = 1,
+    last: int = 0,
+) -> jc.CachePlan:
+    """The cache plan the named policy runs on.
+
+    Args:
+      name: a :data:`POLICIES` name.
+      network: the network.
+      depth: its number of layers (of every kind).
+      cached_layers: ``"interval"`` only: the first layers cached (default: every layer).
+      first: ``"dbcache"`` only: ``Fn``, the layers that always run first.
+      last: ``"dbcache"`` only: ``Bn``, the layers that always run last.
+
+    Raises:
+      ValueError: for an unknown name, or layer counts the depth cannot hold.
+    """
+    _check_name(name)
+    if name == "interval":
+        n = depth if cached_layers is None else cached_layers
+        if not 1 <= n <= depth:
+            raise ValueError(f"cached layers must be in [1, {depth}], got {n}")
+        return jc.CachePlan(network, n)
+    if name == "first-block":
+        return jc.CachePlan.around(network, depth, first=1)
+    if name == "teacache":
+        return jc.CachePlan(network, depth)
+    return jc.CachePlan.around(network, depth, first=first, last=last)
+
+
+def named_policy(
+    name: str,
+    *,
+    interval: int = 3,
+    threshold: float = 0.1,
+    warmup: int = 2,
+    coefficients: tuple[float, ...] | None = None,
+    on_device: bool = False,
+) -> jc.RefreshPolicy:
+    """The named refresh policy.
+
+    Args:
+      name: a :data:`POLICIES` name.
+      interval: ``"interval"``: the refresh interval.
+      threshold: the signal-driven policies' threshold.
+      warmup: ``"dbcache"``: warm-up steps that always compute.
+      coefficients: ``"teacache"``: the rescaling polynomial (default: the raw change).
+      on_device: ``"interval"``: decide every step on the device
+        (:class:`~jaxcache.OnDevice`) instead of compiling the known schedule.
+
+    Raises:
+      ValueError: for an unknown name, or ``on_device`` with a policy other than the interval.
+    """
+    _check_name(name)
+    if on_device and name != "interval":
+        raise ValueError(
+            f"on_device applies to the interval only ({name} always decides on the device)"
+        )
+    if name == "interval":
+        policy = jc.IntervalPolicy(interval)
+        return jc.OnDevice(policy) if on_device else policy
+    if name == "first-block":
+        return jc.FirstBlockPolicy(threshold)
+    if name == "teacache":
+        if coefficients is None:
+            return jc.TeaCachePolicy(threshold)
+        return jc.TeaCachePolicy(threshold, coefficients=tuple(coefficients))
+    return jc.DBCachePolicy(threshold, warmup_steps=warmup)
