@@ -2,7 +2,8 @@
 
 * :mod:`~jaxcache.evaluation.metrics`: PSNR, SSIM, relative L1, Frechet distance;
 * :mod:`~jaxcache.evaluation.flops`: matrix FLOPs of a function from its jaxpr, ideal speedup;
-* :mod:`~jaxcache.evaluation.named`: policies by name, each with the plan its published rule runs on;
+* :mod:`~jaxcache.evaluation.named`: policies by name, each with the plan its published
+  rule runs on;
 * :mod:`~jaxcache.evaluation.bench`: ``python -m jaxcache.evaluation.bench``, cached against
   uncached sampling (and a hand-written loop) on the reference models.
 
