@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from jaxcache._dataclass import settings_dataclass
 from jaxcache.policies.base import RefreshPolicy, check_setting
-from jaxcache.policies.signals import relative_l1
+from jaxcache.policies.signals import last_computed_start, last_computed_update, relative_l1
 
 __all__ = ["DBCachePolicy", "DBCacheState"]
 
@@ -71,13 +71,10 @@ class DBCachePolicy(RefreshPolicy):
                           minimum=minimum)
 
     def init(self, num_steps, signal=None):
+        previous, seen = last_computed_start(signal)
         rows = signal.shape[:1]
-        return DBCacheState(
-            previous=jnp.zeros(signal.shape, jnp.float32),
-            seen=jnp.zeros(rows, bool),
-            cached=jnp.zeros(rows, jnp.int32),
-            consecutive=jnp.zeros(rows, jnp.int32),
-        )
+        return DBCacheState(previous, seen, cached=jnp.zeros(rows, jnp.int32),
+                            consecutive=jnp.zeros(rows, jnp.int32))
 
     def decide(self, state, step, signal):
         threshold = jnp.asarray(self.threshold, jnp.float32)
@@ -93,11 +90,11 @@ class DBCachePolicy(RefreshPolicy):
             | ((run_limit >= 0) & (state.consecutive >= run_limit))
             | ~(relative_l1(signal, state.previous) < threshold)
         )
-        keep = refresh.reshape((-1,) + (1,) * (signal.ndim - 1))
+        previous, seen = last_computed_update(state.previous, state.seen, refresh, signal)
         skipped = (~refresh).astype(jnp.int32)
         return refresh, DBCacheState(
-            previous=jnp.where(keep, signal.astype(jnp.float32), state.previous),
-            seen=state.seen | refresh,
+            previous=previous,
+            seen=seen,
             cached=state.cached + skipped,
             consecutive=jnp.where(refresh, 0, state.consecutive + 1),
         )

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from jaxcache._dataclass import settings_dataclass
 from jaxcache.policies.base import RefreshPolicy, check_setting
-from jaxcache.policies.signals import relative_l1
+from jaxcache.policies.signals import last_computed_start, last_computed_update, relative_l1
 
 __all__ = ["FirstBlockPolicy", "FirstBlockState"]
 
@@ -54,10 +54,7 @@ class FirstBlockPolicy(RefreshPolicy):
         check_setting(self.warmup_steps, "FirstBlockPolicy.warmup_steps", integer=True, minimum=0)
 
     def init(self, num_steps, signal=None):
-        return FirstBlockState(
-            previous=jnp.zeros(signal.shape, jnp.float32),
-            seen=jnp.zeros(signal.shape[:1], bool),
-        )
+        return FirstBlockState(*last_computed_start(signal))
 
     def decide(self, state, step, signal):
         change = relative_l1(signal, state.previous)
@@ -68,6 +65,5 @@ class FirstBlockPolicy(RefreshPolicy):
             | (threshold <= 0)
             | ~(change < threshold)  # NaN compares False: it computes
         )
-        keep = refresh.reshape((-1,) + (1,) * (signal.ndim - 1))
-        previous = jnp.where(keep, signal.astype(jnp.float32), state.previous)
-        return refresh, FirstBlockState(previous, state.seen | refresh)
+        return refresh, FirstBlockState(
+            *last_computed_update(state.previous, state.seen, refresh, signal))
