@@ -12,9 +12,18 @@ model and inputs; nothing in the core imports this package (``jaxcache.fit_forec
 * :func:`threshold_for`: a signal policy's threshold for a target fraction of computed steps
   or a layer-evaluation budget, by bisection on one compiled program
   (:mod:`jaxcache.tuning.threshold`).
+* :func:`calibrate_magcache`: MagCache's magnitude ratios from one full-compute run that records
+  the body's residuals, as a :class:`MagCacheCalibration` (saved and loaded, checked against the
+  model and schedule, ``.policy(...)`` for a :class:`~jaxcache.MagCachePolicy`)
+  (:mod:`jaxcache.tuning.magcache`).
+* :func:`plan_refreshes`: the refresh steps within a budget that minimise the modelled error
+  against full compute (exact dynamic programming on :class:`StepErrors`), as a
+  :class:`~jaxcache.StepMaskPolicy` (:mod:`jaxcache.tuning.planner`).
 """
 
 from jaxcache.tuning.forecast import fit_forecast
+from jaxcache.tuning.magcache import MagCacheCalibration, calibrate_magcache, magnitude_ratios
+from jaxcache.tuning.planner import StepErrors, plan_refreshes, step_errors
 from jaxcache.tuning.teacache import (
     calibrate_teacache,
     fit_teacache_coefficients,
@@ -23,10 +32,16 @@ from jaxcache.tuning.teacache import (
 from jaxcache.tuning.threshold import ThresholdChoice, threshold_for
 
 __all__ = [
+    "MagCacheCalibration",
+    "StepErrors",
     "ThresholdChoice",
+    "calibrate_magcache",
     "calibrate_teacache",
     "fit_forecast",
     "fit_teacache_coefficients",
+    "magnitude_ratios",
+    "plan_refreshes",
+    "step_errors",
     "teacache_calibration_data",
     "threshold_for",
 ]
