@@ -13,8 +13,9 @@ use):
 * :class:`CachePlan`, :class:`SegmentParams`: head, cached body and tail; parameters split per
   segment.
 * Policies, when the body is recomputed: :class:`RefreshPolicy`; schedules known before
-  sampling, :class:`IntervalPolicy`, :class:`StepMaskPolicy`; signal-driven, decided on the
-  device per sample, :class:`FirstBlockPolicy`, :class:`TeaCachePolicy` (with
+  sampling, :class:`IntervalPolicy`, :class:`StepMaskPolicy`, and per step and body layer
+  :class:`LayerMaskPolicy` (with :class:`LayerGates`, its traced form); signal-driven, decided
+  on the device per sample, :class:`FirstBlockPolicy`, :class:`TeaCachePolicy` (with
   :func:`calibrate_teacache`, from :mod:`jaxcache.tuning`), :class:`DBCachePolicy`;
   :class:`OnDevice`.
 * Reuse modes, what a skipped step uses: :class:`ReuseMode`, :class:`OutputReuse`,
@@ -41,6 +42,8 @@ from jaxcache.policies import (
     DBCachePolicy,
     FirstBlockPolicy,
     IntervalPolicy,
+    LayerGates,
+    LayerMaskPolicy,
     OnDevice,
     RefreshPolicy,
     StepMaskPolicy,
@@ -84,6 +87,8 @@ __all__ = [
     "FlowMatchHeun",
     "HermiteForecast",
     "IntervalPolicy",
+    "LayerGates",
+    "LayerMaskPolicy",
     "Network",
     "NetworkParams",
     "OnDevice",

@@ -8,6 +8,15 @@ mode stand in for it, then runs the tail:
   :class:`~jaxcache.StepMaskPolicy`) compiles to scans over groups of one refresh step and its
   reuse steps: no decision inside the loop. Runs of equal groups share one scan, so the program
   does not grow with the step count.
+* A plan per step and body layer known before sampling (:class:`~jaxcache.LayerMaskPolicy`)
+  runs each body layer, or lets the reuse mode stand in for it, on its own: one reuse state per
+  run of consecutive layers whose mask columns agree (layers always computed and reused
+  together), each called with that run's input and output as its "body". Steps with the same
+  row share one step function; runs of equal rows and repeating patterns of them are scanned,
+  so the program grows with the number of distinct rows, not the step count. No decision.
+* Traced per-(step, layer) gates (:class:`~jaxcache.LayerGates`) run every layer at every step
+  and mix its output with its reuse value, in one scan over the steps: differentiable in the
+  gates, for training a router.
 * Any other policy decides on the device every step, per row (per sample and guidance branch):
   the body runs when any row needs it (a loop of zero or one trips that keeps the state buffers
   in place; see :func:`_run_or_reuse`), and each row then takes its own output by a select, so a
@@ -51,6 +60,7 @@ from jaxcache.reuse.forecast import Ladder
 from jaxcache.reuse.output import OutputReuse
 from jaxcache.sharding import check_sequence_axes, manual_axes, normalize_sequence_axis, vary
 from jaxcache.solvers import Solver
+from jaxcache.stack import LayerList, Segments, run_layers, stack_length
 from jaxcache.work import network_work
 
 PyTree = Any
@@ -69,15 +79,19 @@ class SampleResult(NamedTuple):
 
     Attributes:
       sample: the final sample, shaped like the noise.
-      refreshed: ``[evaluations]`` bool, the steps whose cached body ran (for any row).
+      refreshed: ``[evaluations]`` bool, the steps whose cached body ran (for any row); with
+        a per-layer plan, the steps where any body layer ran.
       layers_computed: ``[evaluations, num_layers]`` bool, which layer ran at which step:
         every layer of the network, the head's and the tail's included.
       caches: the reuse mode's final state for each guidance branch (conditional first, then
         unconditional): a :class:`~jaxcache.StepCache` for :class:`~jaxcache.OutputReuse`.
-        None when sampling uncached.
+        None when sampling uncached. With a :class:`~jaxcache.LayerMaskPolicy`, each branch's
+        is a tuple of states, one per run of consecutive body layers whose mask columns agree
+        (in layer order); with :class:`~jaxcache.LayerGates`, one per body layer.
       body_computed: ``[evaluations, branches, batch]`` bool: whether each sample's body output
         at each step was computed (True) or came from the reuse mode (False), per guidance
-        branch.
+        branch; with a per-layer plan, True where every body layer ran
+        (:attr:`layers_computed` has each layer's).
       flops: the matrix FLOPs the run computed (float32 scalar): the condition path once, the
         embedding and final projection at every evaluation, and each layer each time it ran,
         weighed by its own cost (FLUX's single-stream blocks cost less than its double-stream
@@ -166,7 +180,11 @@ def sample(
         evaluations: ``num_steps`` for one-stage solvers, ``2 num_steps - 1`` for Heun; the
         policy (an interval, a mask's length) counts evaluations.
       policy: when the body runs; None samples uncached (every layer, every step). Its numeric
-        settings are traced: a new threshold reuses the compiled program.
+        settings are traced: a new threshold reuses the compiled program. A per-layer plan
+        (:class:`~jaxcache.LayerMaskPolicy`) runs or reuses each body layer on its own, the
+        reuse mode standing in per layer; its program grows with the number of distinct mask
+        rows. :class:`~jaxcache.LayerGates` mixes computed and reused layer outputs by traced
+        gates (every layer runs; differentiable in the gates).
       reuse: what a skipped step uses; default :class:`~jaxcache.OutputReuse` (the reference).
       uncond: the negative condition for classifier-free guidance, shaped like ``cond``.
       guidance_scale: the guidance scale (>= 0); None turns guidance off. Static.
@@ -175,7 +193,8 @@ def sample(
         reuses the compiled program. Evaluation ``i`` gets ``jax.random.fold_in(key, i)``.
         Solvers that draw no noise refuse it.
       remat: for differentiating through sampling (:func:`~jaxcache.fit_forecast`): each step
-        of a schedule known before sampling, or of the uncached loop (``policy=None`` or no
+        of a schedule known before sampling (per step or per layer), of the gated loop
+        (:class:`~jaxcache.LayerGates`), or of the uncached loop (``policy=None`` or no
         cached layers), is rematerialised in the backward pass, which then keeps one step's
         activations at a time instead of every step's, for about one more forward pass of
         compute. The samples are the same. Static. Refused (ValueError) with a policy that
@@ -328,15 +347,20 @@ def _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond
         if not isinstance(reuse, ReuseMode):
             raise TypeError(f"reuse must be a ReuseMode or None, got {_kind_of(reuse)}")
     if policy is not None and plan.cached_layers > 0:
-        schedule = policy.static_schedule(evaluations)
-        refreshes = None if schedule is None else int(np.sum(schedule))
         mode = reuse or OutputReuse()
-        try:
-            mode.check(plan, evaluations, refreshes)
-        except ValueError as error:
-            raise ValueError(f"{error}{counted}") from error
-        _check_forecast_times(mode, solver, times, schedule)
-        _check_remat(remat, policy, on_device=schedule is None)
+        layers = policy.static_layer_schedule(evaluations)
+        gates = None if layers is not None else policy.layer_gates(evaluations)
+        if layers is not None or gates is not None:
+            _check_layer_plan(plan, policy, mode, solver, times, layers, counted)
+        else:
+            schedule = policy.static_schedule(evaluations)
+            refreshes = None if schedule is None else int(np.sum(schedule))
+            try:
+                mode.check(plan, evaluations, refreshes)
+            except ValueError as error:
+                raise ValueError(f"{error}{counted}") from error
+            _check_forecast_times(mode, solver, times, schedule)
+            _check_remat(remat, policy, on_device=schedule is None)
     if np.ndim(noise) < 1:
         raise ValueError("noise must have a leading batch axis")
     if (scale is None) != (uncond is None):
@@ -434,6 +458,44 @@ def _check_solver(solver: Solver, key) -> None:
                 "key must be one PRNG key, jax.random.key(seed) (or jax.random.PRNGKey(seed)), "
                 f"got {type(key).__name__} of shape {np.shape(key)} and dtype {dtype}"
             )
+
+
+def _check_layer_plan(plan, policy, mode, solver, times, layers, counted) -> None:
+    """A per-layer plan's shape, and the reuse mode's checks for each run of layers it reuses.
+
+    ``layers``: the plan's static ``[evaluations, cached_layers]`` mask, or None for gates
+    (which store, weighted, at every evaluation).
+    """
+    evaluations = len(times)
+    name = type(policy).__name__
+    if layers is None:
+        shape = tuple(np.shape(policy.layer_gates(evaluations)))
+        checks = [((0, 1), None, None)]
+    else:
+        layers = np.asarray(layers)
+        shape = layers.shape
+        checks = []
+    want = (evaluations, plan.cached_layers)
+    if shape != want:  # LayerMaskPolicy.check says so first; this covers any per-layer policy
+        raise ValueError(
+            f"{name}'s per-layer plan has shape {shape}, but this run needs (evaluations, "
+            f"cached_layers) = {want}{counted}"
+        )
+    if layers is not None:
+        if layers.dtype != bool:
+            raise TypeError(f"{name}.static_layer_schedule must return bools, got {layers.dtype}")
+        actions = _layer_actions(layers)
+        for lo, hi in _layer_units(layers):
+            # Only a run of layers that is ever reused needs what it stored.
+            reused = bool(np.any(actions[:, lo] == _REUSE))
+            checks.append(((lo, hi), int(layers[:, lo].sum()) if reused else None, layers[:, lo]))
+    for (lo, hi), refreshes, column in checks:
+        where = "" if layers is None else f" (body layers [{lo}, {hi}) of the layer mask)"
+        try:
+            mode.check(_unit_plan(plan, lo, hi), evaluations, refreshes)
+            _check_forecast_times(mode, solver, times, column)
+        except ValueError as error:
+            raise ValueError(f"{error}{where}{counted}") from error
 
 
 def _check_forecast_times(mode, solver, times, schedule) -> None:
@@ -618,8 +680,37 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse,
 
     mode = reuse if reuse is not None else OutputReuse()
     _, body_shape, _ = jax.eval_shape(head, start, jnp.zeros((), jnp.float32))
-    state = vary(mode.init(plan, body_shape, constant), axes)
     loop = _Loop(plan, params, mode, head, finish, remat, axes, sequence, signal_of)
+
+    layers = policy.static_layer_schedule(steps)
+    gates = None if layers is not None else policy.layer_gates(steps)
+    if layers is not None or gates is not None:
+        n = plan.cached_layers
+        if layers is not None:
+            layers = np.asarray(layers, bool)
+            units = _layer_units(layers)
+            states = tuple(vary(mode.init(_unit_plan(plan, lo, hi), body_shape, constant), axes)
+                           for lo, hi in units)
+            z, states = loop.layered(start, states, xs, units, _unit_actions(layers, units))
+            ran = _layer_actions(layers) != _REUSE  # [steps, body layers]
+        else:
+            one = mode.init(_unit_plan(plan, 0, 1), body_shape, constant)
+            stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *jnp.shape(a))), one)
+            z, stacked = loop.gated(start, vary(stacked, axes), xs, gates)
+            ran = np.ones((steps, n), bool)  # every layer runs; the gates mix
+            states = tuple(jax.tree.map(lambda a, j=j: a[j], stacked) for j in range(n))
+        caches = tuple(tuple(mode.rows(s, j * batch, (j + 1) * batch) for s in states)
+                       for j in range(branches))
+        computed = jnp.asarray(np.concatenate(
+            [np.ones((steps, plan.first_layers), bool), ran,
+             np.ones((steps, depth - plan.body_stop), bool)], axis=1))
+        whole = np.broadcast_to(ran.all(axis=1)[:, None, None], (steps, branches, batch))
+        return SampleResult(
+            z[0], jnp.asarray(ran.any(axis=1)), computed, caches, jnp.asarray(whole),
+            *work(computed), *_recorded(z, record),
+        )
+
+    state = vary(mode.init(plan, body_shape, constant), axes)
 
     schedule = policy.static_schedule(steps)
     if schedule is not None:
@@ -885,6 +976,308 @@ class _Loop:
         # Rows that did not store kept their state, so this is their own reuse value.
         reused = self.mode.reuse(state, h, position)
         return select_rows(compute, ran, reused), state
+
+
+    # ------------------------------------------------------------------ per-layer plans
+    def pieces(self) -> list[tuple[PyTree, Any, int]]:
+        """The body's pieces in order: ``(params, block kind, index of its first body layer)``."""
+        body, kinds = self.params.body, self.plan.network.kinds
+        if not isinstance(body, Segments):
+            return [(body, kinds[0], 0)]
+        out, offset = [], 0
+        for piece, k in zip(body.pieces, body.kinds):
+            out.append((piece, kinds[k], offset))
+            offset += stack_length(piece)
+        return out
+
+    def run_range(self, lo, hi, h, ctx, observe=None, state=None):
+        """Body layers ``[lo, hi)``: ``h`` after them, or ``(h, state)`` with ``observe``.
+
+        ``observe(state, index, output)`` sees each layer's output in the network's form, the
+        index counted from ``lo``. The whole body runs as :meth:`CachePlan.run_body` does. A
+        part of a stacked piece is a scan over its layer indices that reads each layer's
+        parameters from the whole stack (what a scan over the stack reads): nothing is sliced
+        per step, and a :class:`~jaxcache.stack.LayerList` runs its own arrays.
+        """
+        plan = self.plan
+        if (lo, hi) == (0, plan.cached_layers):
+            return plan.run_body(self.params, h, ctx, observe=observe, state=state)
+        unroll = plan.network.layer_unroll
+        for piece, kind, offset in self.pieces():
+            a, b = max(lo - offset, 0), min(hi - offset, stack_length(piece))
+            if a >= b:
+                continue
+            if isinstance(piece, LayerList) or (a, b) == (0, stack_length(piece)):
+                part = LayerList(piece.layers[a:b]) if isinstance(piece, LayerList) else piece
+                shift = offset + a - lo
+                seen = None if observe is None else functools.partial(_shifted, observe, shift)
+                result = run_layers(kind, part, h, ctx, observe=seen, state=state, unroll=unroll)
+                h, state = (result, state) if observe is None else result
+            else:
+                h, state = _run_indexed(kind, piece, a, b, h, ctx, observe, state, unroll,
+                                        offset - lo)
+        return h if observe is None else (h, state)
+
+    def store_range(self, lo, hi, h, ctx, state, position):
+        """Runs body layers ``[lo, hi)`` and stores them as one body: ``(output, state)``."""
+        mode = self.mode
+        if mode.records_layers:
+            out, state = self.run_range(
+                lo, hi, h, ctx, state=state,
+                observe=lambda s, i, layer_out: mode.record(s, i, layer_out, None),
+            )
+        else:
+            out = self.run_range(lo, hi, h, ctx)
+        return out, mode.store(state, h, out, position, None)
+
+    def layer_row(self, row, units, h, ctx, states, position):
+        """One step's body under a row of unit actions: ``(output, states)``."""
+        states = list(states)
+        k = 0
+        while k < len(units):
+            lo, hi = units[k]
+            if row[k] == _REUSE:
+                h = self.mode.reuse(states[k], h, position)
+            elif row[k] == _STORE:
+                h, states[k] = self.store_range(lo, hi, h, ctx, states[k], position)
+            else:  # consecutive units that run without storing run as one range
+                end = k
+                while end + 1 < len(units) and row[end + 1] == _PLAIN:
+                    end += 1
+                h = self.run_range(lo, units[end][1], h, ctx)
+                k = end
+            k += 1
+        return h, tuple(states)
+
+    def layered(self, noise, states, xs, units, actions):
+        """The loop of a per-layer plan known now: scans over runs of equal rows, no decisions.
+
+        ``units``: the runs of body layers that share a reuse state; ``actions``: ``[steps,
+        units]`` of ``_REUSE``, ``_STORE`` and ``_PLAIN``.
+        """
+        rows, ids = np.unique(np.asarray(actions), axis=0, return_inverse=True)
+        ids = np.asarray(ids).reshape(-1)
+
+        def step(row_id, carry, step_t):
+            x, states = carry
+            i, t, t_next = step_t
+            position = Position(i, t)
+            _, h, ctx = self.head(x, t)
+            h, states = self.layer_row(tuple(rows[row_id]), units, h, ctx, states, position)
+            return self.vary((self.finish(x, h, ctx, i, t, t_next), states))
+
+        if self.remat:  # the backward pass recomputes each step from its carry
+            step = jax.checkpoint(step, static_argnums=(0,))
+
+        def pattern(items):
+            """One repetition of a pattern of (row, count) items, in order."""
+
+            def run(carry, pattern_xs):
+                offset = 0
+                for row_id, count in items:
+                    part = jax.tree.map(lambda a, o=offset, c=count: a[o : o + c], pattern_xs)
+                    if count == 1:
+                        carry = step(row_id, carry, jax.tree.map(lambda a: a[0], part))
+                    else:
+                        carry, _ = jax.lax.scan(
+                            lambda c, st, r=row_id: (step(r, c, st), None), carry, part
+                        )
+                    offset += count
+                return carry, None
+
+            return run
+
+        carry = (noise, states)
+        for start, reps, items in _row_runs(ids):
+            span = sum(count for _, count in items)
+            run_xs = jax.tree.map(lambda a, s=start, n=reps * span: a[s : s + n], xs)
+            if reps == 1:
+                carry, _ = pattern(items)(carry, run_xs)
+            else:
+                grouped = jax.tree.map(lambda a, shape=(reps, span): a.reshape(shape), run_xs)
+                carry, _ = jax.lax.scan(pattern(items), carry, grouped)
+        return carry
+
+    def gated(self, noise, states, xs, gates):
+        """The loop of traced gates: one scan over the steps, every layer run and mixed.
+
+        ``states``: one reuse state per body layer, stacked on a leading axis.
+        """
+        fills = self.vary(jnp.zeros((self.plan.cached_layers,), jnp.float32))
+
+        def step(carry, step_t):
+            x, states, fills = carry
+            i, t, t_next, row = step_t
+            position = Position(i, t)
+            _, h, ctx = self.head(x, t)
+            h, states, fills = self.gated_body(h, ctx, states, fills, row, position)
+            return self.vary((self.finish(x, h, ctx, i, t, t_next), states, fills)), None
+
+        if self.remat:
+            step = jax.checkpoint(step)
+        gates = jnp.asarray(gates, jnp.float32)
+        (x, states, _), _ = jax.lax.scan(step, (noise, states, fills), (*xs, gates))
+        return x, states
+
+    def gated_body(self, h, ctx, states, fills, gates, position):
+        """Every body layer, each mixed with its reuse value by its gate."""
+
+        def one(kind, layer_params, j, h, states, fills):
+            state = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, j, keepdims=False),
+                                 states)
+            out, state, fill = self.gated_layer(kind, layer_params, h, ctx, state, fills[j],
+                                                gates[j], position)
+            states = jax.tree.map(
+                lambda buf, v: jax.lax.dynamic_update_index_in_dim(buf, v, j, 0), states, state
+            )
+            return out, states, fills.at[j].set(fill)
+
+        for piece, kind, offset in self.pieces():
+            if isinstance(piece, LayerList):
+                for a, layer_params in enumerate(piece.layers):
+                    h, states, fills = one(kind, layer_params, offset + a, h, states, fills)
+                continue
+            length = stack_length(piece)
+            if not length:
+                continue
+
+            def scanned(carry, layer_xs, kind=kind):
+                j, layer_params = layer_xs
+                return one(kind, layer_params, j, *carry), None
+
+            indices = jnp.arange(offset, offset + length, dtype=jnp.int32)
+            (h, states, fills), _ = jax.lax.scan(scanned, (h, states, fills), (indices, piece),
+                                                 unroll=self.plan.network.layer_unroll)
+        return h, states, fills
+
+    def gated_layer(self, kind, layer_params, h, ctx, state, fill, gate, position):
+        """One layer at gate ``gate``: ``(output, state, fill)``.
+
+        ``fill`` in ``[0, 1]`` is how much the layer has stored so far: a layer that stored
+        nothing reuses its own output (the rule for empty slots), so gates of 0 and 1 sample as
+        the mask does.
+        """
+        mode = self.mode
+        native = h if kind.enter is None else kind.enter(h, ctx)
+        native = kind.layer(layer_params, native, ctx)
+        computed = native if kind.enter is None else kind.leave(native, h, ctx)
+        reused = _mix(fill, mode.reuse(state, h, position), computed)
+        out = _mix(gate, computed, reused)
+        stored = mode.record(state, 0, computed, None) if mode.records_layers else state
+        stored = mode.store(stored, h, computed, position, None)
+        return out, _mix(gate, stored, state), gate + (1 - gate) * fill
+
+
+# The action of a run of body layers at a step, under a per-layer plan.
+_REUSE, _STORE, _PLAIN = 0, 1, 2
+
+
+def _layer_actions(mask: np.ndarray) -> np.ndarray:
+    """``[steps, layers]`` actions of a per-layer mask: store where True; where False, reuse
+    if the layer stored before, else run without storing (the reference's empty-slot rule)."""
+    mask = np.asarray(mask, bool)
+    stored = np.logical_or.accumulate(mask, axis=0)
+    return np.where(mask, _STORE, np.where(stored, _REUSE, _PLAIN)).astype(np.int8)
+
+
+def _layer_units(mask: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """Runs ``(lo, hi)`` of consecutive body layers whose mask columns are equal.
+
+    Such layers are computed and reused at the same steps, so one reuse state covers them, fed
+    the run's input and output: for the shipped modes (linear in what they store) this is the
+    per-layer rule exactly in real arithmetic, with fewer states (a uniform mask is one run,
+    the whole body, as a step mask).
+    """
+    mask = np.asarray(mask, bool)
+    n = mask.shape[1]
+    starts = [0] + [j for j in range(1, n) if not np.array_equal(mask[:, j], mask[:, j - 1])]
+    return tuple(zip(starts, [*starts[1:], n]))
+
+
+def _unit_actions(mask: np.ndarray, units) -> np.ndarray:
+    """``[steps, units]``: each run's action (the action of its first layer)."""
+    return _layer_actions(mask)[:, [lo for lo, _ in units]]
+
+
+def _unit_plan(plan: CachePlan, lo: int, hi: int) -> CachePlan:
+    """The plan whose cached body is body layers ``[lo, hi)`` of ``plan`` (for reuse modes)."""
+    return CachePlan(plan.network, cached_layers=hi - lo, first_layers=plan.first_layers + lo)
+
+
+def _shifted(observe, shift, state, index, h):
+    """``observe`` with the layer index shifted by ``shift``."""
+    return observe(state, index + shift, h)
+
+
+def _run_indexed(kind, stack, a, b, h, ctx, observe, state, unroll, shift):
+    """Layers ``[a, b)`` of one kind's stacked piece, read by index from the whole stack:
+    ``(h, state)``; ``observe`` sees index ``i + shift`` for the piece's layer ``i``."""
+    entered = h
+    native = h if kind.enter is None else kind.enter(h, ctx)
+
+    def layer(carry, i):
+        native, state = carry
+        layer_params = jax.tree.map(
+            lambda w: jax.lax.dynamic_index_in_dim(w, i, keepdims=False), stack
+        )
+        native = kind.layer(layer_params, native, ctx)
+        if observe is not None:
+            seen = native if kind.enter is None else kind.leave(native, entered, ctx)
+            state = observe(state, i + shift, seen)
+        return (native, state), None
+
+    indices = jnp.arange(a, b, dtype=jnp.int32)
+    (native, state), _ = jax.lax.scan(layer, (native, state), indices, unroll=unroll)
+    return (native if kind.enter is None else kind.leave(native, entered, ctx)), state
+
+
+def _mix(weight: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    """``weight * new + (1 - weight) * old`` leaf by leaf; a non-float leaf takes ``new`` where
+    ``weight >= 0.5``; a leaf that is the same value in both stays as it is."""
+
+    def one(a, b):
+        if a is b:
+            return a
+        if jnp.issubdtype(a.dtype, jnp.inexact):
+            w = weight.astype(a.dtype)
+            return w * a + (1 - w) * b
+        return jnp.where(weight >= 0.5, a, b)
+
+    return jax.tree.map(one, new, old)
+
+
+def _row_runs(ids: np.ndarray, max_period: int = 8) -> list[tuple[int, int, tuple]]:
+    """A sequence of step-function ids as runs the program scans over.
+
+    The ids are first cut into items ``(id, count)`` of equal consecutive ids (a scan of
+    ``count`` steps). ``(start, reps, items)``: ``reps`` repetitions of a pattern of up to
+    ``max_period`` items from step ``start``, so an interval-like plan is one run (plus a
+    shorter end) whatever the step count.
+    """
+    items: list[tuple[int, int]] = []
+    starts: list[int] = []
+    for step, row_id in enumerate(int(r) for r in ids):
+        if items and items[-1][0] == row_id:
+            items[-1] = (row_id, items[-1][1] + 1)
+        else:
+            items.append((row_id, 1))
+            starts.append(step)
+    runs = []
+    i = 0
+    while i < len(items):
+        best_period, best_reps = 1, 1
+        for period in range(1, max_period + 1):
+            pattern = items[i : i + period]
+            if len(pattern) < period:
+                break
+            reps = 1
+            while items[i + reps * period : i + (reps + 1) * period] == pattern:
+                reps += 1
+            if reps > 1 and reps * period > best_reps * best_period:
+                best_period, best_reps = period, reps
+        runs.append((starts[i], best_reps, tuple(items[i : i + best_period])))
+        i += best_period * best_reps
+    return runs
 
 
 def _computed_steps(schedule: np.ndarray) -> np.ndarray:

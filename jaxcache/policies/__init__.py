@@ -2,7 +2,10 @@
 
 * :class:`RefreshPolicy`: the seam (``init``, ``decide``, ``static_schedule``, ``signal_kind``).
 * Schedules known before sampling, compiled with no decision in the loop:
-  :class:`IntervalPolicy` (the reference), :class:`StepMaskPolicy`.
+  :class:`IntervalPolicy` (the reference), :class:`StepMaskPolicy`; per step and body layer,
+  :class:`LayerMaskPolicy`.
+* :class:`LayerGates`: traced per-(step, layer) gates, the differentiable form of a layer mask
+  (for training a router).
 * Signal-driven, decided on the device per sample: :class:`FirstBlockPolicy` (First-Block
   Cache), :class:`TeaCachePolicy`, :class:`DBCachePolicy`. Fitting their settings to a model
   (TeaCache's calibration, a threshold for a compute budget) samples, so it lives in the
@@ -14,6 +17,7 @@ from jaxcache.policies.base import SIGNAL_KINDS, RefreshPolicy
 from jaxcache.policies.dbcache import DBCachePolicy, DBCacheState
 from jaxcache.policies.first_block import FirstBlockPolicy, FirstBlockState
 from jaxcache.policies.interval import IntervalPolicy
+from jaxcache.policies.layer_mask import LayerGates, LayerMaskPolicy
 from jaxcache.policies.on_device import OnDevice
 from jaxcache.policies.signals import relative_l1
 from jaxcache.policies.step_mask import StepMaskPolicy
@@ -27,6 +31,8 @@ __all__ = [
     "FirstBlockPolicy",
     "FirstBlockState",
     "IntervalPolicy",
+    "LayerGates",
+    "LayerMaskPolicy",
     "OnDevice",
     "RefreshPolicy",
     "StepMaskPolicy",

@@ -12,6 +12,15 @@ interval is static) with pure functions:
   bool, so the decision stays inside the compiled program.
 * ``static_schedule(num_steps)``: every step's decision when it is known before sampling; the
   sampler then compiles the loop with no decision in it.
+* ``static_layer_schedule(num_steps)``: a plan per step *and body layer* known before sampling
+  (``[evaluations, cached_layers]`` bool), for policies that skip layers on their own
+  (:class:`~jaxcache.LayerMaskPolicy`); also compiled with no decision in the loop.
+* ``layer_gates(num_steps)``: traced per-(step, layer) gates in ``[0, 1]`` that mix each layer's
+  computed output with its reuse value (:class:`~jaxcache.LayerGates`, for training a router).
+
+The sampler reads the hooks in that order of precedence: a layer schedule, then gates, then a
+step schedule; a policy with none of them decides on the device. A per-layer policy's
+``decide`` raises, so it never runs as a per-step one.
 
 ``signal_kind`` names what the policy reads each step, produced by the plan's head:
 
@@ -58,6 +67,25 @@ class RefreshPolicy(abc.ABC):
 
         The sampler compiles a known schedule to a loop with no decision in it; policies that
         read signals or state return None.
+        """
+        return None
+
+    def static_layer_schedule(self, num_steps: int) -> np.ndarray | None:
+        """The plan of every step and body layer, if it is known before sampling; else None.
+
+        Returns:
+          None (the default: the policy decides per step), or ``[num_steps, cached_layers]``
+          bool, True where the body layer runs at the step (see
+          :class:`~jaxcache.LayerMaskPolicy`).
+        """
+        return None
+
+    def layer_gates(self, num_steps: int) -> jax.Array | None:
+        """Traced per-(step, layer) gates in ``[0, 1]``, for a policy that mixes each layer's
+        computed output with its reuse value; else None (the default).
+
+        Returns:
+          None, or ``[num_steps, cached_layers]`` numbers (see :class:`~jaxcache.LayerGates`).
         """
         return None
 
