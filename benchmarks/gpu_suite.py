@@ -47,7 +47,18 @@ ROWS = {
     "first-block/res/0.2+host": dict(policy="first-block", refresh_target=0.2, host_loop=True),
     "teacache/residual": dict(policy="teacache", refresh_target=0.34),
     "dbcache/residual": dict(policy="dbcache", refresh_target=0.34, first=1, warmup=2),
+    # Planned schedules, fitted to the model by one full-compute calibration run; the body is
+    # every layer. MagCache's published warm-up (a fifth of the steps) and at most 2 skips in a
+    # row keep it above about 0.47 of the steps computed.
+    "magcache/residual": dict(policy="magcache", refresh_target=0.5),
+    "planned/residual": dict(policy="planned", refresh_target=0.34),
+    "planned/taylor1": dict(policy="planned", refresh_target=0.34, reuse="taylor"),
+    # Per-(step, layer): each layer refreshes every 3 steps, staggered (3 distinct step bodies).
+    "layer-mask/output": dict(policy="layer-mask", interval=3),
+    "layer-mask/residual": dict(policy="layer-mask", interval=3, reuse="residual"),
 }
+PLANNED_ROWS = ["magcache/residual", "planned/residual", "planned/taylor1", "layer-mask/output",
+                "layer-mask/residual"]
 
 
 def _stack(suite, layer_unroll, options=None):
@@ -112,6 +123,10 @@ SUITES = {
                               "teacache/residual"]),
     "flux-dbcache": _suite(FLUX, 24, ["dbcache/residual"]),
     "flux-fitted": _suite(FLUX, 24, ["interval/output", "interval/taylor1", "interval/fitted1"]),
+    # Planned schedules (step masks and a per-(step, layer) mask) with the library's defaults.
+    "dit-planned": _suite(DIT, 14, ["interval/output", *PLANNED_ROWS]),
+    "flux-planned": _suite(FLUX, 24, ["planned/residual", "layer-mask/residual",
+                                      "magcache/residual"]),
 }
 
 

@@ -51,7 +51,7 @@ def test_unknown_names_are_refused_with_the_choices():
         named_plan("fbc", network, toy.LAYERS)
     with pytest.raises(ValueError, match="unknown policy 'fbc'"):
         named_policy("fbc")
-    assert POLICIES == ("interval", "first-block", "teacache", "dbcache")
+    assert POLICIES[:4] == ("interval", "first-block", "teacache", "dbcache")
 
 
 def test_bench_settings_are_checked_when_made_and_run_benchmark_takes_only_them():
@@ -65,3 +65,31 @@ def test_bench_settings_are_checked_when_made_and_run_benchmark_takes_only_them(
         run_benchmark({"model": "dit"})
     base = BenchSettings(size="tiny", steps=4)
     assert dataclasses.replace(base, policy="teacache").steps == 4
+
+
+def test_staggered_layer_mask_refreshes_each_layer_every_interval_steps():
+    from jaxcache.evaluation.named import staggered_layer_mask
+
+    mask = staggered_layer_mask(7, 4, 3)
+    assert mask[0].all()
+    for j in range(4):  # after step 0, layer j computes where (i + j) % 3 == 0
+        assert [i for i in range(1, 7) if mask[i, j]] == [i for i in range(1, 7)
+                                                          if (i + j) % 3 == 0]
+    assert staggered_layer_mask(5, 2, 1).all()
+    with pytest.raises(ValueError, match="interval must be an int >= 1"):
+        staggered_layer_mask(5, 2, 0)
+
+
+def test_planned_names_are_fitted_not_built_by_name():
+    with pytest.raises(ValueError, match="magcache is fitted to the model"):
+        named_policy("magcache")
+
+
+@pytest.mark.parametrize("policy", ["magcache", "planned", "layer-mask"])
+def test_the_bench_fits_planned_schedules_to_its_model(policy):
+    r = run_benchmark(BenchSettings(size="tiny", steps=8, policy=policy, refresh_target=0.5,
+                                    interval=2, repeats=1, hand_loop=False))
+    if policy == "layer-mask":  # every step computes some layer, about half of them
+        assert r["layer_evaluations"] == 8 * r["depth"] - 7 * r["depth"] // 2
+    else:
+        assert r["refresh_fraction"] <= 0.5 and r["refreshes"] >= 1

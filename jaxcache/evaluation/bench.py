@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import sys
 import time
@@ -40,7 +41,13 @@ import numpy as np
 from flax import nnx
 
 import jaxcache as jc
-from jaxcache.evaluation.named import POLICIES, named_plan, named_policy
+from jaxcache.evaluation.named import (
+    PLANNED,
+    POLICIES,
+    named_plan,
+    named_policy,
+    staggered_layer_mask,
+)
 from jaxcache.models import ARCHS, SIZES, create_model, get_config
 from jaxcache.policies.signals import signal_function
 from jaxcache.reuse import Position
@@ -170,9 +177,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--attn", choices=["auto", "xla", "cudnn"], default=None,
                    help="attention implementation (cudnn: GPU, bfloat16; default: the model's)")
     p.add_argument("--steps", type=_positive("steps"), default=30, help="denoising steps")
-    p.add_argument("--policy", choices=POLICIES, default="interval", help="refresh policy")
+    p.add_argument("--policy", choices=POLICIES, default="interval",
+                   help="refresh policy (magcache, planned: fitted to the bench's model by one "
+                   "full-compute calibration run; layer-mask: a per-(step, layer) plan)")
     p.add_argument("--interval", type=_positive("interval"), default=3,
-                   help="refresh interval of --policy interval")
+                   help="refresh interval of --policy interval (and of planned: one refresh in "
+                   "--interval steps; layer-mask: each layer's, staggered)")
     p.add_argument("--threshold", type=float, default=None,
                    help="threshold of a signal-driven policy (default: first-block 0.1, "
                    "teacache 0.3, dbcache 0.1)")
@@ -222,8 +232,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host-loop", action="store_true",
                    help="also time the same rule decided on the host (a read-back per step)")
     p.add_argument("--refresh-target", type=float, default=None,
-                   help="signal-driven policies: search the threshold that refreshes this "
-                   "fraction of the steps (replaces --threshold; default: off)")
+                   help="signal-driven policies and magcache: search the threshold that "
+                   "refreshes this fraction of the steps (replaces --threshold); planned: "
+                   "refresh this fraction of the steps (default: off)")
     p.add_argument("--repeats", type=_positive("repeats"), default=5, help="timed runs each")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise and the conditions")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -274,10 +285,10 @@ def _setting(settings: BenchSettings, network, depth: int, evaluations: int):
         raise ValueError(f"--cached-layers must be in [1, {depth}], got {cached_layers}")
     plan = named_plan(policy, network, depth, cached_layers=cached_layers,
                       first=settings.first, last=settings.last)
-    rule = named_policy(policy, interval=settings.interval,
-                        threshold=0.0 if threshold is None else threshold,
-                        warmup=settings.warmup, on_device=settings.decide == "device")
-    reuse = settings.reuse or ("output" if policy == "interval" else "residual")
+    rule = None if policy in PLANNED else named_policy(  # planned: fitted after the split
+        policy, interval=settings.interval, threshold=0.0 if threshold is None else threshold,
+        warmup=settings.warmup, on_device=settings.decide == "device")
+    reuse = settings.reuse or ("output" if policy in ("interval", "layer-mask") else "residual")
     order = settings.order
     dtype = None if settings.forecast_dtype is None else jnp.dtype(settings.forecast_dtype)
     mode = {
@@ -406,6 +417,48 @@ def _compiler_options(text: str) -> dict[str, Any]:
     return options
 
 
+def _planned(b: BenchSettings, plan, seg, noise, cond, common) -> tuple[jc.RefreshPolicy, Any]:
+    """A planned schedule fitted to the bench's own model: ``(policy, threshold or None)``.
+
+    ``magcache``: calibrated on one full-compute run of the bench's batch, at ``threshold``
+    (default the published 0.12) or, with ``refresh_target``, the least threshold whose schedule
+    computes at most that fraction of the steps (searched on the host: MagCache's schedule
+    depends only on the calibration). ``planned``: the refresh steps
+    (:func:`jaxcache.tuning.plan_refreshes`, ``refresh_target`` of the evaluations or one in
+    ``interval``) minimising the modelled error of the reuse mode. ``layer-mask``: every layer
+    refreshing every ``interval`` steps, staggered (:func:`named.staggered_layer_mask`).
+    """
+    from jaxcache.tuning import calibrate_magcache, plan_refreshes
+
+    evaluations = len(common["solver"].times(b.steps)[0])
+    if b.policy == "layer-mask":
+        mask = staggered_layer_mask(evaluations, plan.cached_layers, b.interval)
+        return jc.LayerMaskPolicy(mask), None
+    calibration = calibrate_magcache(plan, seg, noise, cond, **common)
+    if b.policy == "planned":
+        refreshes = (max(1, round(b.refresh_target * evaluations))
+                     if b.refresh_target is not None else len(range(0, evaluations, b.interval)))
+        mode = {"taylor": "taylor1", "output": "output"}.get(b.reuse or "residual", "residual")
+        return plan_refreshes(calibration, refreshes=refreshes, reuse=mode), None
+    if b.refresh_target is None:
+        threshold = 0.12 if b.threshold is None else b.threshold
+        return calibration.policy(threshold=threshold), threshold
+    low, high = 1e-6, 1e3  # computed fraction falls as the threshold grows
+
+    def fraction(t):
+        return float(np.mean(calibration.policy(threshold=t).static_schedule(evaluations)))
+
+    if fraction(high) > b.refresh_target:
+        raise ValueError(
+            f"magcache cannot compute as little as {b.refresh_target} of the steps (its "
+            f"warm-up and max_skips allow {fraction(high):.3f} at least)"
+        )
+    for _ in range(60):
+        mid = math.sqrt(low * high)
+        low, high = (mid, high) if fraction(mid) > b.refresh_target else (low, mid)
+    return calibration.policy(threshold=high), high
+
+
 def run_benchmark(
     settings: BenchSettings = BenchSettings(),
     *,
@@ -459,6 +512,8 @@ def run_benchmark(
     scale = None if guidance is None else float(guidance)
     the_solver = _SOLVERS[b.solver]()
     common = dict(solver=the_solver, num_steps=steps, uncond=uncond, guidance_scale=scale)
+    if policy in PLANNED:
+        rule, threshold = _planned(b, plan, seg, noise, cond, common)
 
     programs: dict[str, Callable[[], Any]] = {}
     compile_s: dict[str, float] = {}
@@ -469,7 +524,7 @@ def run_benchmark(
         compiled = lowered.compile()
         compile_s[name] = time.perf_counter() - start
         programs[name] = (lambda p=pol, c=compiled: c(seg, noise, cond, uncond, p, mode, None))
-    if b.refresh_target is not None:
+    if b.refresh_target is not None and policy not in PLANNED:
         if policy == "interval":
             raise ValueError("--refresh-target applies to the signal-driven policies")
         found = threshold_for(plan, seg, noise, cond, policy=rule, reuse=mode,

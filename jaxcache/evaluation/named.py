@@ -1,21 +1,29 @@
 """Policies by name, each with the plan it runs on: one pairing for every study and benchmark.
 
-A named setting (``"interval"``, ``"first-block"``, ``"teacache"``, ``"dbcache"``) is a refresh
-policy *and* the cache plan its published rule assumes: First-Block Cache runs the first block
-every step and caches the rest (``F = 1``), TeaCache and the interval cache the whole stack or
-its first layers, DBCache runs ``Fn`` first and ``Bn`` last blocks. The bench, the kernel
+A named setting (``"interval"``, ``"first-block"``, ``"teacache"``, ``"dbcache"``, and the
+planned schedules ``"magcache"``, ``"planned"``, ``"layer-mask"``) is a refresh policy *and* the
+cache plan its published rule assumes: First-Block Cache runs the first block every step and
+caches the rest (``F = 1``), TeaCache, MagCache, the planned schedules and the interval cache
+the whole stack or its first layers, DBCache runs ``Fn`` first and ``Bn`` last blocks. The
+planned schedules are fitted to the model (a calibration run), so :func:`named_policy` does not
+build them: the bench does, from its own model. The bench, the kernel
 profiler and the digit trade-off study all build their settings here, so a name means the same
 plan everywhere.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 import jaxcache as jc
 
-__all__ = ["POLICIES", "named_plan", "named_policy"]
+__all__ = ["PLANNED", "POLICIES", "named_plan", "named_policy", "staggered_layer_mask"]
 
 #: The policies a name can give, in the order the command lines list them.
-POLICIES = ("interval", "first-block", "teacache", "dbcache")
+POLICIES = ("interval", "first-block", "teacache", "dbcache", "magcache", "planned",
+            "layer-mask")
+#: The names whose policy is fitted to the model (built by the caller, not by name).
+PLANNED = ("magcache", "planned", "layer-mask")
 
 
 def _check_name(name: str) -> None:
@@ -53,7 +61,7 @@ def named_plan(
         return jc.CachePlan(network, n)
     if name == "first-block":
         return jc.CachePlan.around(network, depth, first=1)
-    if name == "teacache":
+    if name in ("teacache", *PLANNED):
         return jc.CachePlan(network, depth)
     return jc.CachePlan.around(network, depth, first=first, last=last)
 
@@ -82,6 +90,11 @@ def named_policy(
       ValueError: for an unknown name, or ``on_device`` with a policy other than the interval.
     """
     _check_name(name)
+    if name in PLANNED:
+        raise ValueError(
+            f"{name} is fitted to the model: build it from a calibration "
+            "(jaxcache.tuning.calibrate_magcache, plan_refreshes) or a mask, not by name"
+        )
     if on_device and name != "interval":
         raise ValueError(
             f"on_device applies to the interval only ({name} always decides on the device)"
@@ -96,3 +109,23 @@ def named_policy(
             return jc.TeaCachePolicy(threshold)
         return jc.TeaCachePolicy(threshold, coefficients=tuple(coefficients))
     return jc.DBCachePolicy(threshold, warmup_steps=warmup)
+
+
+def staggered_layer_mask(evaluations: int, layers: int, interval: int) -> np.ndarray:
+    """A per-(step, layer) plan where each layer refreshes every ``interval`` steps, staggered.
+
+    Layer ``j`` computes at evaluation ``i`` when ``(i + j) % interval == 0``, and every layer
+    at evaluation 0: each step computes about ``1 / interval`` of the layers, and the rows
+    repeat with period ``interval`` (the program holds ``interval`` distinct step functions).
+
+    Args:
+      evaluations: model evaluations.
+      layers: the body's layers.
+      interval: each layer's refresh interval (>= 1; 1 computes everything).
+    """
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"interval must be an int >= 1, got {interval!r}")
+    step = np.arange(evaluations)[:, None]
+    mask = (step + np.arange(layers)[None, :]) % interval == 0
+    mask[0] = True
+    return mask

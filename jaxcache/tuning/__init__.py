@@ -19,11 +19,16 @@ model and inputs; nothing in the core imports this package (``jaxcache.fit_forec
 * :func:`plan_refreshes`: the refresh steps within a budget that minimise the modelled error
   against full compute (exact dynamic programming on :class:`StepErrors`), as a
   :class:`~jaxcache.StepMaskPolicy` (:mod:`jaxcache.tuning.planner`).
+* :func:`train_router`: Learning-to-Cache, a logit per (step, body layer) trained with Optax
+  through the sampler's gated loop (:class:`~jaxcache.LayerGates`), checkpointed and resumed
+  exactly; the :class:`Router` thresholds to a :class:`~jaxcache.LayerMaskPolicy`
+  (:mod:`jaxcache.tuning.router`).
 """
 
 from jaxcache.tuning.forecast import fit_forecast
 from jaxcache.tuning.magcache import MagCacheCalibration, calibrate_magcache, magnitude_ratios
 from jaxcache.tuning.planner import StepErrors, plan_refreshes, step_errors
+from jaxcache.tuning.router import Router, train_router
 from jaxcache.tuning.teacache import (
     calibrate_teacache,
     fit_teacache_coefficients,
@@ -33,6 +38,7 @@ from jaxcache.tuning.threshold import ThresholdChoice, threshold_for
 
 __all__ = [
     "MagCacheCalibration",
+    "Router",
     "StepErrors",
     "ThresholdChoice",
     "calibrate_magcache",
@@ -44,4 +50,5 @@ __all__ = [
     "step_errors",
     "teacache_calibration_data",
     "threshold_for",
+    "train_router",
 ]
