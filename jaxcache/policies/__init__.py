@@ -2,8 +2,8 @@
 
 * :class:`RefreshPolicy`: the seam (``init``, ``decide``, ``static_schedule``, ``signal_kind``).
 * Schedules known before sampling, compiled with no decision in the loop:
-  :class:`IntervalPolicy` (the reference), :class:`StepMaskPolicy`; per step and body layer,
-  :class:`LayerMaskPolicy`.
+  :class:`IntervalPolicy` (the reference), :class:`StepMaskPolicy`, :class:`MagCachePolicy`
+  (calibrated magnitude ratios); per step and body layer, :class:`LayerMaskPolicy`.
 * :class:`LayerGates`: traced per-(step, layer) gates, the differentiable form of a layer mask
   (for training a router).
 * Signal-driven, decided on the device per sample: :class:`FirstBlockPolicy` (First-Block
@@ -18,6 +18,7 @@ from jaxcache.policies.dbcache import DBCachePolicy, DBCacheState
 from jaxcache.policies.first_block import FirstBlockPolicy, FirstBlockState
 from jaxcache.policies.interval import IntervalPolicy
 from jaxcache.policies.layer_mask import LayerGates, LayerMaskPolicy
+from jaxcache.policies.magcache import MagCachePolicy, MagCacheState
 from jaxcache.policies.on_device import OnDevice
 from jaxcache.policies.signals import relative_l1
 from jaxcache.policies.step_mask import StepMaskPolicy
@@ -33,6 +34,8 @@ __all__ = [
     "IntervalPolicy",
     "LayerGates",
     "LayerMaskPolicy",
+    "MagCachePolicy",
+    "MagCacheState",
     "OnDevice",
     "RefreshPolicy",
     "StepMaskPolicy",
