@@ -67,6 +67,7 @@ from jaxcache.solvers import (
     FlowMatchEuler,
     FlowMatchHeun,
     Solver,
+    UniPC,
 )
 from jaxcache.stack import BlockKind, Segments
 from jaxcache.step_cache import StepCache, should_refresh
@@ -108,6 +109,7 @@ __all__ = [
     "TaylorForecast",
     "TeaCachePolicy",
     "TimeConvention",
+    "UniPC",
     "calibrate_teacache",
     "check_parity",
     "fit_forecast",

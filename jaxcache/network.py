@@ -21,6 +21,8 @@ before its ``embed`` sees it.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -60,7 +62,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-_TIME_KINDS = ("continuous", "index", "scaled")
+_TIME_KINDS = ("continuous", "index", "scaled", "truncated")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +81,15 @@ class TimeConvention:
       passes ``1000 t`` to an embedding that does not scale it (SD3 as diffusers runs it).
       FLUX's JAX ports take ``t`` in ``[0, 1]`` and multiply by 1000 inside their timestep
       embedding: they are ``continuous``. To find out, look where the model multiplies ``t``.
+    * :meth:`truncated`: the model reads the integer ``int(factor * t)``, truncated: its own
+      loop passes the scheduler's integer timesteps, ``sigma * 1000`` cast to an integer (the
+      Wan 2.1 pipelines: diffusers' UniPC with flow sigmas, and its JAX ports, which write
+      ``int32(1000 * sigma)``). As float32, computed in float32 as the JAX ports compute it.
 
     Attributes:
-      kind: ``"continuous"``, ``"index"`` or ``"scaled"``.
-      scale: ``T`` for ``index``, the factor for ``scaled``, 1 for ``continuous``.
+      kind: ``"continuous"``, ``"index"``, ``"scaled"`` or ``"truncated"``.
+      scale: ``T`` for ``index``, the factor for ``scaled`` and ``truncated``, 1 for
+        ``continuous``.
     """
 
     kind: str = "continuous"
@@ -113,31 +120,78 @@ class TimeConvention:
         """The model reads ``factor * t`` (continuous, not rounded)."""
         return cls("scaled", float(factor))
 
+    @classmethod
+    def truncated(cls, factor: float = 1000.0) -> TimeConvention:
+        """The model reads the integer ``int(factor * t)``, truncated towards zero.
+
+        Example::
+
+            time = TimeConvention.truncated(1000)  # Wan 2.1: int32(1000 * sigma)
+        """
+        return cls("truncated", float(factor))
+
     def to_model(self, t: jax.Array) -> jax.Array:
         """The solver's ``t`` as the model reads it (same dtype)."""
         if self.kind == "continuous":
             return t
         scaled = t * jnp.asarray(self.scale, t.dtype)
-        return jnp.round(scaled) if self.kind == "index" else scaled
+        if self.kind == "index":
+            return jnp.round(scaled)
+        return jnp.trunc(scaled) if self.kind == "truncated" else scaled
 
     def to_solver(self, t_model: jax.Array) -> jax.Array:
-        """The inverse of :meth:`to_model`: a model time as the solver's ``t`` (float32)."""
+        """The inverse of :meth:`to_model`: a model time as the solver's ``t`` (float32).
+
+        For ``truncated``, whose integer ``k`` stands for every ``t`` in
+        ``[k / factor, (k + 1) / factor)``, the middle of that range (so it truncates back to
+        ``k``).
+        """
         t_model = jnp.asarray(t_model, jnp.float32)
         if self.kind == "continuous":
             return t_model
+        if self.kind == "truncated":
+            t_model = t_model + 0.5
         return t_model / jnp.float32(self.scale)
 
     def check_times(self, times: np.ndarray, solver: Any) -> None:
         """Raises a ValueError unless the model can read ``solver``'s evaluation times.
+
+        An ``index`` convention needs training-step indices: a flow-matching solver
+        (``time_kind == "continuous"``) is refused, and any other solver's times must be
+        ``k / T``. A ``truncated`` convention refuses a discrete-schedule solver
+        (``time_kind == "index"``), whose integer steps it would not reproduce.
 
         Args:
           times: the solver's times (``solver.times(num_steps)[0]``).
           solver: the solver (named in the message; its ``num_train_steps`` is compared with an
             index convention's ``T``).
         """
+        name = type(solver).__name__
+        time_kind = getattr(solver, "time_kind", None)
+        if self.kind == "truncated" and time_kind == "index":
+            factor = f"{self.scale:g}"
+            raise ValueError(
+                f"the network reads int({factor} t) (TimeConvention.truncated({factor})), but "
+                f"{name} evaluates at training-step indices k / T, and truncating the float32 "
+                "product can land one step short of k (5 of 1000 steps do). A model that reads "
+                "the integer training step is TimeConvention.index(T); truncated(...) is for "
+                "flow-matching solvers (FlowMatchEuler, UniPC) whose pipeline casts 1000 sigma "
+                "to an integer"
+            )
         if self.kind != "index":
             return
-        name, T = type(solver).__name__, int(self.scale)
+        T = int(self.scale)
+        if time_kind == "continuous":
+            first = float(np.asarray(times)[0]) if np.size(times) else 0.0
+            raise ValueError(
+                f"the network reads integer training-step indices 0..{T - 1} "
+                f"(TimeConvention.index({T})), but {name} evaluates at continuous flow-matching "
+                f"times (t={first:.6g} is {first * T:.6g} steps), which no index expresses. A "
+                f"model whose own loop casts {T} sigma to an integer reads "
+                f"TimeConvention.truncated({T}) (the Wan 2.1 pipelines); one that reads {T} t "
+                f"unrounded, TimeConvention.scaled({T}); one trained on training-step indices "
+                "needs a discrete-schedule solver (DDIM, DDPM, EulerAncestral, DPMSolverPP2M)"
+            )
         own = getattr(solver, "num_train_steps", None)
         if own is not None and own != T:
             raise ValueError(
@@ -154,7 +208,8 @@ class TimeConvention:
                 f"(TimeConvention.index({T})), but {name} evaluates at t={first:.6g}, which is "
                 f"{first * T:.6g} steps, not an index of that schedule. Use a discrete-schedule "
                 f"solver (DDIM, DDPM, EulerAncestral, DPMSolverPP2M) with num_train_steps={T}, "
-                "or TimeConvention.scaled(...) for a model trained on scaled continuous time"
+                "TimeConvention.scaled(...) for a model trained on scaled continuous time, or "
+                "TimeConvention.truncated(...) for one that reads int(1000 t)"
             )
 
 
@@ -416,7 +471,12 @@ def check_parity(
       atol: absolute tolerance.
       jit_forward: compile ``forward`` with ``jax.jit`` (one program instead of every operation
         dispatched on its own, which is slow for a Linen ``apply``); ``False`` for a forward
-        JAX cannot trace.
+        JAX cannot trace. An NNX model given as ``forward`` is split into its graph and state
+        and rebuilt inside the program. A function closing over an NNX model whose call runs
+        NNX transforms (``nnx.scan`` over ``nnx.vmap``-stacked blocks, as the Wan ports do)
+        cannot be compiled: those transforms refuse, inside ``jax.jit``, variables created
+        outside it ("Cannot extract graph node from different trace level"). Such a forward
+        runs as written, outside any transform.
 
     Returns:
       The largest absolute difference.
@@ -435,7 +495,7 @@ def check_parity(
     """
     x = jnp.asarray(x)
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
-    run_forward = jax.jit(forward) if jit_forward else forward
+    run_forward = _compiled_forward(forward) if jit_forward else forward
     want = np.asarray(jax.device_get(run_forward(x, network.time.to_model(t), cond)),
                       np.float64)
     got = np.asarray(jax.device_get(jax.jit(network.__call__)(params, x, t, cond)), np.float64)
@@ -463,6 +523,32 @@ def check_parity(
             "order and the time convention"
         )
     return largest
+
+
+def _compiled_forward(forward: Callable) -> Callable:
+    """``forward`` compiled for :func:`check_parity`, or as written where NNX state forbids it."""
+    nnx = sys.modules.get("flax.nnx")  # only a program that built an NNX model has loaded it
+    if nnx is not None and isinstance(forward, nnx.Module):
+        # The state goes in as an argument and the module is rebuilt inside the program, so the
+        # model's own NNX transforms see variables of their trace (and its weights are not
+        # baked into the program as constants).
+        graphdef, state = nnx.split(forward)
+        apply = jax.jit(lambda state, *args: nnx.merge(graphdef, state)(*args))
+        return functools.partial(apply, state)
+    compiled = jax.jit(forward)
+
+    def run(*args):
+        try:
+            return compiled(*args)
+        except Exception as error:
+            # A closure over an NNX model whose call runs nnx.scan / nnx.vmap: inside jax.jit
+            # those transforms refuse the closed-over variables, which belong to the trace
+            # outside. No transform can take them, so the forward runs as written.
+            if "different trace level" not in str(error):
+                raise
+            return forward(*args)
+
+    return run
 
 
 def stack_trees(trees: Sequence[PyTree], names: Sequence[str]) -> PyTree:

@@ -21,11 +21,16 @@ Three shapes of solver:
 * stateless (:class:`FlowMatchEuler`, :class:`DDIM`): ``step(x, prediction, t, t_next)``;
 * ancestral (:class:`DDPM`, :class:`EulerAncestral`): ``uses_key = True`` and
   ``step(x, prediction, t, t_next, key)``;
-* with state (:class:`DPMSolverPP2M`, :class:`FlowMatchHeun`): ``init_state(x)`` and
+* with state (:class:`DPMSolverPP2M`, :class:`FlowMatchHeun`, :class:`UniPC`): ``init_state(x)`` and
   ``advance(state, x, prediction, t, t_next, index=..., key=...) -> (x, state)``. Every model
   evaluation is one entry of ``times``: a multistep solver remembers earlier predictions in its
   state; a two-stage solver (Heun) lists both of its evaluations, so the cache counts each one
   as a step.
+
+The flow-matching solvers (:class:`FlowMatchEuler`, :class:`FlowMatchHeun`, :class:`UniPC`)
+evaluate at continuous times; a pipeline's own grid is one of :data:`FLOW_GRIDS`, computed as
+that pipeline computes it, so a loop written against the pipeline and jaxcache agree on every
+time (``FlowMatchEuler(shift, grid="flow_sigmas")``).
 
 The discrete-schedule solvers (:class:`DDIM`, :class:`DDPM`, :class:`EulerAncestral`,
 :class:`DPMSolverPP2M`) read the model's training noise schedule: a named one
@@ -54,6 +59,7 @@ __all__ = [
     "FlowMatchEuler",
     "FlowMatchHeun",
     "Solver",
+    "UniPC",
 ]
 
 
@@ -75,9 +81,16 @@ class Solver(abc.ABC):
       uses_key: whether the update draws noise. Then :func:`jaxcache.sample` needs ``key=`` and
         the update receives a key of its own per evaluation (traced: a new seed reuses the
         compiled program).
+      time_kind: what the times are, for the check against the network's
+        :class:`~jaxcache.TimeConvention` before compiling: ``"index"`` (``k / T`` for integer
+        training steps ``k``: the discrete-schedule solvers), ``"continuous"`` (flow-matching
+        times, no training-step index: :class:`FlowMatchEuler`, :class:`FlowMatchHeun`,
+        :class:`UniPC`), or None (not declared: a custom solver's times are checked by value
+        only).
     """
 
     uses_key: ClassVar[bool] = False
+    time_kind: ClassVar[str | None] = None
 
     @abc.abstractmethod
     def times(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -144,30 +157,122 @@ def _flow_grid(num_steps: int, shift: float) -> np.ndarray:
     return shift * grid / (1.0 + (shift - 1.0) * grid)
 
 
+def _flow_sigmas(num_steps: int, shift: float, num_train_steps: int) -> np.ndarray:
+    """diffusers' ``use_flow_sigmas`` grid: ``num_steps + 1`` sigmas, the last 0 (float64).
+
+    ``sigma = shift s / (1 + (shift - 1) s)`` at ``s = 1 - a``, ``a = linspace(1, 1 / T,
+    num_steps + 1)``, largest first; the last, ``s = 0``, is 0 (``final_sigmas_type="zero"``).
+    Written as the schedulers write it (float64 numpy; the caller casts to float32 as they do).
+    """
+    alphas = np.linspace(1.0, 1.0 / num_train_steps, num_steps + 1)
+    s = 1.0 - alphas
+    sigmas = np.flip(shift * s / (1.0 + (shift - 1.0) * s))[:-1]
+    return np.append(sigmas, 0.0)
+
+
+def _flow_match_euler_sigmas(num_steps: int, shift: float, num_train_steps: int) -> np.ndarray:
+    """diffusers' FlowMatchEulerDiscreteScheduler grid (static shift): ``num_steps + 1`` sigmas.
+
+    The scheduler shifts its training sigmas ``k / T`` (float32) once to find ``sigma_max``
+    (1) and ``sigma_min`` (the shifted ``1 / T``); ``set_timesteps`` then spaces ``num_steps``
+    times evenly from ``T sigma_max`` to ``T sigma_min`` (both ends included) and shifts them
+    again (float64), and appends a final 0.
+    """
+    train = np.linspace(1, num_train_steps, num_train_steps, dtype=np.float32)[::-1]
+    train = train / np.float32(num_train_steps)
+    train = np.float32(shift) * train / (np.float32(1.0) + np.float32(shift - 1.0) * train)
+    sigma_max, sigma_min = float(train[0]), float(train[-1])
+    s = np.linspace(sigma_max * num_train_steps, sigma_min * num_train_steps, num_steps)
+    s = s / num_train_steps
+    return np.append(shift * s / (1.0 + (shift - 1.0) * s), 0.0)
+
+
+#: The flow-matching grids by name (``FlowMatchEuler(grid=...)``), each ``num_steps + 1`` times:
+#:
+#: * ``"linspace"`` (the default): ``shift(s)`` at ``s = linspace(1, 0, num_steps + 1)``; also
+#:   FLUX.1's diffusers pipeline, whose ``sigmas = linspace(1, 1 / N, N)`` with the dynamic
+#:   shift ``mu`` is this grid with ``shift = exp(mu)``.
+#: * ``"flow_sigmas"``: diffusers' ``use_flow_sigmas`` (UniPCMultistepScheduler and
+#:   DPMSolverMultistepScheduler, with ``flow_shift``: the Wan 2.1 pipelines, their JAX ports,
+#:   and Wan's own FlowUniPCMultistepScheduler): ``s = 1 - linspace(1, 1 / T, num_steps + 1)``,
+#:   so the first time is ``shift(1 - 1 / T)``, not 1, and every time lies below the default
+#:   grid's (by up to ``3.8e-4`` at shift 3). :class:`UniPC` samples on it.
+#: * ``"flow_match_euler"``: diffusers' FlowMatchEulerDiscreteScheduler with a static ``shift``
+#:   (SD3): ``num_steps`` evaluation times from 1 to the twice-shifted ``1 / T``, both ends
+#:   included, then 0. Its last evaluation is close to 0, so its steps are ``N - 1`` intervals
+#:   where the default grid has ``N``: a different grid, not a rounding of it.
+FLOW_GRIDS = ("linspace", "flow_sigmas", "flow_match_euler")
+
+_GRID_FUNCTIONS = {"flow_sigmas": _flow_sigmas, "flow_match_euler": _flow_match_euler_sigmas}
+
+
 def _check_shift(solver: Any) -> None:
-    if not solver.shift > 0:
-        raise ValueError(f"{type(solver).__name__}.shift must be > 0, got {solver.shift}")
+    shift = solver.shift
+    if isinstance(shift, bool) or not isinstance(shift, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{type(solver).__name__}.shift must be a number > 0, got {shift!r}")
+    if not (np.isfinite(shift) and shift > 0):
+        raise ValueError(f"{type(solver).__name__}.shift must be > 0 and finite, got {shift}")
+
+
+def _check_train_steps(solver: Any) -> None:
+    n = solver.num_train_steps
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
+        raise ValueError(
+            f"{type(solver).__name__}.num_train_steps must be a positive int, got {n!r}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class FlowMatchEuler(Solver):
-    """Euler steps of a rectified-flow ODE (FLUX, SD3, Z-Image, Qwen-Image).
+    """Euler steps of a rectified-flow ODE (FLUX, SD3, Z-Image, Qwen-Image, Wan).
 
     Convention: ``x_t = (1 - t) * data + t * noise``; the network predicts the velocity
     ``noise - data``; ``x <- x + (t_next - t) * v``.
 
     Attributes:
       shift: timestep shift ``s``: ``t <- s t / (1 + (s - 1) t)``; ``1.0`` is the plain grid.
+      grid: (keyword) which grid the shift applies to, one of :data:`FLOW_GRIDS`:
+        ``"linspace"`` (the default, unchanged: ``linspace(1, 0, N + 1)`` shifted),
+        ``"flow_sigmas"`` (diffusers' ``use_flow_sigmas``: the Wan pipelines) or
+        ``"flow_match_euler"`` (diffusers' FlowMatchEulerDiscreteScheduler, static shift).
+        Use the grid of the pipeline you compare with: on another grid the same shift samples
+        at other times.
+      num_train_steps: (keyword) ``T`` of the diffusers grids (their
+        ``num_train_timesteps``, 1000); the default grid has none, so it must stay 1000 there.
+
+    Example::
+
+        solver = FlowMatchEuler(shift=3.0, grid="flow_sigmas")  # a Wan 2.1 pipeline's times
     """
 
     shift: float = 1.0
+    _: dataclasses.KW_ONLY
+    grid: str = "linspace"
+    num_train_steps: int = 1000
+    time_kind: ClassVar[str] = "continuous"
 
     def __post_init__(self):
         _check_shift(self)
+        name = type(self).__name__
+        if not isinstance(self.grid, str) or self.grid not in FLOW_GRIDS:
+            raise ValueError(
+                f"{name}: unknown grid={self.grid!r}; expected one of "
+                f"{', '.join(map(repr, FLOW_GRIDS))}"
+            )
+        _check_train_steps(self)
+        if self.grid == "linspace" and self.num_train_steps != 1000:
+            raise ValueError(
+                f"{name}: num_train_steps={self.num_train_steps} applies to the diffusers grids "
+                "(grid='flow_sigmas' or 'flow_match_euler'); the default grid has no training "
+                "steps, so leave it out"
+            )
 
     def times(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
         _check_steps(num_steps)
-        grid = _flow_grid(num_steps, self.shift)
+        if self.grid == "linspace":
+            grid = _flow_grid(num_steps, self.shift)
+        else:
+            grid = _GRID_FUNCTIONS[self.grid](num_steps, self.shift, self.num_train_steps)
         return grid[:-1].astype(np.float32), grid[1:].astype(np.float32)
 
     def step(self, x, prediction, t, t_next):
@@ -191,6 +296,7 @@ class FlowMatchHeun(Solver):
     """
 
     shift: float = 1.0
+    time_kind: ClassVar[str] = "continuous"
 
     def __post_init__(self):
         _check_shift(self)
@@ -219,6 +325,100 @@ class FlowMatchHeun(Solver):
         new_state = (jnp.where(corrector, x_k, xf), jnp.where(corrector, v_k, v),
                      jnp.where(corrector, t_k, t))
         return out, new_state
+
+
+def _flow_lambda(sigma: jax.Array) -> jax.Array:
+    """``lambda = log(alpha / sigma)``, the log signal-to-noise ratio (``alpha = 1 - sigma``)."""
+    return jnp.log1p(-sigma) - jnp.log(sigma)
+
+
+@dataclasses.dataclass(frozen=True)
+class UniPC(Solver):
+    """UniPC (Zhao et al. 2023), multistep of order 2, on flow-matching sigmas: the Wan pipelines'.
+
+    As diffusers' UniPCMultistepScheduler runs it for Wan 2.1 (``solver_order=2``,
+    ``solver_type="bh2"``, ``predict_x0=True``, ``prediction_type="flow_prediction"``,
+    ``use_flow_sigmas=True``, ``lower_order_final=True``, ``final_sigmas_type="zero"``): the
+    network predicts the velocity ``v`` of ``x_t = (1 - t) data + t noise``; each evaluation
+    gives the data prediction ``m = x - t v``, with ``alpha = 1 - t``, ``lambda = log(alpha /
+    t)`` and ``B(h) = expm1(-h)``. One model evaluation per step, on the ``"flow_sigmas"`` grid
+    of :data:`FLOW_GRIDS`:
+
+    * **corrector** (UniC), from the second evaluation on: the evaluation at the predicted
+      sample refines it, from the sample the last predictor started at, before the next
+      predictor starts: order 1 at the second evaluation, order 2 after. It reuses the next
+      step's evaluation, so it costs no model call.
+    * **predictor** (UniP-2, diffusers' simplified ``rho = 1/2``): first order at the first
+      step and at the last (``lower_order_final``: the step to ``t = 0`` returns the data
+      prediction), second order between.
+
+    The state carried between evaluations (like :class:`DPMSolverPP2M`'s) is the sample the
+    last predictor started at, the last two data predictions and their times, in float32; a
+    step served from the cache still feeds the next. The update is computed in float32.
+
+    Attributes:
+      shift: the flow shift (diffusers' ``flow_shift``: Wan 2.1 uses 3.0 at 480p, 5.0 at 720p).
+      num_train_steps: ``T`` of the grid (diffusers' ``num_train_timesteps``, 1000).
+
+    Example::
+
+        solver = UniPC(shift=5.0)  # Wan 2.1 at 720p; a network reading int(1000 t) declares
+        # time=TimeConvention.truncated(1000)
+    """
+
+    shift: float = 1.0
+    num_train_steps: int = 1000
+    time_kind: ClassVar[str] = "continuous"
+
+    def __post_init__(self):
+        _check_shift(self)
+        _check_train_steps(self)
+
+    def times(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+        _check_steps(num_steps)
+        grid = _flow_sigmas(num_steps, self.shift, self.num_train_steps).astype(np.float32)
+        return grid[:-1], grid[1:]
+
+    def init_state(self, x):
+        zeros = jnp.zeros(x.shape, jnp.float32)
+        never = jnp.full((), 0.5, jnp.float32)  # a harmless time until two evaluations exist
+        # The sample the last predictor started at; the data predictions of the last two
+        # evaluations and their times.
+        return zeros, zeros, zeros, never, never
+
+    def advance(self, state, x, prediction, t, t_next, *, index, key=None):
+        x_last, m1, m2, t1, t2 = state
+        xf = x.astype(jnp.float32)
+        m0 = xf - t * prediction.astype(jnp.float32)  # the data prediction of this evaluation
+        lam = _flow_lambda(t)
+
+        # UniC: this evaluation corrects the step that led here, from x_last at t1.
+        h = lam - _flow_lambda(t1)
+        phi = jnp.expm1(-h)  # e^{-h} - 1: the first-order coefficient, and B(h) for bh2
+        k1 = phi / -h - 1.0  # the next two of the expansion's coefficients
+        k2 = k1 / -h - 0.5
+        b1, b2 = k1 / phi, 2.0 * k2 / phi
+        base = (t / t1) * x_last - (1.0 - t) * phi * m1
+        r = (_flow_lambda(t2) - _flow_lambda(t1)) / h
+        second = index >= 2
+        r = jnp.where(second, r, 0.5)  # r is a time ratio only once two evaluations exist
+        rho0 = (b1 - b2) / (1.0 - r)  # the 2 x 2 solve [[1, 1], [r, 1]] rho = (b1, b2)
+        rho1 = jnp.where(second, b1 - rho0, 0.5)
+        history = jnp.where(second, rho0 * (m2 - m1) / r, 0.0)
+        corrected = base - (1.0 - t) * phi * (history + rho1 * (m0 - m1))
+        xc = jnp.where(index >= 1, corrected, xf)
+
+        # UniP: from xc at t to t_next; first order at the first and the last step.
+        final = t_next <= 0.0
+        h = jnp.where(final, 1.0, _flow_lambda(jnp.where(final, 0.5, t_next)) - lam)
+        phi = jnp.expm1(-h)
+        stepped = (t_next / t) * xc - (1.0 - t_next) * phi * m0
+        r = jnp.where(index >= 1, (_flow_lambda(t1) - lam) / h, 1.0)
+        stepped = stepped - jnp.where(
+            index >= 1, (1.0 - t_next) * phi * 0.5 * (m1 - m0) / r, 0.0
+        )
+        out = jnp.where(final, m0, stepped)
+        return out.astype(x.dtype), (xc, m0, m1, t, t1)
 
 
 #: The named training schedules of :class:`_DiscreteSchedule` (diffusers' ``beta_schedule``).
@@ -301,6 +501,7 @@ class _DiscreteSchedule(Solver):
     beta_schedule: str = "linear"
     betas: tuple[float, ...] | None = None
     alphas_cumprod: tuple[float, ...] | None = None
+    time_kind: ClassVar[str] = "index"
 
     def __post_init__(self):
         name = type(self).__name__
