@@ -267,6 +267,16 @@ class FlowMatchEuler(Solver):
                 "steps, so leave it out"
             )
 
+    def __repr__(self) -> str:
+        # Keyword settings at their defaults are left out: the repr is a recorded identity
+        # (calibrations, routers), and the default grid's reads ``FlowMatchEuler(shift=3.0)``.
+        extra = "".join(
+            f", {name}={getattr(self, name)!r}"
+            for name, default in (("grid", "linspace"), ("num_train_steps", 1000))
+            if getattr(self, name) != default
+        )
+        return f"{type(self).__name__}(shift={self.shift!r}{extra})"
+
     def times(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
         _check_steps(num_steps)
         if self.grid == "linspace":

@@ -119,6 +119,17 @@ def test_default_grid_is_unchanged(num_steps, shift):
     assert jc.FlowMatchEuler(shift) == jc.FlowMatchEuler(shift, grid="linspace")
 
 
+def test_repr_names_only_settings_off_their_defaults():
+    # The repr is a recorded identity (MagCache calibrations, routers): grids must differ in it,
+    # and the default grid's stays as it reads without the option.
+    assert repr(jc.FlowMatchEuler(3.0)) == "FlowMatchEuler(shift=3.0)"
+    assert repr(jc.FlowMatchEuler(3.0, grid="flow_sigmas")) == (
+        "FlowMatchEuler(shift=3.0, grid='flow_sigmas')")
+    assert repr(jc.FlowMatchEuler(2.0, grid="flow_match_euler", num_train_steps=500)) == (
+        "FlowMatchEuler(shift=2.0, grid='flow_match_euler', num_train_steps=500)")
+    assert repr(jc.UniPC(5.0)) == "UniPC(shift=5.0, num_train_steps=1000)"
+
+
 @pytest.mark.parametrize("shift", WAN_SHIFTS)
 def test_flow_sigmas_sit_below_the_default_grid_by_the_documented_amount(shift):
     steps = 50
