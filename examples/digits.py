@@ -41,7 +41,7 @@ import numpy as np
 
 from jaxcache._checks import check_int
 from jaxcache.digits import pretrained
-from jaxcache.digits.quality import REUSE_MODES, SettingReport, evaluate_settings
+from jaxcache.digits.harness import REUSE_MODES, Evaluator, Row, Setting
 
 SWEEP_INTERVALS = (1, 2, 3, 4, 5)
 # The recommended setting (the README's): every layer cached, the order-1 forecast, interval 2.
@@ -177,7 +177,7 @@ def _save_side_by_side(path: Path, panels: list[np.ndarray], rows: int, scale=6)
     mpimg.imsave(path, both, cmap="gray", vmin=0.0, vmax=1.0)
 
 
-def _save_sweep_plot(path: Path, sweeps: dict[str, list[SettingReport]]):
+def _save_sweep_plot(path: Path, sweeps: dict[str, list[Row]]):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,12 +186,12 @@ def _save_sweep_plot(path: Path, sweeps: dict[str, list[SettingReport]]):
     fig, axes = plt.subplots(1, len(sweeps), figsize=(5.5 * len(sweeps), 4.2), squeeze=False)
     for ax, (arch, reports) in zip(axes[0], sweeps.items()):
         for n in sorted({r.cached_layers for r in reports}):
-            rs = sorted((r for r in reports if r.cached_layers == n), key=lambda r: r.interval)
+            rs = sorted((r for r in reports if r.cached_layers == n), key=lambda r: r.knob)
             finite = [r for r in rs if np.isfinite(r.psnr)]
             ax.plot([r.ideal_speedup for r in finite], [r.psnr for r in finite], "o-",
                     label=f"{n} cached layers")
             for r in finite:
-                ax.annotate(str(r.interval), (r.ideal_speedup, r.psnr), fontsize=7,
+                ax.annotate(str(r.knob), (r.ideal_speedup, r.psnr), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("ideal speedup (matrix FLOPs, uncached / cached)")
         ax.set_ylabel("PSNR vs full compute (dB)")
@@ -214,26 +214,27 @@ def _same_compute_steps(steps: int, depth: int, cached_layers: int, interval: in
     return max(1, _evaluations(steps, depth, cached_layers, interval) // depth)
 
 
-def _spread(r: SettingReport) -> str:
+def _spread(r: Row) -> str:
     return f"{r.speedup:.2f} [{r.speedup_min:.2f}-{r.speedup_max:.2f}]"
 
 
-def _summary(name: str, recommended: SettingReport, baseline: SettingReport, depth: int) -> str:
+def _summary(name: str, recommended: Row, baseline: Row, depth: int) -> str:
     def db(x):
         return "inf" if np.isinf(x) else f"{x:.1f}"
 
     better = "better" if recommended.psnr > baseline.psnr else "NOT better"
     return (
         f"{name}: every layer ({depth}) cached with the order-1 forecast, refresh every "
-        f"{recommended.interval} steps: PSNR {db(recommended.psnr)} dB against "
+        f"{recommended.knob} steps: PSNR {db(recommended.psnr)} dB against "
         f"{db(baseline.psnr)} dB for {baseline.num_steps} uncached steps at the same compute "
-        f"({recommended.layer_evaluations} vs {baseline.layer_evaluations} layer evaluations): "
+        f"({recommended.layer_evaluations:g} vs {baseline.layer_evaluations:g} layer "
+        f"evaluations): "
         f"caching is {better}; ideal {recommended.ideal_speedup:.2f}x, measured "
         f"{_spread(recommended)}x"
     )
 
 
-def _table(title: str, full: SettingReport, reports: list[SettingReport]) -> str:
+def _table(title: str, full: Row, reports: list[Row]) -> str:
     head = ("layers", "interval", "reuse", "layer evals", "ideal x", "speedup x [spread]",
             "PSNR dB", "SSIM", "rel L1", "class acc", "Frechet")
     rows = [head]
@@ -241,9 +242,9 @@ def _table(title: str, full: SettingReport, reports: list[SettingReport]) -> str
         plain = r.cached_layers == 0
         rows.append((
             "full" if plain else str(r.cached_layers),
-            "-" if plain else str(r.interval),
-            (f"{r.num_steps} steps" if r.reuse == "fewer steps" else "-") if plain else r.reuse,
-            str(r.layer_evaluations), f"{r.ideal_speedup:.2f}", _spread(r),
+            "-" if plain else str(r.knob),
+            (f"{r.num_steps} steps" if r.family == "fewer steps" else "-") if plain else r.mode,
+            f"{r.layer_evaluations:g}", f"{r.ideal_speedup:.2f}", _spread(r),
             "inf" if np.isinf(r.psnr) else f"{r.psnr:.1f}", f"{r.ssim:.4f}",
             f"{r.relative_l1:.4f}", f"{r.accuracy:.3f}", f"{r.frechet:.2f}",
         ))
@@ -251,11 +252,6 @@ def _table(title: str, full: SettingReport, reports: list[SettingReport]) -> str
     lines = [title]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
     return "\n".join(lines)
-
-
-def _json_row(row: dict) -> dict:
-    """A report for JSON: infinities (identical images) as null."""
-    return {k: (None if isinstance(v, float) and np.isinf(v) else v) for k, v in row.items()}
 
 
 def main(argv=None) -> int:
@@ -291,7 +287,7 @@ def main(argv=None) -> int:
     scored = (f"class acc, Frechet: over the {len(labels)} samples of each setting "
               f"({args.per_class} per class x {len(classes)} classes, noise seed {args.seed}), "
               "scored by the shipped digit classifier")
-    results, recipes, images, sweeps, extra = {}, {}, {}, {}, {}
+    results, recipes, images, sweeps, recommended_rows, fewer_rows = {}, {}, {}, {}, {}, {}
     for name, model in models.items():
         settings = list(main_settings)
         if args.sweep:
@@ -323,16 +319,20 @@ def main(argv=None) -> int:
         recipes[name] = dict(objective=recipe.objective, solver=solver, num_steps=steps,
                              guidance_scale=guidance)
         start = time.perf_counter()
+        # The cached settings, then beside them the fewer-steps runs, full compute first.
+        cached = [Setting.interval(k, reuse, num_steps=steps, cached_layers=n)
+                  for n, k, reuse in settings]
         try:
-            full, reports, imgs = evaluate_settings(
-                model, labels, settings, seed=args.seed, num_steps=steps,
-                guidance_scale=guidance, repeats=args.repeats, fewer_steps=fewer,
+            evaluator = Evaluator(model, labels, seed=args.seed, guidance=guidance,
+                                  repeats=args.repeats)
+            full, *reports = evaluator.evaluate(
+                [Setting.full(steps), *cached, *[Setting.fewer_steps(k) for k in fewer]]
             )
         except ValueError as e:  # a setting the solver refuses, e.g. more DDIM steps than 1000
             print(f"error: {name}: {e}", file=sys.stderr)
             return 2
-        by_key = dict(zip([*settings, *[("steps", k) for k in fewer]], reports))
-        baseline = {k: by_key[("steps", k)] for k in fewer}
+        by_key = dict(zip(settings, reports))
+        baseline = dict(zip(fewer, reports[len(settings):]))
         if feeds and _same_compute_steps(steps, depth, *recommended[:2]) in baseline:
             print(_summary(name, by_key[recommended],
                            baseline[_same_compute_steps(steps, depth, *recommended[:2])], depth),
@@ -347,13 +347,15 @@ def main(argv=None) -> int:
                  f"noise, same classes; {steps} {solver} steps, guidance {guidance})\n{scored}")
         print(_table(title, full, rows) + f"\n({time.perf_counter() - start:.1f} s)",
               flush=True)
-        images[name] = [imgs[(0, 1, "reuse")]] + [imgs[s] for s in main_settings if s in imgs]
-        results[name] = [vars(full)] + [vars(by_key[s]) for s in settings
-                                        if s != recommended or s in main_settings]
-        extra[name] = dict(
-            recommended=vars(by_key[recommended]) if recommended in by_key else None,
-            fewer_steps=[vars(b) for b in baseline.values()],
-        )
+        images[name] = [evaluator.images(Setting.full(steps))] + [
+            evaluator.images(setting) for key, setting in zip(settings, cached)
+            if key in main_settings
+        ]
+        results[name] = [full.as_json()] + [by_key[s].as_json() for s in settings
+                                            if s != recommended or s in main_settings]
+        recommended_rows[name] = (by_key[recommended].as_json() if recommended in by_key
+                                  else None)
+        fewer_rows[name] = [b.as_json() for b in baseline.values()]
         sweeps[name] = [by_key[s] for s in settings]
 
     os.makedirs(out, exist_ok=True)
@@ -361,10 +363,7 @@ def main(argv=None) -> int:
         _save_side_by_side(out / f"digits_{name}.png", panels, rows=len(classes))
     payload = dict(
         settings=dict(vars(args)), labels=labels, models=recipes, scored=scored,
-        results={a: [_json_row(r) for r in rs] for a, rs in results.items()},
-        recommended={a: e["recommended"] and _json_row(e["recommended"])
-                     for a, e in extra.items()},
-        fewer_steps={a: [_json_row(r) for r in e["fewer_steps"]] for a, e in extra.items()},
+        results=results, recommended=recommended_rows, fewer_steps=fewer_rows,
         legend=LEGEND,
     )
     (out / "results.json").write_text(json.dumps(payload, indent=1))

@@ -15,15 +15,13 @@ against ideal speedup, the fewer-steps curve drawn in) to --out.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 import jaxcache as jc
 from jaxcache.digits import pretrained, tradeoff
+from jaxcache.digits.harness import REUSE_MODES, Row
 
 # Models and how they are sampled: flow matching with Euler at 20 steps; the noise-prediction
 # DiT with DDIM at 50 steps (the regime DeepCache and Learning-to-Cache report on).
@@ -45,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                         "interval rows), e.g. to add a speedup target to an earlier run")
     p.add_argument("--modes", default=",".join(tradeoff.DEFAULT_MODES),
                    help="comma-separated reuse modes of the interval rows, of "
-                        f"{list(tradeoff.REUSE_MODES)} (default: {','.join(tradeoff.DEFAULT_MODES)}"
+                        f"{list(REUSE_MODES)} (default: {','.join(tradeoff.DEFAULT_MODES)}"
                         "; empty: none)")
     p.add_argument("--fitted", action="store_true",
                    help="add interval rows with a FittedForecast, its gains fitted per interval "
@@ -63,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _plot(path: Path, results: dict[str, list[tradeoff.Row]]) -> None:
+def _plot(path: Path, results: dict[str, list[Row]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,7 +69,7 @@ def _plot(path: Path, results: dict[str, list[tradeoff.Row]]) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
     for ax, (arch, rows) in zip(axes[0], results.items()):
-        groups: dict[str, list[tradeoff.Row]] = {}
+        groups: dict[str, list[Row]] = {}
         for r in rows:
             if r.family != "full":
                 groups.setdefault(f"{r.family} / {r.mode}" if r.mode != "-" else r.family,
@@ -111,8 +109,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if any(m not in tradeoff.REUSE_MODES for m in modes):
-        print(f"error: --modes must name modes of {list(tradeoff.REUSE_MODES)}, got "
+    if any(m not in REUSE_MODES for m in modes):
+        print(f"error: --modes must name modes of {list(REUSE_MODES)}, got "
               f"{args.modes!r}", file=sys.stderr)
         return 2
     out = Path(args.out)
@@ -145,11 +143,7 @@ def main(argv=None) -> int:
         )
     payload = {
         "settings": vars(args),
-        "results": {
-            arch: [{k: (None if isinstance(v, float) and not np.isfinite(v) else v)
-                    for k, v in dataclasses.asdict(r).items()} for r in rows]
-            for arch, rows in results.items()
-        },
+        "results": {arch: [r.as_json() for r in rows] for arch, rows in results.items()},
     }
     (out / "tradeoff.json").write_text(json.dumps(payload, indent=1))
     _plot(out / "tradeoff.png", results)

@@ -117,7 +117,7 @@ def test_digits_job_end_to_end(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())["results"]
     for arch in ("dit", "mmdit"):
         full, reused, forecast = results[arch]  # by default plain reuse beside the forecast
-        assert (reused["reuse"], forecast["reuse"]) == ("reuse", "taylor1")
+        assert (reused["mode"], forecast["mode"]) == ("reuse", "taylor1")
         for cached in (reused, forecast):
             assert full["cached_layers"] == 0 and cached["cached_layers"] == 4
             assert cached["layer_evaluations"] < full["layer_evaluations"]
@@ -227,7 +227,7 @@ def _refuse_sampling(monkeypatch):
     def sampled(*args, **kwargs):
         raise AssertionError("sampled before checking --out")
 
-    monkeypatch.setattr(job, "evaluate_settings", sampled)
+    monkeypatch.setattr(job, "Evaluator", sampled)
     return job
 
 

@@ -40,11 +40,11 @@ def test_the_headline_compares_the_recommended_setting_with_fewer_steps(job, tmp
     recommended = payload["recommended"]["dit"]
     fewer = {r["num_steps"]: r for r in payload["fewer_steps"]["dit"]}
     # Every layer, the forecast, interval 2: 3 refreshes of 8 layers in 6 steps = 3 full steps.
-    assert (recommended["cached_layers"], recommended["interval"],
-            recommended["reuse"]) == (8, 2, "taylor1")
+    assert (recommended["family"], recommended["cached_layers"], recommended["knob"],
+            recommended["mode"]) == ("interval", 8, 2, "taylor1")
     assert recommended["layer_evaluations"] == 3 * 8
     baseline = fewer[3]
-    assert baseline["reuse"] == "fewer steps" and baseline["layer_evaluations"] == 3 * 8
+    assert baseline["family"] == "fewer steps" and baseline["layer_evaluations"] == 3 * 8
     # Half the steps: half the work, less the condition path, which runs once either way.
     assert 1.99 < baseline["ideal_speedup"] < 2.0
     # The summary line states both and says which won; the legend explains the columns.

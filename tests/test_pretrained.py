@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx, serialization
 
-from jaxcache.digits import classifier, pretrained, quality, training
+from jaxcache.digits import classifier, harness, pretrained, training
 from jaxcache.digits import data as digits
 from jaxcache.models import create_model
 from jaxcache.solvers import DDIM, FlowMatchEuler
@@ -400,13 +400,20 @@ def test_shipped_model_draws_recognisable_digits(name, arch, recipe):
 
 
 @pytest.mark.parametrize("recipe", [pretrained.FLOW, pretrained.EPS])
-def test_quality_follows_the_recipe(recipe):
+def test_the_harness_follows_the_recipe(recipe):
     # A 16x16 tiny model (the classifier's size): the figures are not the point, the solver is.
     model = create_model("dit", "tiny", rngs=nnx.Rngs(0), channels=1, vocab_size=11,
                          caption_len=1, depth=2, image_size=16, patch_size=4)
     pretrained.with_recipe(model, recipe)
-    full, (cached,), _ = quality.evaluate_settings(model, [0, 1], [(1, 2)], repeats=1)
-    assert full.layer_evaluations == recipe.num_steps * 2
-    # num_steps overrides the recipe (full compute alone says so: no cached setting to compile).
-    full, cached, _ = quality.evaluate_settings(model, [0, 1], [], repeats=1, num_steps=4)
-    assert full.layer_evaluations == 4 * 2 and cached == []
+    evaluator = harness.Evaluator(model, [0, 1], repeats=1)
+    assert (evaluator.solver, evaluator.num_steps) == (recipe.solver, recipe.num_steps)
+    steps = evaluator.num_steps
+    full, cached = evaluator.evaluate([
+        harness.Setting.full(steps), harness.Setting.interval(2, num_steps=steps, cached_layers=1),
+    ])
+    assert full.layer_evaluations == steps * 2
+    assert cached.layer_evaluations == steps * 2 - (steps - len(range(0, steps, 2)))
+    # Full compute is what sample_digits draws by the recipe: its solver, steps and noise.
+    drawn = pretrained.sample_digits(model, [0, 1]).sample
+    np.testing.assert_array_equal(evaluator.images(harness.Setting.full(steps)),
+                                  np.asarray(jnp.clip(drawn, -1.0, 1.0)))

@@ -8,7 +8,10 @@ Not part of the caching library (the core never imports it). It holds
   prediction);
 * :mod:`~jaxcache.digits.pretrained`: the shipped trained digit models, their sampling recipes
   and checkpoints;
-* :mod:`~jaxcache.digits.quality`: cache settings scored against full compute.
+* :mod:`~jaxcache.digits.harness`: cache settings scored against full compute (one setting in,
+  one row out);
+* :mod:`~jaxcache.digits.quality`: the digit scores of a set of samples;
+* :mod:`~jaxcache.digits.tradeoff`: the study of quality at equal compute.
 
 Import the modules you need (``from jaxcache.digits import pretrained``); this package imports
 none of them eagerly, so importing it costs nothing.

@@ -18,7 +18,7 @@ is the empty caption used as the negative branch of classifier-free guidance. Al
 
 How a model is sampled (what it predicts, the solver, the step count) is its :class:`Recipe`,
 kept on the model (``model.recipe``, read with :func:`recipe_of`) and in its checkpoint;
-:func:`sample_digits` and :func:`jaxcache.digits.quality.evaluate_settings` follow it unless told
+:func:`sample_digits` and :class:`jaxcache.digits.harness.Evaluator` follow it unless told
 otherwise. A model without one is a flow-matching model (:data:`FLOW`).
 
 Checkpoints are single msgpack files (Flax serialization) holding a format tag, the
