@@ -125,13 +125,14 @@ def test_uniform_rows_equal_the_step_mask_bitwise(name, mode, guided):
 
 
 def test_a_two_stage_solver_counts_evaluations():
-    # Heun evaluates 2 S - 1 times; the mask has a row per evaluation.
-    solver = jc.FlowMatchHeun()
-    evaluations = len(solver.times(S)[0])
+    # Heun evaluates 2 n - 1 times in n steps; the mask has a row per evaluation.
+    solver, steps = jc.FlowMatchHeun(), 4
+    evaluations = len(solver.times(steps)[0])
     rows = np.resize(STEP_ROWS, evaluations)
     layered = np.broadcast_to(rows[:, None], (evaluations, CACHED))
-    got = _run("single", jc.LayerMaskPolicy(layered), jc.ResidualReuse(), solver=solver)
-    want = _run("single", jc.StepMaskPolicy(tuple(rows)), jc.ResidualReuse(), solver=solver)
+    kw = dict(solver=solver, steps=steps)
+    got = _run("single", jc.LayerMaskPolicy(layered), jc.ResidualReuse(), **kw)
+    want = _run("single", jc.StepMaskPolicy(tuple(rows)), jc.ResidualReuse(), **kw)
     _assert_equal(got.sample, want.sample)
     assert got.layers_computed.shape == (evaluations, toy_networks.LAYERS)
 
@@ -208,6 +209,9 @@ def test_what_ran_and_what_it_cost():
     np.testing.assert_allclose(float(got.ideal_speedup), float(got.uncached_flops / got.flops))
     # One state per run of layers whose columns agree, per guidance branch.
     assert len(got.caches) == 1 and len(got.caches[0]) == 3
+    # Rematerialised (for a backward pass), the same sample.
+    remat = _run("single", jc.LayerMaskPolicy(mask), jc.ResidualReuse(), remat=True)
+    np.testing.assert_allclose(remat.sample, got.sample, rtol=1e-6, atol=1e-6)
 
 
 def test_a_batch_equals_its_samples_alone():
@@ -266,7 +270,6 @@ def test_gradients_through_the_gates():
     noise, cond, _ = toy_networks.inputs(2)
     target = _run("single", None).sample
 
-    @jax.jit
     def loss(gates):
         out = jc.sample(plan, seg, noise, cond, solver=EULER, num_steps=S,
                         policy=jc.LayerGates(gates), reuse=jc.TaylorForecast(1), remat=True)
@@ -274,15 +277,16 @@ def test_gradients_through_the_gates():
 
     # Away from 0.5, where the count (a non-float leaf) switches: the loss is smooth there.
     gates = jnp.full((S, CACHED), 0.7, jnp.float32)
-    value, grad = jax.value_and_grad(loss)(gates)
+    value_and_grad = jax.jit(jax.value_and_grad(loss))  # one program for every call below
+    value, grad = value_and_grad(gates)
     assert grad.shape == (S, CACHED) and bool(jnp.all(jnp.isfinite(grad)))
     assert float(jnp.max(jnp.abs(grad))) > 0
     # A step against the gradient lowers the loss (towards computing: the uncached target).
-    lower, _ = jax.value_and_grad(loss)(gates - 0.05 * grad / jnp.max(jnp.abs(grad)))
+    lower, _ = value_and_grad(gates - 0.05 * grad / jnp.max(jnp.abs(grad)))
     assert float(lower) < float(value)
     # The gradient is the loss's slope: a central difference along it agrees.
     step = 1e-2 * grad / jnp.linalg.norm(grad)
-    slope = (loss(gates + step) - loss(gates - step)) / 2
+    slope = (value_and_grad(gates + step)[0] - value_and_grad(gates - step)[0]) / 2
     np.testing.assert_allclose(float(slope), float(jnp.vdot(grad, step)), rtol=2e-2)
 
 

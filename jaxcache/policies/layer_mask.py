@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import numpy as np
 
 from jaxcache._checks import is_concrete
@@ -121,6 +120,8 @@ class LayerMaskPolicy(RefreshPolicy):
     The schedule is known before sampling, so the loop compiles with no decision in it; steps
     with the same row share one step function and runs of equal rows (and repeating patterns)
     are scanned, so the program grows with the number of *distinct rows*, not the step count.
+    Its ``static_schedule`` is None (there is no one decision per step; the sampler reads
+    :meth:`static_layer_schedule`), and its ``decide`` raises.
 
     Attributes:
       mask: ``[evaluations, cached_layers]`` bools (nested sequences or a 2-D array; stored as
@@ -181,8 +182,7 @@ class LayerGates(RefreshPolicy):
         gates = self.gates
         dtype = getattr(gates, "dtype", None)
         if isinstance(gates, (str, bytes, bool, np.bool_)) or gates is None or (
-            dtype is not None and not isinstance(gates, jax.core.Tracer)
-            and np.dtype(dtype).kind not in "iuf"
+            dtype is not None and np.dtype(dtype).kind not in "iuf"
         ):
             raise TypeError(
                 f"LayerGates.gates must be an array of numbers in [0, 1], got "
