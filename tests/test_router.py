@@ -123,3 +123,15 @@ def test_a_threshold_outside_zero_one_is_refused(threshold):
     router = Router(np.zeros((STEPS, 3), np.float32), {})
     with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\)"):
         router.policy(threshold)
+
+
+def test_a_budget_mask_computes_that_share_by_the_largest_gates_and_every_layer_at_step_0():
+    logits = np.array([[-5, -5, -5], [3, -1, 0.5], [2, 1, -3], [0, 4, -2]], np.float32)
+    router = Router(logits, {})
+    mask = router.budget_mask(0.5)  # 6 of 12: step 0's three, then gates 4, 3, 2
+    assert mask.sum() == 6 and mask[0].all()
+    assert mask[1:].tolist() == [[True, False, False], [True, False, False],
+                                 [False, True, False]]
+    assert router.budget_mask(0.01).sum() == 3 and router.budget_mask(1.0).all()
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
+        router.budget_mask(0.0)

@@ -92,6 +92,28 @@ class Router:
         """The static per-(step, layer) plan at ``threshold`` (0 computes every layer)."""
         return LayerMaskPolicy(self.mask(threshold))
 
+    def budget_mask(self, fraction: float) -> np.ndarray:
+        """The plan computing ``fraction`` of the body-layer evaluations, by the largest gates.
+
+        Every layer computes at evaluation 0 (nothing is stored before it, so a layer skipped
+        there would run anyway); the rest of the budget goes to the largest gates. This sets a
+        budget exactly where a threshold would land near it.
+
+        Args:
+          fraction: the share of ``evaluations x cached_layers`` to compute, in ``(0, 1]``; at
+            least the first evaluation's layers are computed.
+        """
+        if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+        gates = self.gates
+        steps, layers = gates.shape
+        count = max(layers, int(math.floor(fraction * steps * layers + 1e-9)))
+        mask = np.zeros_like(gates, bool)
+        mask[0] = True
+        rest = np.argsort(-gates[1:], axis=None, kind="stable")[: count - layers]
+        mask[1:].reshape(-1)[rest] = True
+        return mask
+
     def computed_fraction(self, threshold: float = 0.5) -> float:
         """The fraction of body-layer evaluations the plan at ``threshold`` computes."""
         return float(np.mean(self.mask(threshold)))

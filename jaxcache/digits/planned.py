@@ -1,0 +1,192 @@
+"""Planned schedules fitted to a digit model, as settings of the trade-off study.
+
+Each family is fitted on a batch of its own (digits the scored run never sees) and then made
+into one :class:`~jaxcache.digits.harness.Setting` per budget: a budget is an interval's
+compute (``len(range(0, steps, k))`` refreshes of the whole stack, or the same share of
+body-layer evaluations for a per-layer plan), so every row sits beside the interval row and the
+fewer-steps row of the same compute.
+
+* ``centered``: DeepCache's non-uniform schedule (:meth:`jaxcache.StepMaskPolicy.centered`).
+* ``magcache``: MagCache calibrated on the fitting batch, its threshold searched on the host
+  (the schedule depends only on the calibration) for the most refreshes within the budget.
+* ``planned``: the refresh steps :func:`jaxcache.tuning.plan_refreshes` chooses for the budget.
+* ``learned``: a Learning-to-Cache router (:func:`jaxcache.tuning.train_router`), trained once
+  per reuse mode, cut to each budget by its largest gates (:meth:`Router.budget_mask`).
+
+The step-mask families take every reuse mode asked for and, with ``fitted=True``, a
+:class:`~jaxcache.FittedForecast` whose gains are fitted to that very schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxcache as jc
+from jaxcache.digits import pretrained
+from jaxcache.digits.harness import REUSE_MODES, Body, Setting
+from jaxcache.tuning import calibrate_magcache, plan_refreshes, train_router
+
+__all__ = ["FAMILIES", "FitBatch", "fit_batch", "planned_settings"]
+
+#: The planned families, in the table's order.
+FAMILIES = ("centered", "magcache", "planned", "learned")
+# The planner's model of each reuse mode (plan_refreshes' names).
+_PLANNER_MODE = {"reuse": "output", "residual": "residual", "taylor1": "taylor1"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FitBatch:
+    """A batch to fit schedules on, with the model split for the whole stack cached."""
+
+    plan: jc.CachePlan
+    params: Any
+    noise: jax.Array
+    cond: jax.Array
+    uncond: jax.Array | None
+    guidance: float | None
+    solver: jc.Solver
+    num_steps: int
+
+    @property
+    def common(self) -> dict[str, Any]:
+        """The sampling arguments every fit shares."""
+        return dict(solver=self.solver, num_steps=self.num_steps, uncond=self.uncond,
+                    guidance_scale=self.guidance)
+
+
+def fit_batch(model, *, seed: int, per_class: int, guidance: float | None, solver: jc.Solver,
+              num_steps: int) -> FitBatch:
+    """``per_class`` digits of each class with noise of ``seed``, the whole stack cached."""
+    network, params = jc.from_nnx(model)
+    plan = Body()(network, model.config.depth)
+    labels = [c for c in range(10) for _ in range(per_class)]
+    cond = pretrained.class_condition(labels)
+    uncond = None if guidance is None else jnp.full_like(cond, pretrained.NULL_CLASS)
+    noise = jax.random.normal(jax.random.key(seed), (len(labels), *model.config.image_shape))
+    return FitBatch(plan, plan.split(params), noise, cond, uncond, guidance, solver, num_steps)
+
+
+def _magcache_within(calibration, evaluations: int, refreshes: int) -> jc.MagCachePolicy:
+    """MagCache with the most refreshes at most ``refreshes`` (threshold searched on the host).
+
+    The published FLUX warm-up (a tenth of the steps) and no cap on skips in a row, so that
+    every budget of the study can be reached.
+    """
+
+    def policy(threshold):
+        return calibration.policy(threshold=threshold, max_skips=evaluations, warmup=0.1)
+
+    def count(threshold):
+        return int(np.sum(policy(threshold).static_schedule(evaluations)))
+
+    low, high = 1e-6, 1e3  # refreshes fall as the threshold grows
+    if count(high) > refreshes:
+        raise ValueError(f"MagCache cannot refresh as few as {refreshes} of {evaluations} steps")
+    for _ in range(80):
+        mid = float(np.sqrt(low * high))
+        low, high = (mid, high) if count(mid) > refreshes else (low, mid)
+    return policy(high)
+
+
+def planned_settings(
+    model,
+    num_steps: int,
+    intervals: Sequence[int] = (2, 3, 4),
+    *,
+    seed: int,
+    per_class: int = 20,
+    guidance: float | None = pretrained.DEFAULT_GUIDANCE,
+    solver: jc.Solver | None = None,
+    modes: Sequence[str] = ("reuse", "taylor1"),
+    fitted: bool = True,
+    families: Sequence[str] = FAMILIES,
+    learned_modes: Sequence[str] = ("residual", "taylor1"),
+    router_iterations: int = 150,
+    router_lam: float = 1e-3,
+    fit_iterations: int = 60,
+    log: Callable[[str], None] = lambda s: None,
+) -> list[Setting]:
+    """The planned families at each interval's compute, fitted on a batch of their own.
+
+    Args:
+      model: a trained digit model.
+      num_steps: its step count.
+      intervals: one budget per interval (that interval's refreshes).
+      seed: the fitting batch's noise seed (give one other than the scored run's).
+      per_class: digits per class of the fitting batch.
+      guidance: the guidance scale (None: unguided).
+      solver: the solver (default: the model's recipe's).
+      modes: reuse modes (:data:`~jaxcache.digits.harness.REUSE_MODES` names) of the
+        step-mask families.
+      fitted: also a :class:`~jaxcache.FittedForecast` (order 1) fitted to each step mask.
+      families: which of :data:`FAMILIES`.
+      learned_modes: reuse modes of the per-layer plans (one router trained per mode).
+      router_iterations: Adam steps of each router.
+      router_lam: the router's weight on its mean gate.
+      fit_iterations: Adam steps of each fitted forecast.
+      log: called with a line per fit.
+
+    Raises:
+      ValueError: for an unknown family or mode (before anything is fitted).
+    """
+    unknown = [f for f in families if f not in FAMILIES]
+    unknown += [m for m in (*modes, *learned_modes) if m not in REUSE_MODES]
+    if unknown:
+        raise ValueError(f"unknown families or modes {unknown}; families {FAMILIES}, modes "
+                         f"{sorted(REUSE_MODES)}")
+    solver = solver or pretrained.recipe_of(model).solver
+    batch = fit_batch(model, seed=seed, per_class=per_class, guidance=guidance, solver=solver,
+                      num_steps=num_steps)
+    evaluations = len(solver.times(num_steps)[0])
+    budgets = {k: len(range(0, evaluations, k)) for k in intervals}
+    calibration = None
+    if {"magcache", "planned"} & set(families):
+        calibration = calibrate_magcache(batch.plan, batch.params, batch.noise, batch.cond,
+                                         **batch.common)
+    settings: list[Setting] = []
+
+    def add_step_mask(family: str, k: int, policy: jc.RefreshPolicy, names=modes):
+        for name in names:
+            settings.append(Setting(family, name, num_steps, Body(), policy, REUSE_MODES[name],
+                                    knob=k))
+        if fitted:
+            gains = jc.fit_forecast(batch.plan, batch.params, batch.noise, batch.cond,
+                                    policy=policy, order=1, iterations=fit_iterations,
+                                    **batch.common)
+            settings.append(Setting(family, "fitted1", num_steps, Body(), policy, gains, knob=k))
+            log(f"{family} at interval {k}'s compute: forecast fitted")
+
+    for family in families:
+        if family == "learned":
+            continue
+        for k, refreshes in budgets.items():
+            if family == "centered":
+                add_step_mask(family, k, jc.StepMaskPolicy.centered(evaluations, refreshes))
+            elif family == "magcache":
+                add_step_mask(family, k, _magcache_within(calibration, evaluations, refreshes))
+            else:  # planned: one plan per reuse mode the planner models
+                for name in modes:
+                    policy = plan_refreshes(calibration, refreshes=refreshes,
+                                            reuse=_PLANNER_MODE.get(name, "residual"))
+                    settings.append(Setting(family, name, num_steps, Body(), policy,
+                                            REUSE_MODES[name], knob=k))
+                if fitted:
+                    policy = plan_refreshes(calibration, refreshes=refreshes, reuse="taylor1")
+                    add_step_mask(family, k, policy, names=())
+    if "learned" in families:
+        for name in learned_modes:
+            router = train_router(batch.plan, batch.params, batch.noise, batch.cond,
+                                  reuse=REUSE_MODES[name], lam=router_lam,
+                                  iterations=router_iterations, progress=False, **batch.common)
+            log(f"learned router ({name}): mean gate {router.gates.mean():.3f}")
+            for k, refreshes in budgets.items():
+                mask = router.budget_mask(refreshes / evaluations)
+                settings.append(Setting("learned", name, num_steps, Body(),
+                                        jc.LayerMaskPolicy(mask), REUSE_MODES[name], knob=k))
+    return settings
