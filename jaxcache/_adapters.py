@@ -4,9 +4,10 @@ Both adapters turn a model as written into a :class:`~jaxcache.Network` the same
 blocks are found and their parameters stacked (one :class:`Blocks` per list of blocks of one
 kind), and small functions say what ``__call__`` does around them. This module holds what they
 have in common: :class:`Blocks`, the check that ``time=`` was given, the default ``layer`` and
-``condition`` functions, :func:`glued_network` (the four pieces built from those functions),
-and :class:`NetworkCache`, which keeps one Network per model structure so that equal models
-share compiled sampling programs.
+``condition`` functions, :func:`block_constant` (a per-layer constant named by a block method),
+:func:`glued_network` (the four pieces built from those functions), and :class:`NetworkCache`,
+which keeps one Network per model structure so that equal models share compiled sampling
+programs.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ __all__ = [
     "Blocks",
     "NetworkCache",
     "as_block_lists",
+    "block_constant",
     "check_time",
     "default_layer",
     "glued_network",
     "hashable_key",
     "identity_condition",
-        "layer_field",
+    "layer_field",
     "stacked_layers",
 ]
 
@@ -55,7 +57,9 @@ class Blocks:
         name prefix (``"DoubleBlock"`` matches ``DoubleBlock_0, DoubleBlock_1, ...``), the
         name of an ``nn.scan`` stack, or a list of names.
       layer: ``layer(block, state, ctx) -> state``: how ``__call__`` calls one block of this
-        list; default the ``layer=`` given to the adapter, else ``block(state, ctx)``.
+        list; default the ``layer=`` given to the adapter, else ``block(state, ctx)``. With a
+        ``layer_constant`` it also receives ``layer_constant=``, with ``layer_index`` also
+        ``layer_index=`` (the default passes them on to the block as these keywords).
       enter: ``enter(h, ctx) -> state``: the hidden state as the previous list left it, in
         this list's form (FLUX's single blocks: the ``(image, text)`` pair concatenated into
         one token sequence). None: the same form.
@@ -63,6 +67,14 @@ class Blocks:
         again; ``h`` is the value the list entered with, for its shapes). Required with
         ``enter``.
       name: a label for messages (default: the path).
+      layer_constant: what each block of this list computes from its own parameters and the
+        condition path's output alone, once per sampling run instead of at every step (a
+        cross-attention block's text keys and values): the name of a block method,
+        ``block.<name>(constant) -> pytree of arrays``, or a function
+        ``(block, constant) -> pytree of arrays``. Default: the adapter's ``layer_constant=``.
+        See :attr:`jaxcache.Network.layer_constant`.
+      layer_index: pass each block its index in the network (int32, counted across the lists)
+        as ``layer_index=``.
     """
 
     path: str | tuple[str, ...]
@@ -70,6 +82,8 @@ class Blocks:
     enter: Callable[[PyTree, PyTree], PyTree] | None = None
     leave: Callable[[PyTree, PyTree, PyTree], PyTree] | None = None
     name: str = ""
+    layer_constant: str | Callable[..., PyTree] | None = None
+    layer_index: bool = False
 
     def __post_init__(self):
         path = self.path
@@ -80,6 +94,9 @@ class Blocks:
         elif not isinstance(path, str) or not path:
             raise ValueError(f"Blocks.path must be a name or a list of names, got {path!r}")
         BlockKind(default_layer, self.enter, self.leave, self.label)  # checks enter/leave
+        block_constant(self.layer_constant, f"Blocks({self.label!r}).layer_constant")
+        if not isinstance(self.layer_index, bool):
+            raise TypeError(f"Blocks.layer_index must be a bool, got {self.layer_index!r}")
 
     @property
     def label(self) -> str:
@@ -105,10 +122,31 @@ def as_block_lists(blocks: Any, where: str) -> list[Blocks] | None:
 
 
 def layer_field(kinds: tuple[BlockKind, ...]):
-    """What ``Network.layer`` takes: a plain function for one kind that needs no conversion."""
-    if len(kinds) == 1 and kinds[0].enter is None:
+    """What ``Network.layer`` takes: a plain function for one kind that needs no conversion
+    and binds nothing to its layers."""
+    if len(kinds) == 1 and kinds[0].enter is None and not kinds[0].binds:
         return kinds[0].layer
     return kinds
+
+
+def block_constant(given: Any, where: str = "layer_constant") -> Callable[..., PyTree] | None:
+    """A list's ``layer_constant`` as a function ``(block, constant) -> pytree`` (or None).
+
+    A string names a block method, called as ``block.<name>(constant)``.
+    """
+    if given is None or callable(given):
+        return given
+    if isinstance(given, str) and given.isidentifier():
+
+        def method(block, constant):
+            return getattr(block, given)(constant)
+
+        method.__name__ = given
+        return method
+    raise TypeError(
+        f"{where} must be the name of a block method (e.g. 'layer_constant') or a function "
+        f"(block, constant) -> pytree of arrays, got {given!r}"
+    )
 
 
 def hashable_key(key: tuple) -> tuple | None:
@@ -169,9 +207,10 @@ def identity_condition(model, cond):
     return cond
 
 
-def default_layer(block, h, ctx):
-    """The default ``layer``: ``__call__`` calls a block as ``block(h, ctx)``."""
-    return block(h, ctx)
+def default_layer(block, h, ctx, **extras):
+    """The default ``layer``: ``__call__`` calls a block as ``block(h, ctx)`` (with the list's
+    ``layer_constant=`` / ``layer_index=`` keywords, when it takes them)."""
+    return block(h, ctx, **extras)
 
 
 def stacked_layers(stacks: Sequence[PyTree]) -> PyTree:

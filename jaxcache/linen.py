@@ -30,6 +30,7 @@ from jaxcache._adapters import (
     Blocks,
     NetworkCache,
     as_block_lists,
+    block_constant,
     check_time,
     default_layer,
     glued_network,
@@ -422,6 +423,7 @@ def from_linen(
     modulated_input: Callable[..., jax.Array] | None = None,
     dual_stream: bool = False,
     call_kwargs: Mapping[str, Any] | None = None,
+    layer_constant: str | Callable[..., PyTree] | None = None,
 ) -> tuple[Network, NetworkParams]:
     """Turns a Flax Linen diffusion transformer into a :class:`~jaxcache.Network`, as written.
 
@@ -440,6 +442,12 @@ def from_linen(
       ``block(h, ctx)`` (``block(h, ctx)[0]`` for an ``nn.scan`` stack, below).
     * ``modulated_input(block, h, ctx) -> array``: optional, for TeaCache (the first list's
       blocks).
+    * ``layer_constant``: optional, what each block computes from the condition path's output
+      alone (a cross-attention block's text keys and values), once per sampling run instead of
+      at every step: the name of a block method (``"text_kv"`` calls ``block.text_kv(constant)``)
+      or ``(block, constant) -> pytree of arrays``. ``layer`` then also receives
+      ``layer_constant=`` (the default passes it on: ``block(h, ctx, layer_constant=...)``).
+      A :class:`~jaxcache.Blocks` may give its own.
 
     Example (a DiT port with blocks ``DiTBlock_0..27``)::
 
@@ -502,6 +510,8 @@ def from_linen(
       modulated_input: see above.
       dual_stream: whether ``h`` is an ``(image, text)`` pair.
       call_kwargs: keyword arguments of the traced call (e.g. ``{"train": False}``).
+      layer_constant: see above; the default for every list without its own
+        ``Blocks.layer_constant``.
 
     Returns:
       ``(network, params)``; ``params.layers`` holds the blocks' parameters stacked (a copy for
@@ -525,6 +535,7 @@ def from_linen(
             f"variables must be the model's variable dict {{'params': ...}}, got keys "
             f"{sorted(variables)}"
         )
+    block_constant(layer_constant, "from_linen's layer_constant")  # checked now
     groups = _as_groups(blocks)
     _check_named_stacks(groups, variables, model)
     trace = _trace(model, variables, inputs, dict(call_kwargs or {}), groups)
@@ -546,7 +557,7 @@ def from_linen(
     others = {n: d for n, d in trace.definitions.items() if n not in seen}
     block_defs = tuple(block_def for _, block_def, _, _ in found)
     scanned = tuple(flag for *_, flag in found)
-    fns = (embed, final, condition, layer, modulated_input)
+    fns = (embed, final, condition, layer, modulated_input, layer_constant)
     key = hashable_key((model, tuple(sorted(others.items())), block_defs, scanned,
                         tuple(groups), fns, time, dual_stream))
     network = _NETWORKS.get(key, lambda: _linen_network(
@@ -555,9 +566,9 @@ def from_linen(
     return network, NetworkParams(rest, rest, layers, rest)
 
 
-def _scan_layer(block, h, ctx):
+def _scan_layer(block, h, ctx, **extras):
     """One layer of an ``nn.scan`` stack: its body ``(carry, x) -> (carry, y)``, the carry."""
-    return block(h, ctx)[0]
+    return block(h, ctx, **extras)[0]
 
 
 def _form(tree: PyTree) -> str:
@@ -573,8 +584,8 @@ def _same_form(a: PyTree, b: PyTree) -> bool:
     return all(np.shape(x) == np.shape(y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def _linen_kind(block_def, group: Blocks, scanned: bool, layer, index: int, count: int
-                ) -> BlockKind:
+def _linen_kind(block_def, group: Blocks, scanned: bool, layer, layer_constant, index: int,
+                count: int) -> BlockKind:
     """One list's :class:`~jaxcache.BlockKind`; its layer checks the state's form.
 
     (``run_layers`` checks that ``leave`` restores the network's form.)
@@ -591,9 +602,9 @@ def _linen_kind(block_def, group: Blocks, scanned: bool, layer, index: int, coun
         hint += (" Its blocks come from an nn.scan stack, called as block(h, ctx)[0]; pass "
                  "layer= for another signature of the scan body.")
 
-    def run(layer_vars, state, ctx):
+    def run(layer_vars, state, ctx, **extras):
         try:
-            out = call(_Bound(block_def, layer_vars), state, ctx)
+            out = call(_Bound(block_def, layer_vars), state, ctx, **extras)
         except Exception as error:  # noqa: BLE001 (re-raised with what was expected)
             if not hint:
                 raise
@@ -612,16 +623,24 @@ def _linen_kind(block_def, group: Blocks, scanned: bool, layer, index: int, coun
             )
         return out
 
-    return BlockKind(run, group.enter, group.leave, group.label)
+    compute = block_constant(group.layer_constant or layer_constant)
+    hook = None
+    if compute is not None:
+
+        def hook(layer_vars, constant):
+            return compute(_Bound(block_def, layer_vars), constant)
+
+    return BlockKind(run, group.enter, group.leave, group.label, layer_constant=hook,
+                     layer_index=group.layer_index)
 
 
 def _linen_network(model, others, block_defs, groups, scanned, embed, final, condition, layer,
-                   modulated_input, time, dual_stream) -> Network:
+                   modulated_input, layer_constant, time, dual_stream) -> Network:
     def parts(rest):
         return LinenParts(model, others, rest)
 
     kinds = tuple(
-        _linen_kind(d, g, s, layer, i, len(groups))
+        _linen_kind(d, g, s, layer, layer_constant, i, len(groups))
         for i, (d, g, s) in enumerate(zip(block_defs, groups, scanned))
     )
     modulated = None

@@ -6,7 +6,9 @@ happens: a step-independent condition path, a per-step embedding, a stack of ide
 ``NetworkParams`` holds their parameters, with the layers' parameters stacked on a leading axis.
 :func:`check_parity` compares a network with the model's own forward; :func:`stack_trees`
 stacks per-block parameters; :func:`default_layer_unroll` and :func:`default_compiler_options`
-say what a Network's ``"auto"`` settings mean on the default backend.
+say what a Network's ``"auto"`` settings mean on the default backend. :class:`Static` carries a
+value known while tracing (the input's shape, for a final layer that unpatchifies a video) in
+``ctx``.
 
 This module is the abstraction only: any pure JAX code builds a ``Network`` directly, and the
 adapters build one from a model as written, :func:`jaxcache.from_nnx` (:mod:`jaxcache.nnx`) for
@@ -32,7 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcache._checks import check_int
-from jaxcache.stack import BlockKind, Segments, as_kinds, run_layers, stack_length
+from jaxcache.stack import (
+    BlockKind,
+    LayerInputs,
+    Segments,
+    as_kinds,
+    bind_layers,
+    run_layers,
+    stack_length,
+)
 
 PyTree = Any
 
@@ -40,6 +50,7 @@ __all__ = [
     "Network",
     "NetworkParams",
     "ParityError",
+    "Static",
     "TimeConvention",
     "check_parity",
     "from_nnx",  # noqa: F822 (the NNX adapter's, re-exported by __getattr__ below)
@@ -225,6 +236,58 @@ def _timed(embed: Callable, time: TimeConvention) -> Callable:
     return embed_at
 
 
+@jax.tree_util.register_pytree_node_class
+class Static:
+    """A value known while tracing (a shape, a setting), carried in a pytree without leaves.
+
+    ``embed`` sees the sample ``x``; ``final`` sees only ``(h, ctx)``. A model whose final
+    layer needs the input's shape (a video model unpatchifies ``[B, F*H*W/4, D]`` tokens back
+    to ``[B, F, H, W, C]``) puts it in ``ctx`` as a ``Static``::
+
+        def embed(p, x, t, constant):
+            return tokens, (modulation, jaxcache.Static(x.shape))
+
+        def final(p, h, ctx):
+            batch, frames, height, width, channels = ctx[1].value
+            ...
+
+    A plain Python int in ``ctx`` would be a leaf, and turn into an abstract array wherever
+    the pieces are traced on shapes (the FLOP count of a run, a program's structure); a
+    ``Static`` holds its value as the pytree's structure, so every scan, loop and shape-only
+    trace hands it on unchanged.
+
+    Attributes:
+      value: the value (hashable: a tuple of ints, a string, a number).
+    """
+
+    def __init__(self, value: Any):
+        try:
+            hash(value)
+        except TypeError:
+            raise TypeError(
+                f"Static holds a hashable value (a shape tuple, a number, a string), got "
+                f"{type(value).__name__}"
+            ) from None
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"Static({self.value!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Static) and self.value == other.value
+
+    def __hash__(self) -> int:
+        return hash((Static, self.value))
+
+    def tree_flatten(self):
+        return (), self.value
+
+    @classmethod
+    def tree_unflatten(cls, value, children):
+        del children
+        return cls(value)
+
+
 class NetworkParams(NamedTuple):
     """Parameters of a :class:`Network`, one entry per piece.
 
@@ -260,13 +323,17 @@ class Network:
         conditioning vector, masks). After construction this attribute takes the solver's ``t``
         and converts it (so the plan and any loop call it with solver times).
       layer: ``layer(layer_params, h, ctx) -> h``. One block; ``layer_params`` is one slice of
-        ``params.layers`` along its leading axis. For a network of several kinds of block
+        ``params.layers`` along its leading axis. With ``layer_constant`` it is called as
+        ``layer(layer_params, h, ctx, layer_constant=c)``, with ``layer_index`` as
+        ``layer(..., layer_index=i)``. For a network of several kinds of block
         (FLUX: double-stream then single-stream blocks), a tuple of
         :class:`~jaxcache.BlockKind`, one per kind, each with its own layer function and the
         conversion of ``h`` into and out of its blocks' form; ``params.layers`` is then a
         :class:`~jaxcache.Segments` saying which layers are of which kind. After construction,
         :attr:`kinds` holds the kinds either way.
-      final: ``final(params.final, h, ctx) -> prediction`` with the shape of ``x``.
+      final: ``final(params.final, h, ctx) -> prediction`` with the shape of ``x``. It does
+        not see ``x``: where it needs the input's shape (to unpatchify a video), ``embed``
+        puts it in ``ctx`` as a :class:`Static`.
       dual_stream: whether ``h`` is an ``(image, text)`` pair (cached in slot streams 1 and 2).
       modulated_input: optional ``modulated_input(layer_params, h, ctx) -> array``: a layer's
         input after its timestep modulation (adaLN shift and scale of the attention branch, on
@@ -295,6 +362,17 @@ class Network:
         Stored as a sorted tuple of ``(name, value)`` pairs. ``"auto"`` (the default): the
         options measured fastest for the default backend (:func:`default_compiler_options`:
         cuBLAS GEMMs on a GPU, none elsewhere); ``{}``: none.
+      layer_constant: optional ``layer_constant(layer_params, constant) -> pytree of arrays``:
+        what a layer computes from its own parameters and the condition path's output only,
+        e.g. a cross-attention block's text keys and values (Wan-style video models). The
+        sampler computes it for every layer once per run, before the loop (one vectorised
+        call per stack: :meth:`~jaxcache.CachePlan.bind_layers`), and ``layer`` receives each
+        layer's own as ``layer_constant=``. It sees no timestep and no hidden state, so it
+        cannot depend on the step: anything that does belongs in ``layer``. For a network of
+        several kinds of block, set it per :class:`~jaxcache.BlockKind` instead.
+      layer_index: pass ``layer`` each layer's index in the network as ``layer_index=`` (an
+        int32 scalar, traced inside a scanned stack). For several kinds of block, set it per
+        :class:`~jaxcache.BlockKind` (the index runs across the kinds).
 
     A Network compares by identity and the sampler compiles once per Network object: build it
     once and reuse it (:func:`jaxcache.from_nnx` and :func:`jaxcache.from_linen` return the same
@@ -310,6 +388,8 @@ class Network:
     time: TimeConvention | None = None
     layer_unroll: int | bool | str = "auto"
     compiler_options: Mapping[str, bool | int | float | str] | tuple | str = "auto"
+    layer_constant: Callable[[PyTree, PyTree], PyTree] | None = None
+    layer_index: bool = False
 
     def __post_init__(self):
         unroll = self.layer_unroll
@@ -331,12 +411,30 @@ class Network:
                     "Network.layer must be a layer function or a non-empty tuple of "
                     f"jaxcache.BlockKind (one per kind of block), got {self.layer!r}"
                 )
+            if self.layer_constant is not None or self.layer_index:
+                raise TypeError(
+                    "Network.layer_constant and Network.layer_index go with a layer function; "
+                    "with jaxcache.BlockKind layers set them on each kind that takes them, "
+                    "BlockKind(layer, layer_constant=..., layer_index=True)"
+                )
             object.__setattr__(self, "layer", kinds)
             object.__setattr__(self, "_kinds", kinds)
         elif callable(self.layer):
-            object.__setattr__(self, "_kinds", (BlockKind(self.layer),))
+            if self.layer_constant is not None and not callable(self.layer_constant):
+                raise TypeError(
+                    f"Network.layer_constant must be callable or None, got {self.layer_constant!r}"
+                )
+            kind = BlockKind(self.layer, layer_constant=self.layer_constant,
+                             layer_index=self.layer_index)
+            object.__setattr__(self, "_kinds", (kind,))
         else:
             raise TypeError(f"Network.layer must be callable, got {self.layer!r}")
+        # TeaCache's modulated input reads the first layer's parameters; a binding kind's layers
+        # are LayerInputs by then, so it gets their parameters (wrapped once, even when replaced).
+        modulated = getattr(self.modulated_input, "jaxcache_unbound", self.modulated_input)
+        if modulated is not None and any(k.binds for k in self._kinds):
+            modulated = _unbinding(modulated)
+        object.__setattr__(self, "modulated_input", modulated)
         # An embed that already converts (from another Network) is unwrapped, so a rebuilt or
         # replaced Network converts exactly once.
         raw, inherited = getattr(self.embed, "jaxcache_time", (self.embed, None))
@@ -376,13 +474,31 @@ class Network:
                 f"index), got {type(layers).__name__}"
             )
 
+    def bind_layers(self, layers: PyTree, constant: PyTree) -> PyTree:
+        """``params.layers`` with each layer's constant and index bound (see
+        :func:`jaxcache.stack.bind_layers`); itself when no kind takes either."""
+        return bind_layers(self.kinds, layers, constant)
+
     def __call__(self, params: NetworkParams, x: jax.Array, t: jax.Array, cond: PyTree):
         """The plain, uncached forward pass (for checks and training)."""
         self.check_layers(params.layers)
         constant = self.condition(params.condition, cond)
         h, ctx = self.embed(params.embed, x, t, constant)
-        h = run_layers(self.kinds, params.layers, h, ctx, unroll=self.layer_unroll)
+        layers = self.bind_layers(params.layers, constant)
+        h = run_layers(self.kinds, layers, h, ctx, unroll=self.layer_unroll)
         return self.final(params.final, h, ctx)
+
+
+def _unbinding(modulated_input: Callable) -> Callable:
+    """``modulated_input`` reading a layer's parameters out of its :class:`LayerInputs`."""
+
+    def read(layer_params, h, ctx):
+        if isinstance(layer_params, LayerInputs):
+            layer_params = layer_params.params
+        return modulated_input(layer_params, h, ctx)
+
+    read.jaxcache_unbound = modulated_input
+    return read
 
 
 #: What ``"auto"`` means on each backend (BENCHMARKS.md has the measurements behind it).

@@ -24,6 +24,7 @@ from jaxcache._adapters import (
     Blocks,
     NetworkCache,
     as_block_lists,
+    block_constant,
     check_time,
     default_layer,
     glued_network,
@@ -40,10 +41,11 @@ __all__ = ["from_nnx"]
 
 
 def _apply(graphdef: nnx.GraphDef, method: str = "__call__") -> Callable[..., Any]:
-    """A pure ``apply(state, *args)`` that rebuilds the module from ``graphdef`` and calls it."""
+    """A pure ``apply(state, *args, **kwargs)`` that rebuilds the module from ``graphdef`` and
+    calls it."""
 
-    def apply(state, *args):
-        return getattr(nnx.merge(graphdef, state), method)(*args)
+    def apply(state, *args, **kwargs):
+        return getattr(nnx.merge(graphdef, state), method)(*args, **kwargs)
 
     return apply
 
@@ -58,6 +60,7 @@ def _network_for(
     dual_stream: bool,
     has_modulated_input: bool,
     time: TimeConvention | None = None,
+    has_layer_constant: tuple[bool, ...] = (),
 ) -> Network:
     # One Network per model structure: the sampler compiles once per Network object, so models
     # of the same structure (a reloaded checkpoint, new weights) reuse the compiled program.
@@ -65,8 +68,9 @@ def _network_for(
         condition, embed, final = (_apply(g) for g in graphdefs)
         kinds = tuple(
             BlockKind(_apply(g), getattr(cls, "enter", None), getattr(cls, "leave", None),
-                      cls.__name__)
-            for g, cls in zip(block_defs, block_types)
+                      cls.__name__,
+                      layer_constant=_apply(g, "layer_constant") if constant else None)
+            for g, cls, constant in zip(block_defs, block_types, has_layer_constant)
         )
         modulated = _apply(block_defs[0], "modulated_input") if has_modulated_input else None
         return Network(
@@ -75,7 +79,7 @@ def _network_for(
         )
 
     key = hashable_key((graphdefs, block_defs, block_types, dual_stream, has_modulated_input,
-                        time))
+                        time, has_layer_constant))
     return _PROTOCOL_CACHE.get(key, build)
 
 
@@ -110,6 +114,7 @@ def from_nnx(
     modulated_input: Callable[..., jax.Array] | None = None,
     time: TimeConvention | None = None,
     dual_stream: bool | None = None,
+    layer_constant: str | Callable[..., PyTree] | None = None,
 ) -> tuple[Network, NetworkParams]:
     """Turns a Flax NNX diffusion transformer into a :class:`Network` and its parameters.
 
@@ -124,6 +129,11 @@ def from_nnx(
 
     and a boolean attribute ``dual_stream`` when ``h`` is an ``(image, text)`` pair. A block
     that defines ``modulated_input(h, ctx)`` (its timestep-modulated input) supports TeaCache.
+    A block that defines ``layer_constant(constant) -> pytree of arrays`` (what it computes
+    from the condition path's output alone: a cross-attention block's text keys and values)
+    has it computed for every layer once per sampling run, before the loop, and is called as
+    ``block(h, ctx, layer_constant=...)`` with its own (:attr:`Network.layer_constant`;
+    :class:`jaxcache.models.Wan`).
 
     **A model as written** (``from_nnx(model, blocks=..., embed=..., final=..., time=...)``):
     the blocks are a list (``nnx.List``, a list attribute, an ``nnx.Sequential``, or attributes
@@ -143,7 +153,13 @@ def from_nnx(
     * ``condition(model, cond) -> constant``: step-independent work (a label or caption
       embedding); default: ``constant = cond``.
     * ``layer(block, h, ctx) -> h``: how ``__call__`` calls one block; default ``block(h, ctx)``.
+      With ``layer_constant`` it also receives ``layer_constant=`` (the default passes it on:
+      ``block(h, ctx, layer_constant=...)``).
     * ``modulated_input(block, h, ctx) -> array``: optional, for TeaCache.
+    * ``layer_constant``: optional, what each block computes from the condition path's output
+      alone, once per sampling run (text keys and values of a cross-attention): the name of a
+      block method, ``block.<name>(constant)``, or ``(block, constant) -> pytree of arrays``.
+      A :class:`Blocks` may give its own.
 
     The blocks' parameters are stacked on a leading axis (a copy: drop the model to free the
     originals).
@@ -162,6 +178,7 @@ def from_nnx(
         for the protocol.
       dual_stream: whether ``h`` is an ``(image, text)`` pair; default: the model's
         ``dual_stream`` attribute, else False.
+      layer_constant: see above (with ``blocks``; the protocol finds the block method).
 
     Returns:
       ``(network, params)``. The parameters are the model's current state, so call this again
@@ -176,7 +193,7 @@ def from_nnx(
     if dual_stream is None:
         dual_stream = bool(getattr(model, "dual_stream", False))
     given = {"embed": embed, "final": final, "condition": condition, "layer": layer,
-             "modulated_input": modulated_input}
+             "modulated_input": modulated_input, "layer_constant": layer_constant}
     if blocks is not None:
         return _from_nnx_parts(
             model, blocks, given, check_time(time, "from_nnx(model, blocks=...)"), dual_stream
@@ -222,6 +239,7 @@ def from_nnx(
         dual_stream,
         callable(getattr(first_blocks, "modulated_input", None)),
         time,
+        tuple(callable(getattr(getattr(model, p), "layer_constant", None)) for p in stacks),
     )
     condition, embed, final = states
     return network, NetworkParams(condition, embed, stacked_layers(block_states), final)
@@ -313,6 +331,7 @@ def _from_nnx_parts(model, blocks, given, time, dual_stream):
             "from_nnx(model, blocks=...) needs embed=(model, x, t, constant) -> (h, ctx) and "
             "final=(model, h, ctx) -> prediction: the parts of __call__ around the blocks"
         )
+    block_constant(given["layer_constant"], "from_nnx's layer_constant")  # checked now
     groups = as_block_lists(blocks, "from_nnx") or [Blocks(blocks)]
     found = [_nnx_group(model, group) for group in groups]
     all_paths = [path for paths, _, _ in found for path in paths]
@@ -326,7 +345,8 @@ def _from_nnx_parts(model, blocks, given, time, dual_stream):
         for k, a in jax.tree_util.tree_flatten_with_path(block_state)[0]
     )
     block_defs = tuple(block_def for _, block_def, _ in found)
-    fns = tuple(given[k] for k in ("embed", "final", "condition", "layer", "modulated_input"))
+    fns = tuple(given[k] for k in ("embed", "final", "condition", "layer", "modulated_input",
+                                   "layer_constant"))
     key = hashable_key((graphdef, block_defs, signature, fns, tuple(groups), time, dual_stream))
 
     def build():
@@ -341,18 +361,26 @@ def _from_nnx_parts(model, blocks, given, time, dual_stream):
 
 
 def _nnx_parts_network(graphdef, placeholder, block_defs, groups, embed, final, condition,
-                       layer, modulated_input, time, dual_stream) -> Network:
+                       layer, modulated_input, layer_constant, time, dual_stream) -> Network:
     def model_of(rest):
         # The blocks' slots hold shapes only: the pieces around the blocks never read them.
         return nnx.merge(graphdef, placeholder, rest)
 
     def kind(block_def, group):
         call = group.layer or layer or default_layer
+        compute = block_constant(group.layer_constant or layer_constant)
 
-        def run(layer_state, h, ctx):
-            return call(nnx.merge(block_def, layer_state), h, ctx)
+        def run(layer_state, h, ctx, **extras):
+            return call(nnx.merge(block_def, layer_state), h, ctx, **extras)
 
-        return BlockKind(run, group.enter, group.leave, group.label)
+        hook = None
+        if compute is not None:
+
+            def hook(layer_state, constant):
+                return compute(nnx.merge(block_def, layer_state), constant)
+
+        return BlockKind(run, group.enter, group.leave, group.label, layer_constant=hook,
+                         layer_index=group.layer_index)
 
     kinds = tuple(kind(d, g) for d, g in zip(block_defs, groups))
     modulated = None

@@ -15,6 +15,11 @@ array inside the loop body would copy weights every step.
 Layer indices run across a network's kinds of block (FLUX's 19 double-stream blocks are layers
 0-18, its 38 single-stream blocks 19-56), so First-Block Cache on FLUX is ``F = 1, n = 56``
 and any segment may span the boundary between kinds.
+
+A network whose layers take a per-layer constant or their index
+(:attr:`~jaxcache.Network.layer_constant`, :class:`~jaxcache.BlockKind`) gets them bound to the
+split parameters once per sampling run (:meth:`CachePlan.bind_layers`), before the loop: the
+head, body and tail then carry them as they carry the parameters.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import jax
 
 from jaxcache._checks import check_arrays, check_int
 from jaxcache.network import Network, NetworkParams, num_layers
-from jaxcache.stack import LayerList, Observer, Segments, run_layers, stack_length
+from jaxcache.stack import LayerList, Observer, Segments, bind_layers, run_layers, stack_length
 
 PyTree = Any
 
@@ -183,6 +188,36 @@ class CachePlan:
             tail=tail,
             final=params.final,
             head=head,
+        )
+
+    def bind_layers(self, params: SegmentParams, constant: PyTree) -> SegmentParams:
+        """``params`` with each layer's constant and index bound to its parameters.
+
+        For a network whose kinds of block take a ``layer_constant`` or a ``layer_index``
+        (:class:`~jaxcache.BlockKind`), the head's, body's and tail's layers become
+        :class:`~jaxcache.stack.LayerInputs`: each stack's constants are computed in one
+        vectorised call, and each layer's index is its index in the network (the body's first
+        is ``first_layers``). :func:`jaxcache.sample` calls it once per run, right after the
+        condition path, so the loop computes no constant. Networks whose kinds take neither get
+        ``params`` back as it is; binding twice binds once.
+
+        Args:
+          params: the split parameters (:meth:`split`).
+          constant: the condition path's output for the rows being sampled
+            (``network.condition(params.condition, cond)``).
+
+        Returns:
+          The split parameters, bound.
+        """
+        kinds = self.network.kinds
+        if not any(kind.binds for kind in kinds):
+            return params
+        start = stack_length(params.head)
+        stop = start + stack_length(params.body)
+        return params._replace(
+            head=bind_layers(kinds, params.head, constant, offset=0),
+            body=bind_layers(kinds, params.body, constant, offset=start),
+            tail=bind_layers(kinds, params.tail, constant, offset=stop),
         )
 
     @staticmethod

@@ -624,6 +624,7 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse,
     # Step-independent work happens once per guidance branch, before the loop.
     cond_rows = _concat(cond, uncond) if guided else cond
     constant = plan.network.condition(params.condition, cond_rows)
+    params = plan.bind_layers(params, constant)  # per-layer constants, once, before the loop
     rows = jnp.concatenate([noise, noise]) if guided else noise
     work = functools.partial(_flops, plan, params, rows, cond_rows)
 

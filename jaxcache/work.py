@@ -7,7 +7,9 @@ counted. Nothing runs: the pieces are traced on shapes.
 
 The sampler weighs what ran by these counts (:attr:`jaxcache.SampleResult.flops`), so that the
 reported saving is the compute saved, block kinds of different cost (FLUX's double- and
-single-stream blocks) each weighed by their own.
+single-stream blocks) each weighed by their own. Per-layer constants
+(:attr:`jaxcache.Network.layer_constant`: a cross-attention block's text keys and values) are
+computed once per run, so they count with the condition path, not with the layers.
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jaxcache.stack import Segments, as_kinds, layer_at, stack_length
+from jaxcache.stack import (
+    LayerInputs,
+    LayerList,
+    Segments,
+    as_kinds,
+    bind_layers,
+    layer_at,
+    stack_length,
+)
 
 PyTree = Any
 
@@ -46,7 +56,7 @@ class Work(NamedTuple):
     """Matrix FLOPs of the pieces of one sampling run (all rows, both guidance branches).
 
     Attributes:
-      condition: the condition path, once per run.
+      condition: the condition path, once per run, with every layer's ``layer_constant``.
       step: the embedding and the final projection, every model evaluation.
       layers: ``[depth]`` int64, each layer, each time it is evaluated (layers of different
         kinds differ).
@@ -97,26 +107,40 @@ def network_work(network, params, rows: Any, cond_rows: Any) -> Work:
     h, ctx = jax.eval_shape(network.embed, params.embed, rows, t, constant)
     kinds = as_kinds(network.kinds)
     per_kind: dict[int, int] = {}
+    constants = 0  # the per-layer constants, computed once per run
     layers = []
     for stack in (params.head, params.body, params.tail):
+        # Bound on shapes (unchanged if bound already): a binding kind's layers read LayerInputs.
+        stack = jax.eval_shape(lambda s, c: bind_layers(kinds, s, c), stack, constant)
         pieces = stack.pieces if isinstance(stack, Segments) else (stack,)
         indices = stack.kinds if isinstance(stack, Segments) else (0,)
         for piece, k in zip(pieces, indices):
             length = stack_length(piece)
             if not length:
                 continue
+            kind = kinds[k]
             if k not in per_kind:
-                kind = kinds[k]
                 state = h if kind.enter is None else jax.eval_shape(kind.enter, h, ctx)
                 first = jax.eval_shape(lambda stack: layer_at(stack, 0), piece)
                 per_kind[k] = matmul_flops(kind.layer, first, state, ctx)
+            if kind.layer_constant is not None:
+                one = _first_params(piece)
+                constants += length * matmul_flops(kind.layer_constant, one, constant)
             layers.extend([per_kind[k]] * length)
     return Work(
-        condition=matmul_flops(network.condition, params.condition, cond_rows),
+        condition=matmul_flops(network.condition, params.condition, cond_rows) + constants,
         step=matmul_flops(network.embed, params.embed, rows, t, constant)
         + matmul_flops(network.final, params.final, h, ctx),
         layers=np.asarray(layers, np.int64),
     )
+
+
+def _first_params(piece: PyTree) -> PyTree:
+    """The first layer's own parameters (shapes) of a bound piece."""
+    if isinstance(piece, LayerList):
+        return piece.layers[0].params
+    first = jax.eval_shape(lambda stack: layer_at(stack, 0), piece)
+    return first.params if isinstance(first, LayerInputs) else first
 
 
 def _dot_flops(eqn) -> int:

@@ -7,6 +7,10 @@ Two architectures, both exposing the four pieces :func:`jaxcache.network.from_nn
   ``(image, text)``. With ``single_depth > 0`` (the ``flux`` size: 19 + 38) the double-stream
   blocks are followed by FLUX.1's single-stream blocks (:class:`MMDiTSingleBlock`), a second
   block stack of another kind.
+* :class:`Wan`: text-to-video, Wan 2.1 style (its own config, :class:`WanConfig`, and sizes
+  ``tiny``, ``small``, ``wan-1.3b``); video tokens attend to the text only through each block's
+  cross-attention, whose text keys and values a block's ``layer_constant`` computes once per
+  sampling run.
 
 Example:
   >>> import jax.numpy as jnp
@@ -20,19 +24,33 @@ Example:
   (1, 8, 8, 4)
 """
 
-from jaxcache.models.configs import ARCHS, CONFIGS, SIZES, ModelConfig, get_config
+from jaxcache.models.configs import (
+    ARCHS,
+    CONFIGS,
+    SIZES,
+    WAN_CONFIGS,
+    WAN_SIZES,
+    ModelConfig,
+    WanConfig,
+    get_config,
+)
 from jaxcache.models.dit import DiT
 from jaxcache.models.factory import create_model
 from jaxcache.models.mmdit import MMDiT, MMDiTSingleBlock
+from jaxcache.models.wan import Wan
 
 __all__ = [
     "ARCHS",
     "CONFIGS",
     "SIZES",
+    "WAN_CONFIGS",
+    "WAN_SIZES",
     "DiT",
     "MMDiT",
     "MMDiTSingleBlock",
     "ModelConfig",
+    "Wan",
+    "WanConfig",
     "create_model",
     "get_config",
 ]

@@ -7,13 +7,14 @@ from typing import Any
 
 from flax import nnx
 
-from jaxcache.models.configs import ModelConfig, get_config
+from jaxcache.models.configs import ModelConfig, WanConfig, get_config
 from jaxcache.models.dit import DiT
 from jaxcache.models.mmdit import MMDiT
+from jaxcache.models.wan import Wan
 
 __all__ = ["ARCHITECTURES", "check_architecture", "create_model"]
 
-ARCHITECTURES: dict[str, type[nnx.Module]] = {"dit": DiT, "mmdit": MMDiT}
+ARCHITECTURES: dict[str, type[nnx.Module]] = {"dit": DiT, "mmdit": MMDiT, "wan": Wan}
 
 
 def create_model(
@@ -24,7 +25,7 @@ def create_model(
     dtype: Any = None,
     param_dtype: Any = None,
     **overrides: Any,
-) -> DiT | MMDiT:
+) -> DiT | MMDiT | Wan:
     """Creates a reference diffusion transformer from a named config.
 
     Example:
@@ -36,14 +37,15 @@ def create_model(
       (2, dtype(bfloat16))
 
     Args:
-      arch: ``"dit"`` or ``"mmdit"``.
-      size: ``"tiny"``, ``"small"``, ``"dit-xl"``, ``"flux"`` or ``"qwen-image"`` (see
+      arch: ``"dit"``, ``"mmdit"`` or ``"wan"`` (text-to-video, :class:`~jaxcache.models.Wan`).
+      size: ``"tiny"``, ``"small"``, ``"dit-xl"``, ``"flux"`` or ``"qwen-image"``; for the
+        ``"wan"``, ``"tiny"``, ``"small"`` or ``"wan-1.3b"`` (see
         :mod:`jaxcache.models.configs`).
       rngs: random number streams for initialisation.
       dtype: compute dtype; ``None`` keeps the config's (float32).
       param_dtype: parameter dtype; ``None`` keeps the config's (float32).
-      **overrides: other :class:`ModelConfig` fields to change (``depth=8``,
-        ``single_depth=2`` for the ``mmdit``, ...).
+      **overrides: other fields of the config to change (``depth=8``, ``single_depth=2`` for
+        the ``mmdit``, ``frames=5`` for the ``wan``, ...).
 
     Returns:
       The initialised model.
@@ -53,10 +55,12 @@ def create_model(
         (single-stream blocks, ``single_depth > 0``, for an architecture other than ``mmdit``).
     """
     config = get_config(arch, size)
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    fields = {f.name for f in dataclasses.fields(type(config))}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"unknown ModelConfig fields {unknown}; valid: {sorted(fields)}")
+        raise ValueError(
+            f"unknown {type(config).__name__} fields {unknown}; valid: {sorted(fields)}"
+        )
     if dtype is not None:
         overrides["dtype"] = dtype
     if param_dtype is not None:
@@ -66,13 +70,20 @@ def create_model(
     return ARCHITECTURES[arch](config, rngs=rngs)
 
 
-def check_architecture(arch: str, config: ModelConfig) -> None:
+def check_architecture(arch: str, config: ModelConfig | WanConfig) -> None:
     """Raises ``ValueError`` if ``config`` asks for what architecture ``arch`` does not have.
 
     Only the ``mmdit`` has FLUX.1's single-stream blocks: any other architecture refuses a
-    nonzero ``single_depth`` rather than silently building fewer blocks than asked.
+    nonzero ``single_depth`` rather than silently building fewer blocks than asked. The ``wan``
+    takes a :class:`~jaxcache.models.WanConfig`, the others a
+    :class:`~jaxcache.models.ModelConfig`.
     """
-    if config.single_depth and arch != "mmdit":
+    wanted = WanConfig if arch == "wan" else ModelConfig
+    if not isinstance(config, wanted):
+        raise ValueError(
+            f"the {arch} is built from a {wanted.__name__}, got a {type(config).__name__}"
+        )
+    if getattr(config, "single_depth", 0) and arch != "mmdit":
         raise ValueError(
             f"single_depth={config.single_depth}: only the mmdit architecture has single-stream "
             f"blocks (FLUX.1's layout); the {arch} has one kind of block, set its depth instead"
