@@ -3,13 +3,16 @@
 For each model: full compute, fewer steps (the baseline), the interval schedule with plain reuse
 and every forecast (with --fitted, also the forecast whose per-step gains are fitted to the
 model on a batch of its own), and the signal-driven policies (First-Block, TeaCache, DBCache)
-with residual reuse and with the Taylor forecast at the same compute. Prints a markdown table
-per model (the one in BENCHMARKS.md), and writes ``tradeoff.json`` and ``tradeoff.png`` (PSNR
-against ideal speedup, the fewer-steps curve drawn in) to --out.
+with residual reuse and with the Taylor forecast at the same compute; with --planned, the planned
+schedules too (DeepCache's centered schedule, MagCache, the planner's refresh steps, a
+Learning-to-Cache router), each fitted on a batch of its own, at every interval's compute.
+Prints a markdown table per model (the one in BENCHMARKS.md), and writes ``tradeoff.json`` and
+``tradeoff.png`` (PSNR against ideal speedup, the fewer-steps curve drawn in) to --out.
 
     python examples/tradeoff.py                       # both flow models, 500 digits each
     python examples/tradeoff.py --arch dit --per-class 8 --targets ""   # a quick look
     python examples/tradeoff.py --modes taylor1 --fitted --targets ""   # the fitted forecast
+    python examples/tradeoff.py --modes reuse,taylor1 --fitted --planned --targets ""
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import sys
 from pathlib import Path
 
 import jaxcache as jc
-from jaxcache.digits import pretrained, tradeoff
+from jaxcache.digits import planned, pretrained, tradeoff
 from jaxcache.digits.harness import REUSE_MODES, Row
 
 # Models and how they are sampled: flow matching with Euler at 20 steps; the noise-prediction
@@ -54,6 +57,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="Adam steps of each fit (default 60)")
     p.add_argument("--fit-order", type=int, choices=(1, 2), default=1,
                    help="Taylor order whose terms the fit scales (default 1)")
+    p.add_argument("--planned", action="store_true",
+                   help="add the planned schedules (jaxcache.digits.planned: centered, "
+                        "magcache, planned, learned) at each interval's compute, fitted on a "
+                        "batch of their own (seed + 1), with --modes' step-mask rows (and the "
+                        "fitted forecast with --fitted)")
+    p.add_argument("--families", default=",".join(planned.FAMILIES),
+                   help=f"the planned families of --planned, of {list(planned.FAMILIES)}")
+    p.add_argument("--router-iterations", type=int, default=150,
+                   help="Adam steps of each Learning-to-Cache router (default 150)")
     p.add_argument("--guidance", type=float, default=pretrained.DEFAULT_GUIDANCE)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting")
     p.add_argument("--seed", type=int, default=0)
@@ -104,9 +116,15 @@ def main(argv=None) -> int:
         print(f"error: --targets must be comma-separated numbers, got {args.targets!r}",
               file=sys.stderr)
         return 2
-    if args.per_class < 1 or args.fit_per_class < 1 or args.fit_iterations < 1:
-        print("error: --per-class, --fit-per-class and --fit-iterations must be positive",
-              file=sys.stderr)
+    if min(args.per_class, args.fit_per_class, args.fit_iterations,
+           args.router_iterations) < 1:
+        print("error: --per-class, --fit-per-class, --fit-iterations and --router-iterations "
+              "must be positive", file=sys.stderr)
+        return 2
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    if any(f not in planned.FAMILIES for f in families):
+        print(f"error: --families must name families of {list(planned.FAMILIES)}, got "
+              f"{args.families!r}", file=sys.stderr)
         return 2
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if any(m not in REUSE_MODES for m in modes):
@@ -131,6 +149,15 @@ def main(argv=None) -> int:
                 model, steps, intervals, seed=args.seed + 1, per_class=args.fit_per_class,
                 guidance=guidance, solver=solver, order=args.fit_order,
                 iterations=args.fit_iterations,
+                log=lambda line: print(line, flush=True),
+            )
+        if args.planned and not args.signal_only:
+            settings += planned.planned_settings(
+                model, steps, intervals, seed=args.seed + 1, per_class=args.fit_per_class,
+                guidance=guidance, solver=solver, modes=[m for m in modes if m in
+                                                         ("reuse", "residual", "taylor1")],
+                fitted=args.fitted, families=families, fit_iterations=args.fit_iterations,
+                router_iterations=args.router_iterations,
                 log=lambda line: print(line, flush=True),
             )
         print(f"\n{arch}: {len(labels)} digits, {type(solver).__name__} {steps} steps, "
