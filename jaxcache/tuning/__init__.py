@@ -19,6 +19,10 @@ model and inputs; nothing in the core imports this package (``jaxcache.fit_forec
 * :func:`plan_refreshes`: the refresh steps within a budget that minimise the modelled error
   against full compute (exact dynamic programming on :class:`StepErrors`), as a
   :class:`~jaxcache.StepMaskPolicy` (:mod:`jaxcache.tuning.planner`).
+* :func:`measure_segments` and :func:`plan_path`: LeMiCa's planner, on the final sample's error
+  measured per cached segment (one run each, one compiled program), and
+  :func:`refine_schedule`, a local search that measures whole schedules
+  (:mod:`jaxcache.tuning.segments`).
 * :func:`train_router`: Learning-to-Cache, a logit per (step, body layer) trained with Optax
   through the sampler's gated loop (:class:`~jaxcache.LayerGates`), checkpointed and resumed
   exactly; the :class:`Router` thresholds to a :class:`~jaxcache.LayerMaskPolicy`
@@ -27,8 +31,14 @@ model and inputs; nothing in the core imports this package (``jaxcache.fit_forec
 
 from jaxcache.tuning.forecast import fit_forecast
 from jaxcache.tuning.magcache import MagCacheCalibration, calibrate_magcache, magnitude_ratios
-from jaxcache.tuning.planner import StepErrors, plan_refreshes, step_errors
+from jaxcache.tuning.planner import StepErrors, plan_path, plan_refreshes, step_errors
 from jaxcache.tuning.router import Router, train_router
+from jaxcache.tuning.segments import (
+    RefinedSchedule,
+    SegmentErrors,
+    measure_segments,
+    refine_schedule,
+)
 from jaxcache.tuning.teacache import (
     calibrate_teacache,
     fit_teacache_coefficients,
@@ -38,7 +48,9 @@ from jaxcache.tuning.threshold import ThresholdChoice, threshold_for
 
 __all__ = [
     "MagCacheCalibration",
+    "RefinedSchedule",
     "Router",
+    "SegmentErrors",
     "StepErrors",
     "ThresholdChoice",
     "calibrate_magcache",
@@ -46,7 +58,10 @@ __all__ = [
     "fit_forecast",
     "fit_teacache_coefficients",
     "magnitude_ratios",
+    "measure_segments",
+    "plan_path",
     "plan_refreshes",
+    "refine_schedule",
     "step_errors",
     "teacache_calibration_data",
     "threshold_for",

@@ -1,4 +1,4 @@
-"""Planned schedules: the refresh steps that minimise the modelled error within a budget.
+"""Planned schedules: the refresh steps that minimise a schedule's error within a budget.
 
 A schedule known before sampling compiles to a loop with no decision in it, so it may as well be
 the best one for the model. :func:`plan_refreshes` chooses it from the body's residuals along
@@ -19,9 +19,15 @@ The error model (:class:`StepErrors`), per skipped step ``t`` and averaged over 
 
 The errors add up over steps (each skipped step's error is measured on the full-compute
 trajectory, not propagated), which makes the search exact and cheap: ``O(K T^2)`` for reuse,
-``O(K T^3)`` for the forecast, well under a second for ``T <= 50`` on a CPU. LeMiCa
-(Gao et al. 2025) weighs each cached segment instead by its measured effect on the final sample
-(one sampling run per segment) and minimises the largest; this model needs one run in all.
+``O(K T^3)`` for the forecast, well under a second for ``T <= 50`` on a CPU.
+
+That model does not see what the final sample sees: errors propagate through the later steps,
+and some cancel. :func:`plan_path` plans instead on errors measured on the final sample
+(:func:`~jaxcache.tuning.measure_segments`, LeMiCa's graph: one sampling run per cached
+segment), minimising the largest segment error lexicographically (LeMiCa) or their sum. Use
+:func:`plan_refreshes` where sampling runs are dear (one run in all, milliseconds to plan),
+:func:`plan_path` where a calibration batch can be sampled a few hundred times, and
+:func:`~jaxcache.tuning.refine_schedule` after either, which measures whole schedules.
 """
 
 from __future__ import annotations
@@ -34,10 +40,13 @@ import jax
 import numpy as np
 
 from jaxcache.policies.step_mask import StepMaskPolicy
+from jaxcache.tuning.segments import SegmentErrors
 
 PyTree = Any
 
-__all__ = ["REUSE_MODELS", "StepErrors", "plan_refreshes", "step_errors"]
+__all__ = [
+    "OBJECTIVES", "REUSE_MODELS", "StepErrors", "plan_path", "plan_refreshes", "step_errors",
+]
 
 #: The reuse modes whose error :func:`plan_refreshes` models.
 REUSE_MODELS = ("residual", "output", "taylor1")
@@ -197,40 +206,8 @@ def plan_refreshes(
     errors, layers = _errors_of(source, times, reuse)
     reuse = _check_reuse(reuse, errors)
     steps = errors.evaluations
-    if (refreshes is None) == (body_layer_budget is None):
-        raise ValueError("plan_refreshes: give one of refreshes= and body_layer_budget=")
-    if refreshes is not None:
-        if isinstance(refreshes, (bool, np.bool_)) or not isinstance(
-            refreshes, (int, np.integer)
-        ):
-            raise TypeError(f"plan_refreshes: refreshes must be an int >= 1, got {refreshes!r}")
-        if refreshes < 1:
-            raise ValueError(
-                f"plan_refreshes: refreshes={refreshes} is below one refresh; step 0 always "
-                "computes, so the budget must allow at least 1"
-            )
-        budget = int(refreshes)
-    else:
-        layers = cached_layers if cached_layers is not None else layers
-        if isinstance(layers, bool) or not isinstance(layers, (int, np.integer)) or layers < 1:
-            raise ValueError(
-                "plan_refreshes: body_layer_budget counts the body's layers, so it needs "
-                f"cached_layers= (an int >= 1), got {layers!r}"
-            )
-        if isinstance(body_layer_budget, (bool, np.bool_)) or not isinstance(
-            body_layer_budget, (int, float, np.integer, np.floating)
-        ) or not math.isfinite(body_layer_budget):
-            raise TypeError(
-                f"plan_refreshes: body_layer_budget must be a finite number, got "
-                f"{body_layer_budget!r}"
-            )
-        if body_layer_budget < layers:
-            raise ValueError(
-                f"plan_refreshes: body_layer_budget={body_layer_budget!r} is below one refresh "
-                f"of the body ({layers} layers); step 0 always computes, so the budget must be "
-                f"at least {layers}"
-            )
-        budget = int(body_layer_budget // layers)
+    budget = _budget("plan_refreshes", refreshes, body_layer_budget,
+                     cached_layers if cached_layers is not None else layers)
     budget = min(budget, steps)
     if reuse == "taylor1":
         if budget < 2:
@@ -243,6 +220,68 @@ def plan_refreshes(
     else:
         mask = _plan_reuse(errors.reuse, budget)
     return StepMaskPolicy(tuple(bool(m) for m in mask))
+
+
+#: What :func:`plan_path` minimises over a path's edges.
+OBJECTIVES = ("minimax", "sum")
+
+
+def plan_path(
+    errors: SegmentErrors,
+    *,
+    refreshes: int | None = None,
+    body_layer_budget: float | None = None,
+    cached_layers: int | None = None,
+    objective: str = "minimax",
+) -> StepMaskPolicy:
+    """The best refresh path within a budget over measured segment errors (LeMiCa).
+
+    A schedule is a path through the steps, one edge from each refresh to the next (the last
+    to the end of the run), weighed by :func:`~jaxcache.tuning.measure_segments`; segments
+    are at most its ``max_length``. Exact dynamic programming over the last refresh, or the
+    last two where the weights depend on the forecast's previous refresh
+    (``previous="pairs"``); step 0 always refreshes. Among paths of equal value the one with
+    more refreshes wins.
+
+    Args:
+      errors: the measured :class:`~jaxcache.tuning.SegmentErrors`.
+      refreshes: the budget as refresh steps (at most this many; at least 1).
+      body_layer_budget: instead, the budget as the body's layer evaluations per sample
+        (``refreshes x cached_layers``).
+      cached_layers: the body's layers, for ``body_layer_budget``.
+      objective: ``"minimax"`` (LeMiCa's lexicographic minimax: the least largest edge
+        error, then the least second largest, and so on) or ``"sum"`` (the least summed
+        edge error: the final error if the segments' errors added up).
+
+    Returns:
+      A :class:`~jaxcache.StepMaskPolicy`: sampled with it, the loop holds no decision.
+
+    Raises:
+      ValueError, TypeError: for something other than segment errors, both or neither budget,
+        a budget below one refresh, an unknown objective, or a budget that cannot cover the
+        run with segments of at most ``max_length`` steps.
+
+    Example:
+      >>> errors = tuning.measure_segments(plan, seg, noise, cond, solver=solver,
+      ...                                  num_steps=20, reuse=reuse)  # doctest: +SKIP
+      >>> policy = tuning.plan_path(errors, refreshes=5)              # doctest: +SKIP
+    """
+    if not isinstance(errors, SegmentErrors):
+        raise TypeError(
+            "plan_path: errors must be SegmentErrors (jaxcache.tuning.measure_segments), got "
+            f"{type(errors).__name__}; plan_refreshes plans from a run's body residuals"
+        )
+    if objective not in OBJECTIVES:
+        raise ValueError(f"plan_path: objective must be one of {OBJECTIVES}, got {objective!r}")
+    steps = errors.evaluations
+    budget = min(_budget("plan_path", refreshes, body_layer_budget, cached_layers), steps)
+    if budget * errors.max_length < steps:
+        raise ValueError(
+            f"plan_path: {budget} refreshes cannot cover {steps} evaluations with segments of "
+            f"at most max_length={errors.max_length} steps (the longest measured); give at "
+            f"least {-(-steps // errors.max_length)} refreshes or measure longer segments"
+        )
+    return StepMaskPolicy(tuple(bool(m) for m in _best_path(errors.errors, budget, objective)))
 
 
 # ---------------------------------------------------------------------------- the searches
@@ -339,6 +378,56 @@ def _plan_forecast(errors: StepErrors, budget: int) -> np.ndarray:
     return mask
 
 
+def _best_path(table: np.ndarray, budget: int, objective: str) -> np.ndarray:
+    """Exact DP over the last two refreshes ``(h, i)`` (``h = T``: none) on ``table[h, i, j]``.
+
+    The value of a partial path is its summed weight, or for the minimax its weights sorted
+    from the largest: adding the same edges to two paths keeps their lexicographic order
+    (the largest weight where they differ decides, and shared edges never differ), so the
+    best path to a state extends to the best path through it.
+    """
+    steps = table.shape[1]
+    none = steps
+    if objective == "sum":
+        start, extend = 0.0, lambda value, w: value + w
+    else:
+        start = ()
+
+        def extend(value, w):
+            at = int(np.searchsorted(-np.asarray(value), -w, side="right"))
+            return (*value[:at], w, *value[at:])
+
+    def padded(value, k):  # a path of fewer edges: absent edges weigh nothing
+        return value if objective == "sum" else value + (0.0,) * (budget - k)
+
+    layer = {(none, 0): (start, (0,))}  # (h, i) -> (value, refreshes), k refreshes so far
+    best_value, best_path = None, None
+    for k in range(1, budget + 1):
+        following: dict[tuple[int, int], tuple[Any, tuple[int, ...]]] = {}
+        for (h, i), (value, path) in layer.items():
+            for j in np.flatnonzero(~np.isnan(table[h, i, i + 1:])) + i + 1:
+                j = int(j)
+                extended = extend(value, float(table[h, i, j]))
+                if j == steps:
+                    # >=: of equal values the path with more refreshes (later k) wins.
+                    final = padded(extended, k)
+                    if best_value is None or not final > best_value:
+                        best_value, best_path = final, path
+                elif k < budget:
+                    held = following.get((i, j))
+                    if held is None or extended < held[0]:
+                        following[(i, j)] = (extended, (*path, j))
+        layer = following
+    total = best_value if objective == "sum" else (best_value[0] if best_value else None)
+    if best_path is None or not np.isfinite(total):
+        raise ValueError(
+            "plan_path: no measured path within the budget reaches the end of the run"
+        )
+    mask = np.zeros(steps, bool)
+    mask[list(best_path)] = True
+    return mask
+
+
 def _pick(final: np.ndarray, least: int = 1) -> tuple[int, int]:
     """``(k, index)`` of the least error in ``final[k, index]`` over ``k >= least``, the largest
     ``k`` among ties."""
@@ -356,6 +445,41 @@ def _pick(final: np.ndarray, least: int = 1) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------- inputs
+def _budget(name: str, refreshes: Any, body_layer_budget: Any, layers: Any) -> int:
+    """The budget in refreshes from exactly one of ``refreshes`` and ``body_layer_budget``."""
+    if (refreshes is None) == (body_layer_budget is None):
+        raise ValueError(f"{name}: give one of refreshes= and body_layer_budget=")
+    if refreshes is not None:
+        if isinstance(refreshes, (bool, np.bool_)) or not isinstance(
+            refreshes, (int, np.integer)
+        ):
+            raise TypeError(f"{name}: refreshes must be an int >= 1, got {refreshes!r}")
+        if refreshes < 1:
+            raise ValueError(
+                f"{name}: refreshes={refreshes} is below one refresh; step 0 always "
+                "computes, so the budget must allow at least 1"
+            )
+        return int(refreshes)
+    if isinstance(layers, bool) or not isinstance(layers, (int, np.integer)) or layers < 1:
+        raise ValueError(
+            f"{name}: body_layer_budget counts the body's layers, so it needs "
+            f"cached_layers= (an int >= 1), got {layers!r}"
+        )
+    if isinstance(body_layer_budget, (bool, np.bool_)) or not isinstance(
+        body_layer_budget, (int, float, np.integer, np.floating)
+    ) or not math.isfinite(body_layer_budget):
+        raise TypeError(
+            f"{name}: body_layer_budget must be a finite number, got {body_layer_budget!r}"
+        )
+    if body_layer_budget < layers:
+        raise ValueError(
+            f"{name}: body_layer_budget={body_layer_budget!r} is below one refresh of the "
+            f"body ({layers} layers); step 0 always computes, so the budget must be at least "
+            f"{layers}"
+        )
+    return int(body_layer_budget // layers)
+
+
 def _check_reuse(reuse: Any, errors: StepErrors) -> str:
     if reuse not in REUSE_MODELS:
         raise ValueError(f"reuse must be one of {REUSE_MODELS}, got {reuse!r}")
@@ -369,6 +493,11 @@ def _check_reuse(reuse: Any, errors: StepErrors) -> str:
 
 def _errors_of(source: Any, times: Any, reuse: str) -> tuple[StepErrors, int | None]:
     """The error tables and the body's layer count (if known) of a planner's source."""
+    if isinstance(source, SegmentErrors):
+        raise TypeError(
+            "plan_refreshes models the error from body residuals; measured SegmentErrors plan "
+            "with jaxcache.tuning.plan_path"
+        )
     if isinstance(source, StepErrors):
         if times is not None:
             raise ValueError("plan_refreshes: times= is for residuals; StepErrors keep their own")
