@@ -9,15 +9,19 @@ use):
 * :class:`Network`, :class:`NetworkParams`, :func:`from_nnx`, :func:`from_linen`: a model cut
   into cacheable pieces; :class:`TimeConvention`, the time the model reads;
   :func:`check_parity` (raises :class:`ParityError`): the glued network against the model's
-  own forward.
+  own forward; :class:`Static`, a value known while tracing (the input's shape) carried in a
+  network's per-step context.
 * :class:`CachePlan`, :class:`SegmentParams`: head, cached body and tail; parameters split per
   segment.
 * Policies, when the body is recomputed: :class:`RefreshPolicy`; schedules known before
   sampling, :class:`IntervalPolicy`, :class:`StepMaskPolicy`, and per step and body layer
   :class:`LayerMaskPolicy` (with :class:`LayerGates`, its traced form); signal-driven, decided
   on the device per sample, :class:`FirstBlockPolicy`, :class:`TeaCachePolicy` (with
-  :func:`calibrate_teacache`, from :mod:`jaxcache.tuning`), :class:`DBCachePolicy`;
+  :func:`calibrate_teacache`, from :mod:`jaxcache.tuning`), :class:`DBCachePolicy`,
+  :class:`SenCachePolicy` (reads only the sample and the time: skips the whole network);
   :class:`OnDevice`.
+* :class:`CFGCache`: FasterCache's CFG-Cache, the unconditional branch of guidance estimated
+  on cache steps (``sample(..., guidance=)``).
 * Reuse modes, what a skipped step uses: :class:`ReuseMode`, :class:`OutputReuse`,
   :class:`ResidualReuse`, :class:`TaylorForecast`, :class:`HermiteForecast`,
   :class:`FittedForecast` (with :func:`fit_forecast`, from :mod:`jaxcache.tuning`).
@@ -34,8 +38,16 @@ signal policy's threshold for a compute budget).
 import importlib as _importlib
 
 from jaxcache._adapters import Blocks
+from jaxcache.guidance import CFGCache
 from jaxcache.linen import from_linen
-from jaxcache.network import Network, NetworkParams, ParityError, TimeConvention, check_parity
+from jaxcache.network import (
+    Network,
+    NetworkParams,
+    ParityError,
+    Static,
+    TimeConvention,
+    check_parity,
+)
 from jaxcache.nnx import from_nnx
 from jaxcache.plan import CachePlan, SegmentParams
 from jaxcache.policies import (
@@ -47,6 +59,7 @@ from jaxcache.policies import (
     MagCachePolicy,
     OnDevice,
     RefreshPolicy,
+    SenCachePolicy,
     StepMaskPolicy,
     TeaCachePolicy,
 )
@@ -77,6 +90,7 @@ __version__ = "0.2.0"
 __all__ = [
     "BlockKind",
     "Blocks",
+    "CFGCache",
     "DDIM",
     "DDPM",
     "CachePlan",
@@ -103,7 +117,9 @@ __all__ = [
     "SampleResult",
     "SegmentParams",
     "Segments",
+    "SenCachePolicy",
     "Solver",
+    "Static",
     "StepCache",
     "StepMaskPolicy",
     "TaylorForecast",
