@@ -21,10 +21,18 @@ mode stand in for it, then runs the tail:
   the body runs when any row needs it (a loop of zero or one trips that keeps the state buffers
   in place; see :func:`_run_or_reuse`), and each row then takes its own output by a select, so a
   sample's result never depends on its batch-mates.
+* A policy that reads only the sample and the time (:class:`~jaxcache.SenCachePolicy`, its
+  ``whole_network``) decides the same way, before the network: a skipped step runs none of it,
+  and the reuse mode stands in for the network's prediction.
 
 Classifier-free guidance runs both branches as one batch of ``2B`` rows; every row keeps its
 own decisions and cached values, so branch state cannot mix (the reference shared one cache,
-and its negative pass reused the positive caption).
+and its negative pass reused the positive caption). With CFG-Cache (``guidance=``,
+:class:`~jaxcache.CFGCache`) the cache steps, known before sampling, run the ``B`` conditional
+rows alone, with the condition path's output and per-layer constants of those rows, and
+estimate the unconditional prediction; a reuse state of ``2B`` rows is read and written there
+through the conditional rows twice over, its unconditional rows masked out, so the layer cache
+composes with it unchanged.
 
 A step of the loop is one model evaluation (one entry of ``solver.times``): a two-stage solver
 such as :class:`~jaxcache.FlowMatchHeun` makes two per solver step, and the cache counts both.
@@ -52,11 +60,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcache._checks import check_arrays, check_int
+from jaxcache.guidance import CFGCache
 from jaxcache.plan import CachePlan, SegmentParams
 from jaxcache.policies.base import RefreshPolicy
+from jaxcache.policies.sencache import is_whole_network
 from jaxcache.policies.signals import relative_l1, sequence_axes, signal_function
 from jaxcache.reuse.base import Position, ReuseMode, select_rows
-from jaxcache.reuse.forecast import Ladder
+from jaxcache.reuse.forecast import Ladder, TaylorForecast
 from jaxcache.reuse.output import OutputReuse
 from jaxcache.sharding import check_sequence_axes, manual_axes, normalize_sequence_axis, vary
 from jaxcache.solvers import Solver
@@ -96,7 +106,10 @@ class SampleResult(NamedTuple):
         embedding and final projection at every evaluation, and each layer each time it ran,
         weighed by its own cost (FLUX's single-stream blocks cost less than its double-stream
         ones). Counted on the traced pieces (:mod:`jaxcache.work`); NaN for a network whose
-        pieces hold a ``while`` loop (its trip count is unknown).
+        pieces hold a ``while`` loop (its trip count is unknown). CFG-Cache's cache steps
+        count their ``B`` rows; under a policy that skips the whole network (SenCache) the
+        embedding and final projection count where the network ran, and its extra warm-up
+        evaluations count whole.
       uncached_flops: the same for the run without caching.
       signals: with ``record=("signal", ...)`` only (else None): ``[evaluations, rows]``
         float32, the relative L1 change (:func:`~jaxcache.policies.signals.relative_l1`) of the
@@ -115,6 +128,11 @@ class SampleResult(NamedTuple):
         float32. Recorded on the uncached run (``policy=None``) of a plan with a body, so
         every evaluation computes it: the calibration data of planned schedules (MagCache's
         magnitude ratios, :mod:`jaxcache.tuning`).
+      guidance_computed: with guidance only (else None): ``[evaluations]`` bool, whether the
+        unconditional branch ran; False on CFG-Cache's cache steps, where it was estimated
+        from the conditional one (:class:`~jaxcache.CFGCache`). There :attr:`body_computed`
+        is False for the unconditional branch, and :attr:`flops` counts the conditional rows
+        only.
     """
 
     sample: jax.Array
@@ -127,6 +145,7 @@ class SampleResult(NamedTuple):
     signals: jax.Array | None = None
     output_changes: jax.Array | None = None
     body_residuals: PyTree = None
+    guidance_computed: jax.Array | None = None
 
     @property
     def layer_evaluations(self) -> jax.Array:
@@ -155,6 +174,7 @@ def sample(
     reuse: ReuseMode | None = None,
     uncond: PyTree = None,
     guidance_scale: float | None = None,
+    guidance: CFGCache | None = None,
     key: jax.Array | None = None,
     remat: bool = False,
     sequence_axis: str | tuple[str, ...] | None = None,
@@ -184,10 +204,25 @@ def sample(
         (:class:`~jaxcache.LayerMaskPolicy`) runs or reuses each body layer on its own, the
         reuse mode standing in per layer; its program grows with the number of distinct mask
         rows. :class:`~jaxcache.LayerGates` mixes computed and reused layer outputs by traced
-        gates (every layer runs; differentiable in the gates).
+        gates (every layer runs; differentiable in the gates). A policy that reads only the
+        sample and the time (:class:`~jaxcache.SenCachePolicy`) skips the whole network, any
+        plan's head, body and tail alike.
       reuse: what a skipped step uses; default :class:`~jaxcache.OutputReuse` (the reference).
+        With a whole-network policy it stands in for the network's prediction (``None`` and
+        ``OutputReuse()``: the last prediction; a forecast mode: a forecast of it;
+        :class:`~jaxcache.ResidualReuse`: the current sample plus the last ``prediction -
+        x``).
       uncond: the negative condition for classifier-free guidance, shaped like ``cond``.
       guidance_scale: the guidance scale (>= 0); None turns guidance off. Static.
+      guidance: :class:`~jaxcache.CFGCache` (FasterCache's CFG-Cache): cache steps, known
+        before sampling, run the conditional branch alone (``B`` rows, not ``2B``) and
+        estimate the unconditional prediction from the gap between the branches at the last
+        full step, split into low and high frequencies. Needs ``uncond`` and a
+        ``guidance_scale`` above 1. Composes with any per-step policy and reuse mode and with a
+        :class:`~jaxcache.LayerMaskPolicy` (the conditional rows keep caching on their own);
+        not with :class:`~jaxcache.LayerGates`, ``record=``, ``sequence_axis`` (the FFT needs a
+        whole sample) or a policy that skips the whole network (SenCache). None (the default):
+        both branches run at every evaluation.
       key: a PRNG key (``jax.random.key(seed)``) for an ancestral solver
         (:class:`~jaxcache.DDPM`, :class:`~jaxcache.EulerAncestral`); traced, so a new seed
         reuses the compiled program. Evaluation ``i`` gets ``jax.random.fold_in(key, i)``.
@@ -234,7 +269,7 @@ def sample(
       ...                       policy=jaxcache.IntervalPolicy(3))
     """
     args = _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond,
-                    guidance_scale, key, remat, sequence_axis, record)
+                    guidance_scale, key, remat, sequence_axis, record, guidance)
     return _program(plan)(*args)
 
 
@@ -250,6 +285,7 @@ def lower(
     reuse: ReuseMode | None = None,
     uncond: PyTree = None,
     guidance_scale: float | None = None,
+    guidance: CFGCache | None = None,
     key: jax.Array | None = None,
     remat: bool = False,
     sequence_axis: str | tuple[str, ...] | None = None,
@@ -262,7 +298,7 @@ def lower(
     decisions).
     """
     args = _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond,
-                    guidance_scale, key, remat, sequence_axis, record)
+                    guidance_scale, key, remat, sequence_axis, record, guidance)
     return _program(plan).lower(*args)
 
 
@@ -308,7 +344,7 @@ def _check_instance(value: Any, base: type, what: str) -> None:
 
 
 def _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond, scale, key,
-             remat=False, sequence_axis=None, record=()):
+             remat=False, sequence_axis=None, record=(), guidance=None):
     """Validates every argument (before tracing) and returns ``_sample``'s arguments."""
     _check_instance(plan, CachePlan, "plan")
     if not isinstance(plan, CachePlan):
@@ -346,7 +382,22 @@ def _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond
         _check_instance(reuse, ReuseMode, "reuse")
         if not isinstance(reuse, ReuseMode):
             raise TypeError(f"reuse must be a ReuseMode or None, got {_kind_of(reuse)}")
-    if policy is not None and plan.cached_layers > 0:
+    whole = policy is not None and is_whole_network(policy)
+    inner = getattr(policy, "policy", None)
+    if not whole and inner is not None and is_whole_network(inner):
+        raise ValueError(
+            f"{type(inner).__name__} already decides on the device, before the network; pass "
+            f"it as policy= itself, not wrapped in {type(policy).__name__}"
+        )
+    if whole:  # the reuse mode stands in for the network's prediction
+        mode = _prediction_mode(policy, reuse)
+        try:
+            mode.check(plan, evaluations, None)
+        except ValueError as error:
+            raise ValueError(f"{error}{counted}") from error
+        _check_forecast_times(mode, solver, times, None)
+        _check_remat(remat, policy, on_device=True)
+    elif policy is not None and plan.cached_layers > 0:
         mode = reuse or OutputReuse()
         layers = policy.static_layer_schedule(evaluations)
         gates = None if layers is not None else policy.layer_gates(evaluations)
@@ -375,8 +426,70 @@ def _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond
     _check_conditions(noise, cond, uncond)
     sequence = normalize_sequence_axis(sequence_axis)
     record = _check_record(record, policy, plan)
+    if whole and record:
+        raise ValueError(
+            f"record={record!r} is not available with {type(policy).__name__}: it skips the "
+            "whole network, so a skipped step has no signal or prediction of its own to record"
+        )
+    if guidance is not None:
+        _check_guidance(guidance, plan, policy, evaluations, noise, scale, record, sequence,
+                        counted)
     return (plan, params, noise, cond, uncond, solver, num_steps, policy, reuse, scale, key,
-            remat, sequence, record)
+            remat, sequence, record, guidance)
+
+
+def _prediction_mode(policy: RefreshPolicy, reuse: ReuseMode | None) -> ReuseMode:
+    """The reuse mode that stands in for the network's prediction under a policy that skips
+    the whole network: the given one, or order-0 Taylor (the last prediction) for the default
+    and :class:`~jaxcache.OutputReuse`, whose cache is shaped for the body's streams."""
+    if isinstance(reuse, OutputReuse) and reuse.all_layers:
+        raise ValueError(
+            f"OutputReuse(all_layers=True) keeps every body layer's output, and "
+            f"{type(policy).__name__} skips the whole network, reusing its prediction: pass "
+            "reuse=None (the last prediction), a forecast of it (TaylorForecast(1)) or "
+            "ResidualReuse()"
+        )
+    if reuse is None or isinstance(reuse, OutputReuse):
+        return TaylorForecast(0)
+    return reuse
+
+
+def _check_guidance(guidance, plan, policy, evaluations, noise, scale, record, sequence,
+                    counted) -> None:
+    """CFG-Cache's settings fit this run, and nothing else in it excludes CFG-Cache."""
+    _check_instance(guidance, CFGCache, "guidance")
+    if not isinstance(guidance, CFGCache):
+        raise TypeError(f"guidance must be a CFGCache or None, got {_kind_of(guidance)}")
+    try:
+        guidance.check(evaluations, tuple(np.shape(noise)), scale)
+    except ValueError as error:
+        raise ValueError(f"{error}{counted}") from error
+    if record:
+        raise ValueError(
+            f"record={record!r} is not available with CFGCache: its cache steps compute the "
+            "conditional rows only. Record on a run without guidance="
+        )
+    if sequence:
+        raise ValueError(
+            "CFGCache splits the gap between the branches into frequencies by an FFT over each "
+            "whole sample; with sequence_axis a device holds part of a sample: drop guidance= "
+            "or sequence_axis="
+        )
+    if policy is None:
+        return
+    name = type(policy).__name__
+    if is_whole_network(policy):
+        raise ValueError(
+            f"{name} skips the whole network for both guidance branches, and CFGCache runs the "
+            "conditional branch alone on its cache steps; the two do not combine: drop one"
+        )
+    if (plan.cached_layers > 0 and policy.static_layer_schedule(evaluations) is None
+            and policy.layer_gates(evaluations) is not None):
+        raise ValueError(
+            f"{name} mixes every layer's output with its reuse value at every step (for "
+            "training a router, at the uncached run's cost); CFGCache does not combine with it. "
+            "Sample with the trained mask, LayerMaskPolicy(gates > 0.5), and CFGCache"
+        )
 
 
 def _check_record(record: Any, policy: RefreshPolicy | None, plan: CachePlan) -> tuple[str, ...]:
@@ -607,7 +720,7 @@ def _jitted_sample(options: tuple[tuple[str, Any], ...]):
 
 
 def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse, guidance_scale,
-            key, remat, sequence=None, record=()):
+            key, remat, sequence=None, record=(), guidance=None):
     # Inside shard_map: the manual mesh axes the noise varies over; loop state made here is cast
     # to vary over them too (else a scan's carry changes type). Empty outside: no casts at all.
     axes = manual_axes(noise)
@@ -620,68 +733,138 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse,
     batch = noise.shape[0]
     branches = 2 if guided else 1
     depth = plan.total_layers(params)
+    split = params  # as split: CFG-Cache's cache steps bind their own rows' constants to it
 
     # Step-independent work happens once per guidance branch, before the loop.
     cond_rows = _concat(cond, uncond) if guided else cond
     constant = plan.network.condition(params.condition, cond_rows)
     params = plan.bind_layers(params, constant)  # per-layer constants, once, before the loop
     rows = jnp.concatenate([noise, noise]) if guided else noise
-    work = functools.partial(_flops, plan, params, rows, cond_rows)
 
-    # The loop carries z = (x, solver state); the state is None for stateless solvers. With
-    # record=, z = (x, solver state, _Record): what the run records rides with the sample.
-    def head(z, t):
+    times, next_times = solver.times(num_steps)
+    steps = len(times)  # model evaluations: the cache's steps
+    # CFG-Cache: each evaluation's kind, known now (None without it).
+    kinds = (None if guidance is None
+             else [_FULL if f else _HALF for f in guidance.full_steps(steps)])
+    half = None if kinds is None else np.asarray([k == _HALF for k in kinds])
+    half_params = half_constant = None
+    if half is not None and half.any():
+        # The cache steps run the conditional rows alone, with their own constants (once).
+        half_constant = plan.network.condition(split.condition, cond)
+        half_params = plan.bind_layers(split, half_constant)
+    work = functools.partial(_flops, plan, params, rows, cond_rows, half=half,
+                             half_rows=(split, noise, cond))
+
+    # The loop carries z, a _Carry: the sample, the solver's state (None for stateless solvers),
+    # and where asked what record= records and CFG-Cache's state.
+    def head(z, t, half=False):
         x = z[0]
+        if half:  # a cache step of CFG-Cache: the conditional rows alone
+            t_rows = jnp.full((x.shape[0],), t, jnp.float32)
+            return plan.run_head(half_params, x, t_rows, half_constant)
         rows = jnp.concatenate([x, x]) if guided else x
         t_rows = jnp.full((rows.shape[0],), t, jnp.float32)
         return plan.run_head(params, rows, t_rows, constant)
 
-    def finish(z, h, ctx, i, t, t_next, signal=None):
-        x, solver_state = z[0], z[1]
-        prediction = plan.run_tail(params, h, ctx)
-        _check_prediction(prediction, x, branches)  # while tracing: costs nothing
+    def finish(z, h, ctx, i, t, t_next, signal=None, kind=None):
+        prediction = plan.run_tail(half_params if kind == _HALF else params, h, ctx)
+        return advance(z, prediction, i, t, t_next, signal, kind)
+
+    def advance(z, prediction, i, t, t_next, signal=None, kind=None):
+        """The guidance combine and the solver's update, from the network's prediction."""
+        x, solver_state, recorded, cfg_state = z
+        if kind == _HALF:  # CFG-Cache's estimate stands in for the unconditional rows
+            _check_prediction(prediction, x, 1)
+            negative, cfg_state = guidance.estimate(cfg_state, prediction, t)
+            prediction = jnp.concatenate([prediction, negative])
+        else:
+            _check_prediction(prediction, x, branches)  # while tracing: costs nothing
         if record:
-            recorded = _record(z[2], i, signal, prediction, sequence)
+            recorded = _record(recorded, i, signal, prediction, sequence)
         if guided:
             positive, negative = jnp.split(prediction, 2)
+            if kind == _FULL:  # the gap the cache steps after this one start from
+                cfg_state = guidance.store(cfg_state, positive, negative)
             prediction = negative + guidance_scale * (positive - negative)
         step_key = None if key is None else jax.random.fold_in(key, i)
         z_next = solver.advance(solver_state, x, prediction, t, t_next, index=i, key=step_key)
-        return (*z_next, recorded) if record else z_next
+        return _Carry(*z_next, recorded, cfg_state)
 
-    times, next_times = solver.times(num_steps)
-    steps = len(times)  # model evaluations: the cache's steps
     xs = (jnp.arange(steps, dtype=jnp.int32), jnp.asarray(times), jnp.asarray(next_times))
-    start = vary((noise, solver.init_state(noise)), axes)
+    start = vary(_Carry(noise, solver.init_state(noise)), axes)
     # The policy's signal, where a step records it (else None: nothing computes it).
     signal_of = (signal_function(policy.signal_kind, plan, params) if "signal" in record
                  else None)
     if record:
-        start = vary((*start, _record_start(record, head, signal_of, start, steps)), axes)
+        start = start._replace(
+            record=vary(_record_start(record, head, signal_of, start, steps), axes)
+        )
+    if guidance is not None:
+        start = start._replace(guidance=vary(guidance.init(noise), axes))
+    # With guidance: whether the unconditional branch ran (not on CFG-Cache's cache steps).
+    uncond_ran = np.ones((steps,), bool) if half is None else ~half
+    guidance_computed = jnp.asarray(uncond_ran) if guided else None
+
+    def by_branch(rows_computed):
+        """``[steps, rows]`` computed rows as ``[steps, branches, batch]``, the unconditional
+        rows of CFG-Cache's cache steps not computed."""
+        if half is not None:
+            ran = np.concatenate([np.ones((steps, batch), bool),
+                                  np.broadcast_to(uncond_ran[:, None], (steps, batch))], axis=1)
+            rows_computed = rows_computed & jnp.asarray(ran)
+        return rows_computed.reshape(steps, branches, batch)
+
+    if policy is not None and is_whole_network(policy):
+        mode = _prediction_mode(policy, reuse)
+        loop = _Loop(plan, params, mode, head, finish, remat, axes, sequence, None, batch)
+
+        def predict(z, t):
+            _, h, ctx = head(z, t)
+            return plan.run_tail(params, plan.run_body(params, h, ctx), ctx)
+
+        def sample_rows(z):
+            return jnp.concatenate([z[0], z[0]]) if guided else z[0]
+
+        previous = np.concatenate([np.asarray(times)[:1], np.asarray(times)[:-1]])
+        z, state, rows_computed, probes = loop.whole(
+            start, (*xs, jnp.asarray(previous)), policy, steps, predict, advance, sample_rows
+        )
+        ran = jnp.any(rows_computed, axis=1)
+        computed = jnp.broadcast_to(ran[:, None], (steps, depth))
+        caches = tuple(mode.rows(state, j * batch, (j + 1) * batch) for j in range(branches))
+        return SampleResult(
+            z[0], ran, computed, caches, by_branch(rows_computed),
+            *work(computed, evaluated=ran, probes=probes), guidance_computed=guidance_computed,
+        )
 
     if policy is None or plan.cached_layers == 0:
 
-        def plain_step(z, step_t):
+        def plain_step(kind, z, step_t):
             i, t, t_next = step_t
-            embedded, h, ctx = head(z, t)
+            embedded, h, ctx = head(z, t, half=kind == _HALF)
             signal = None if signal_of is None else signal_of(embedded, h, ctx)
-            out = plan.run_body(params, h, ctx)
-            z_next = finish(z, out, ctx, i, t, t_next, signal)
+            out = plan.run_body(half_params if kind == _HALF else params, h, ctx)
+            z_next = finish(z, out, ctx, i, t, t_next, signal, kind)
             if "body_residual" in record:
-                z_next = (*z_next[:-1], _record_residual(z_next[-1], i, h, out))
-            return vary(z_next, axes), None
+                z_next = z_next._replace(record=_record_residual(z_next.record, i, h, out))
+            return vary(z_next, axes)
 
         if remat:  # the backward pass recomputes each step from its carry
-            plain_step = jax.checkpoint(plain_step)
-        z, _ = jax.lax.scan(plain_step, start, xs)
-        every = jnp.ones((steps, branches, batch), bool)
+            plain_step = jax.checkpoint(plain_step, static_argnums=(0,))
+        if kinds is None:
+            z, _ = jax.lax.scan(lambda c, st: (plain_step(None, c, st), None), start, xs)
+        else:
+            z = _scan_steps(plain_step, start, xs, kinds)
+        every = jnp.ones((steps, branches * batch), bool)
         computed = jnp.ones((steps, depth), bool)
-        return SampleResult(z[0], jnp.ones((steps,), bool), computed, None, every,
-                            *work(computed), *_recorded(z, record), _residuals(z, record))
+        return SampleResult(z[0], jnp.ones((steps,), bool), computed, None, by_branch(every),
+                            *work(computed), *_recorded(z, record), _residuals(z, record),
+                            guidance_computed)
 
     mode = reuse if reuse is not None else OutputReuse()
     _, body_shape, _ = jax.eval_shape(head, start, jnp.zeros((), jnp.float32))
-    loop = _Loop(plan, params, mode, head, finish, remat, axes, sequence, signal_of)
+    loop = _Loop(plan, params, mode, head, finish, remat, axes, sequence, signal_of, batch,
+                 half_params)
 
     layers = policy.static_layer_schedule(steps)
     gates = None if layers is not None else policy.layer_gates(steps)
@@ -692,7 +875,8 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse,
             units = _layer_units(layers)
             states = tuple(vary(mode.init(_unit_plan(plan, lo, hi), body_shape, constant), axes)
                            for lo, hi in units)
-            z, states = loop.layered(start, states, xs, units, _unit_actions(layers, units))
+            z, states = loop.layered(start, states, xs, units, _unit_actions(layers, units),
+                                     kinds)
             ran = _layer_actions(layers) != _REUSE  # [steps, body layers]
         else:
             one = mode.init(_unit_plan(plan, 0, 1), body_shape, constant)
@@ -705,22 +889,22 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse,
         computed = jnp.asarray(np.concatenate(
             [np.ones((steps, plan.first_layers), bool), ran,
              np.ones((steps, depth - plan.body_stop), bool)], axis=1))
-        whole = np.broadcast_to(ran.all(axis=1)[:, None, None], (steps, branches, batch))
+        whole = np.broadcast_to(ran.all(axis=1)[:, None], (steps, branches * batch))
         return SampleResult(
-            z[0], jnp.asarray(ran.any(axis=1)), computed, caches, jnp.asarray(whole),
-            *work(computed), *_recorded(z, record),
+            z[0], jnp.asarray(ran.any(axis=1)), computed, caches, by_branch(jnp.asarray(whole)),
+            *work(computed), *_recorded(z, record), guidance_computed=guidance_computed,
         )
 
     state = vary(mode.init(plan, body_shape, constant), axes)
 
     schedule = policy.static_schedule(steps)
     if schedule is not None:
-        z, state = loop.static(start, state, xs, np.asarray(schedule, bool))
+        z, state = loop.static(start, state, xs, np.asarray(schedule, bool), kinds)
         rows_computed = jnp.broadcast_to(
             jnp.asarray(_computed_steps(schedule))[:, None], (steps, branches * batch)
         )
     else:
-        z, state, rows_computed = loop.dynamic(start, state, xs, policy, steps)
+        z, state, rows_computed = loop.dynamic(start, state, xs, policy, steps, kinds)
 
     body_ran = jnp.any(rows_computed, axis=1)
     columns = [jnp.ones((steps, plan.first_layers), bool)]
@@ -729,9 +913,68 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse,
     caches = tuple(mode.rows(state, j * batch, (j + 1) * batch) for j in range(branches))
     computed = jnp.concatenate(columns, axis=1)
     return SampleResult(
-        z[0], body_ran, computed, caches, rows_computed.reshape(steps, branches, batch),
-        *work(computed), *_recorded(z, record),
+        z[0], body_ran, computed, caches, by_branch(rows_computed),
+        *work(computed), *_recorded(z, record), guidance_computed=guidance_computed,
     )
+
+
+class _Carry(NamedTuple):
+    """The loop's carry: the sample, the solver's state, then (None where not asked) what
+    ``record=`` records and CFG-Cache's state."""
+
+    x: jax.Array
+    solver: PyTree
+    record: PyTree = None
+    guidance: PyTree = None
+
+
+# CFG-Cache's kinds of evaluation: both branches run and the gap between them is kept (_FULL),
+# or the conditional rows run alone (_HALF).
+_FULL, _HALF = "full", "half"
+
+
+def _scan_steps(step, carry, xs, keys):
+    """``carry`` after ``step(keys[i], carry, xs[i])`` for every step ``i``, in order.
+
+    ``keys`` are hashable and static (what a step does): steps of equal keys share one step
+    function, and runs of equal keys, and repeating patterns of such runs (:func:`_row_runs`),
+    are scanned, so the program grows with the number of distinct keys and patterns, not with
+    the step count.
+    """
+    distinct: list = []
+    for k in keys:
+        if k not in distinct:
+            distinct.append(k)
+    ids = np.asarray([distinct.index(k) for k in keys])
+
+    def pattern(items):
+        """One repetition of a pattern of (id, count) items, in order."""
+
+        def run(carry, pattern_xs):
+            offset = 0
+            for key_id, count in items:
+                part = jax.tree.map(lambda a, o=offset, c=count: a[o : o + c], pattern_xs)
+                key = distinct[key_id]
+                if count == 1:
+                    carry = step(key, carry, jax.tree.map(lambda a: a[0], part))
+                else:
+                    carry, _ = jax.lax.scan(
+                        lambda c, st, k=key: (step(k, c, st), None), carry, part
+                    )
+                offset += count
+            return carry, None
+
+        return run
+
+    for start, reps, items in _row_runs(ids):
+        span = sum(count for _, count in items)
+        run_xs = jax.tree.map(lambda a, s=start, n=reps * span: a[s : s + n], xs)
+        if reps == 1:
+            carry, _ = pattern(items)(carry, run_xs)
+        else:
+            grouped = jax.tree.map(lambda a, shape=(reps, span): a.reshape(shape), run_xs)
+            carry, _ = jax.lax.scan(pattern(items), carry, grouped)
+    return carry
 
 
 # ------------------------------------------------------------------ recorded per-step values
@@ -779,7 +1022,7 @@ def _record_residual(recorded: _Record, i, body_in, body_out) -> _Record:
 
 def _residuals(z, record) -> PyTree:
     """The recorded body residuals of a finished run's carry (None unless recorded)."""
-    return z[2].body_residuals if "body_residual" in record else None
+    return z.record.body_residuals if "body_residual" in record else None
 
 
 def _record(recorded: _Record, i, signal, prediction, sequence) -> _Record:
@@ -805,21 +1048,50 @@ def _recorded(z, record) -> tuple[jax.Array | None, jax.Array | None]:
     """``(signals, output_changes)`` of a finished run's carry."""
     if not record:
         return None, None
-    return z[2].signals, z[2].output_changes
+    return z.record.signals, z.record.output_changes
 
 
-def _flops(plan, params, rows, cond_rows, computed):
-    """``(flops, uncached_flops)`` of a run whose layers ran where ``computed`` says."""
+def _flops(plan, params, rows, cond_rows, computed, *, half=None, half_rows=None,
+           evaluated=None, probes=None):
+    """``(flops, uncached_flops)`` of a run whose layers ran where ``computed`` says.
+
+    Args:
+      half: None, or ``[steps]`` bool (static): the evaluations that ran ``half_rows``
+        (``(params, rows, cond)``: CFG-Cache's conditional rows) instead of ``rows``; their
+        condition path ran once more.
+      evaluated: None (the embedding and final projection ran at every evaluation), or
+        ``[steps]`` bool: where they ran.
+      probes: extra evaluations of the whole network on ``rows`` (SenCache's estimate).
+    """
     steps = computed.shape[0]
     try:  # counted on shapes while tracing: constants in the program
         counts = network_work(plan.network, params, rows, cond_rows)
+        halves = (network_work(plan.network, *half_rows)
+                  if half is not None and np.any(half) else None)
     except ValueError:  # a piece with a while loop: its cost is unknown
         nan = jnp.float32(np.nan)
         return nan, nan
     layers = jnp.asarray(counts.layers, jnp.float32)
-    fixed = np.float32(counts.condition + steps * counts.step)
-    flops = fixed + jnp.sum(computed.astype(jnp.float32) @ layers)
-    return flops, jnp.float32(counts.total(steps))
+    uncached = jnp.float32(counts.total(steps))
+    if halves is None and evaluated is None and probes is None:
+        fixed = np.float32(counts.condition + steps * counts.step)
+        return fixed + jnp.sum(computed.astype(jnp.float32) @ layers), uncached
+    computed = computed.astype(jnp.float32)
+    per_step = computed @ layers
+    per_evaluation = jnp.full((steps,), np.float32(counts.step))
+    fixed = np.float32(counts.condition)
+    if halves is not None:
+        mask = jnp.asarray(half)
+        per_step = jnp.where(mask, computed @ jnp.asarray(halves.layers, jnp.float32), per_step)
+        per_evaluation = jnp.where(mask, np.float32(halves.step), per_evaluation)
+        fixed = fixed + np.float32(halves.condition)
+    if evaluated is not None:
+        per_evaluation = per_evaluation * evaluated.astype(jnp.float32)
+    flops = fixed + jnp.sum(per_evaluation) + jnp.sum(per_step)
+    if probes is not None:
+        whole = np.float32(counts.step + float(np.sum(counts.layers)))
+        flops = flops + probes.astype(jnp.float32) * whole
+    return flops, uncached
 
 
 class _Loop:
@@ -830,58 +1102,103 @@ class _Loop:
     """
 
     def __init__(self, plan, params, mode, head, finish, remat=False, axes=(), sequence=None,
-                 recorded_signal=None):
+                 recorded_signal=None, batch=None, half_params=None):
         self.plan, self.params, self.mode = plan, params, mode
         self.head, self.finish = head, finish
         self.remat = remat
         self.axes = axes  # the manual mesh axes of the noise (empty outside shard_map)
         self.sequence = sequence  # the mesh axes that split a sample's tokens, or None
         self.recorded_signal = recorded_signal  # the signal a step records (record=), or None
+        self.batch = batch  # the samples: CFG-Cache's cache steps run these rows alone
+        self.half_params = half_params  # the parameters bound for those rows
 
     def vary(self, tree):
         """``tree`` cast to vary over the noise's manual mesh axes (nothing outside shard_map)."""
         return vary(tree, self.axes)
 
-    def body(self, h, ctx, state, position, rows):
+    # A cache step of CFG-Cache (``half``) runs the B conditional rows; the reuse state holds
+    # both branches' 2B rows. The mode reads and writes it through the conditional rows twice
+    # over, storing only the conditional ones, so its unconditional rows keep their values.
+    def seg(self, half: bool) -> SegmentParams:
+        """The parameters a step runs with (bound for its rows)."""
+        return self.half_params if half else self.params
+
+    def padded(self, tree, half: bool):
+        """The rows a reuse mode sees: on a cache step, the conditional rows twice over."""
+        if not half:
+            return tree
+        return jax.tree.map(lambda a: jnp.concatenate([a, a]), tree)
+
+    def unpadded(self, tree, half: bool):
+        """A reuse mode's rows back to the step's: on a cache step, the conditional ones."""
+        if not half:
+            return tree
+        return jax.tree.map(lambda a: a[: self.batch], tree)
+
+    def rows_of(self, rows, half: bool):
+        """The rows a store writes (None: every row): on a cache step, conditional ones only."""
+        if not half:
+            return rows
+        conditional = jnp.arange(2 * self.batch) < self.batch
+        return conditional if rows is None else rows & conditional
+
+    def reuse(self, state, h, position, half=False):
+        """The reuse mode's value for the step's rows."""
+        return self.unpadded(self.mode.reuse(state, self.padded(h, half), position), half)
+
+    def body(self, h, ctx, state, position, rows, half=False):
         """Runs the body and stores it for ``rows`` (None: every row): ``(output, state)``."""
         plan, mode = self.plan, self.mode
+        rows = self.rows_of(rows, half)
         if mode.records_layers:
             out, state = plan.run_body(
-                self.params, h, ctx, state=state,
-                observe=lambda s, i, layer_out: mode.record(s, i, layer_out, rows),
+                self.seg(half), h, ctx, state=state,
+                observe=lambda s, i, layer_out: mode.record(
+                    s, i, self.padded(layer_out, half), rows
+                ),
             )
         else:
-            out = plan.run_body(self.params, h, ctx)
-        return out, mode.store(state, h, out, position, rows)
+            out = plan.run_body(self.seg(half), h, ctx)
+        return out, mode.store(state, self.padded(h, half), self.padded(out, half), position,
+                               rows)
 
     # ------------------------------------------------------------------ known schedules
-    def static(self, noise, state, xs, schedule):
-        """The loop of a schedule known now: scans over runs of equal groups, no decisions."""
+    def static(self, noise, state, xs, schedule, kinds=None):
+        """The loop of a schedule known now: scans over runs of equal groups, no decisions.
 
-        def step(kind, carry, step_t):
+        ``kinds``: CFG-Cache's kind of each step, or None.
+        """
+
+        def step(key, carry, step_t):
+            kind, guidance = key  # the body's action, CFG-Cache's kind (or None)
+            half = guidance == _HALF
             x, state = carry
             i, t, t_next = step_t
             position = Position(i, t)
-            embedded, h, ctx = self.head(x, t)
+            embedded, h, ctx = self.head(x, t, half=half)
             signal = (None if self.recorded_signal is None
                       else self.recorded_signal(embedded, h, ctx))
             if kind == "refresh":
-                h, state = self.body(h, ctx, state, position, None)
+                h, state = self.body(h, ctx, state, position, None, half)
             elif kind == "plain":  # before the first refresh: run, store nothing
-                h = self.plan.run_body(self.params, h, ctx)
+                h = self.plan.run_body(self.seg(half), h, ctx)
             else:
-                h = self.mode.reuse(state, h, position)
-            return self.vary((self.finish(x, h, ctx, i, t, t_next, signal), state))
+                h = self.reuse(state, h, position, half)
+            return self.vary((self.finish(x, h, ctx, i, t, t_next, signal, guidance), state))
 
         if self.remat:  # the backward pass recomputes each step from its carry
             step = jax.checkpoint(step, static_argnums=(0,))
+        if kinds is not None:  # each step's (action, kind) pair, scanned by runs
+            return _scan_steps(step, (noise, state), xs,
+                               list(zip(_step_actions(schedule), kinds)))
 
         def group(carry, group_xs):
             """One refresh step, then a scan of the reuse steps after it."""
-            carry = step("refresh", carry, jax.tree.map(lambda a: a[0], group_xs))
+            carry = step(("refresh", None), carry, jax.tree.map(lambda a: a[0], group_xs))
             if group_xs[0].shape[0] > 1:
                 rest = jax.tree.map(lambda a: a[1:], group_xs)
-                carry, _ = jax.lax.scan(lambda c, st: (step("reuse", c, st), None), carry, rest)
+                carry, _ = jax.lax.scan(lambda c, st: (step(("reuse", None), c, st), None),
+                                        carry, rest)
             return carry, None
 
         def pattern(lengths):
@@ -902,7 +1219,8 @@ class _Loop:
             if run[0] == "plain":
                 _, start, count = run
                 plain_xs = jax.tree.map(lambda a, s=start, n=count: a[s : s + n], xs)
-                carry, _ = jax.lax.scan(lambda c, st: (step("plain", c, st), None), carry, plain_xs)
+                carry, _ = jax.lax.scan(lambda c, st: (step(("plain", None), c, st), None),
+                                        carry, plain_xs)
                 continue
             _, start, reps, lengths = run
             span = sum(lengths)
@@ -915,44 +1233,99 @@ class _Loop:
         return carry
 
     # ------------------------------------------------------------------ device decisions
-    def dynamic(self, noise, state, xs, policy, num_steps):
-        """The loop of a policy that decides each step on the device, per row."""
+    def dynamic(self, noise, state, xs, policy, num_steps, kinds=None):
+        """The loop of a policy that decides each step on the device, per row.
+
+        ``kinds``: CFG-Cache's kind of each step, or None. With it each branch keeps a policy
+        state of its own, and the unconditional one decides only where its rows run.
+        """
         plan = self.plan
         signal_of = signal_function(policy.signal_kind, plan, self.params)
-        rows = jax.eval_shape(self.head, noise, jnp.zeros((), jnp.float32))[1]
+        half_signal_of = (None if self.half_params is None
+                          else signal_function(policy.signal_kind, plan, self.half_params))
+        zero = jnp.zeros((), jnp.float32)
+        rows = jax.eval_shape(self.head, noise, zero)[1]
         rows = jax.tree.leaves(rows)[0].shape[0]
         if signal_of is None:
             policy_state = policy.init(num_steps)
+            if kinds is not None:
+                policy_state = (policy_state, policy.init(num_steps))
         else:
-            structure = jax.eval_shape(
-                lambda x: signal_of(*self.head(x, jnp.zeros((), jnp.float32))), noise
-            )
-            policy_state = policy.init(num_steps, structure)
+            structure = jax.eval_shape(lambda x: signal_of(*self.head(x, zero)), noise)
+            if kinds is None:
+                policy_state = policy.init(num_steps, structure)
+            else:  # one state per branch, of its rows
+                branch = jax.tree.map(
+                    lambda s: jax.ShapeDtypeStruct((self.batch, *s.shape[1:]), s.dtype),
+                    structure,
+                )
+                policy_state = (policy.init(num_steps, branch), policy.init(num_steps, branch))
         policy_state = self.vary(policy_state)
 
-        def cached_step(carry, step_t):
+        def cached_step(kind, carry, step_t):
             x, state, policy_state, stored = carry
+            half = kind == _HALF
             i, t, t_next = step_t
             position = Position(i, t)
-            embedded, h, ctx = self.head(x, t)
-            signal = None if signal_of is None else signal_of(embedded, h, ctx)
-            if self.sequence:  # relative_l1 averages each row over the devices of its tokens
-                with sequence_axes(self.sequence):
-                    refresh, policy_state = policy.decide(policy_state, i, signal)
-            else:
-                refresh, policy_state = policy.decide(policy_state, i, signal)
-            refresh = jnp.broadcast_to(jnp.asarray(refresh, bool), (rows,))
+            embedded, h, ctx = self.head(x, t, half=half)
+            signals = half_signal_of if half else signal_of
+            signal = None if signals is None else signals(embedded, h, ctx)
+            refresh, policy_state = self.decide(policy, policy_state, i, signal, kind, rows)
             # A row with nothing stored yet runs without storing, as the reference did.
             compute = refresh | ~stored
-            out, state = self.run_or_reuse(compute, refresh, h, ctx, state, position)
-            x = self.finish(x, out, ctx, i, t, t_next, signal)
+            if half:  # the unconditional rows do not run
+                compute = self.rows_of(compute, half)
+            out, state = self.run_or_reuse(compute, refresh, h, ctx, state, position, half)
+            x = self.finish(x, out, ctx, i, t, t_next, signal, kind)
             return self.vary((x, state, policy_state, stored | refresh)), compute
 
         carry = (noise, state, policy_state, self.vary(jnp.zeros((rows,), bool)))
-        (x, state, _, _), computed = jax.lax.scan(cached_step, carry, xs)
+        if kinds is None:
+            (x, state, _, _), computed = jax.lax.scan(
+                lambda c, st: cached_step(None, c, st), carry, xs
+            )
+            return x, state, computed
+
+        # CFG-Cache: scanned by runs of equal kinds; the computed rows ride in the carry.
+        steps = xs[0].shape[0]
+
+        def step(kind, carry, step_t):
+            inner, computed = carry
+            inner, rows_computed = cached_step(kind, inner, step_t)
+            return inner, computed.at[step_t[0]].set(rows_computed)
+
+        computed = self.vary(jnp.zeros((steps, rows), bool))
+        (x, state, _, _), computed = _scan_steps(step, (carry, computed), xs, kinds)
         return x, state, computed
 
-    def run_or_reuse(self, compute, refresh, h, ctx, state, position):
+    def decide(self, policy, policy_state, i, signal, kind, rows):
+        """``(refresh [rows], policy state)`` at step ``i``; under CFG-Cache (``kind`` not
+        None) each branch decides with its own state, the unconditional one only where its
+        rows run."""
+
+        def one(state, signal, count):
+            if self.sequence:  # relative_l1 averages each row over the devices of its tokens
+                with sequence_axes(self.sequence):
+                    refresh, state = policy.decide(state, i, signal)
+            else:
+                refresh, state = policy.decide(state, i, signal)
+            return jnp.broadcast_to(jnp.asarray(refresh, bool), (count,)), state
+
+        if kind is None:
+            return one(policy_state, signal, rows)
+        batch = self.batch
+        conditional, unconditional = policy_state
+        if kind == _HALF:
+            refresh, conditional = one(conditional, signal, batch)
+            refresh = jnp.concatenate([refresh, jnp.zeros((batch,), bool)])
+            return refresh, (conditional, unconditional)
+        first = jax.tree.map(lambda a: a[:batch], signal)
+        second = jax.tree.map(lambda a: a[batch:], signal)
+        refresh_c, conditional = one(conditional, first, batch)
+        refresh_u, unconditional = one(unconditional, second, batch)
+        return jnp.concatenate([refresh_c, refresh_u]), (conditional, unconditional)
+
+    def run_or_reuse(self, compute, refresh, h, ctx, state, position, half=False):
         """The body's output per row: computed where ``compute``, else from the reuse mode.
 
         The body runs when any row computes (on this device; with ``sequence_axis``, on any
@@ -960,11 +1333,13 @@ class _Loop:
         trips rather than a ``lax.cond``: XLA's GPU pipeline copies every buffer that passes
         through a conditional (twice per step, measured: the slots of DiT-XL at batch 8 are
         68 MB), while a loop updates its carry in place. Rows that refresh store what ran.
+        On a cache step of CFG-Cache (``half``) the masks cover both branches' rows, and the
+        body runs the conditional ones.
         """
 
         def run(carry):
             trips, _, state = carry
-            out, state = self.body(h, ctx, state, position, refresh)
+            out, state = self.body(h, ctx, state, position, refresh, half)
             return (trips - 1, *self.vary((out, state)))
 
         trips = jnp.any(compute).astype(jnp.int32)
@@ -975,14 +1350,94 @@ class _Loop:
             trips = jax.lax.pmax(trips, self.sequence)
         _, ran, state = jax.lax.while_loop(lambda c: c[0] > 0, run, (trips, h, state))
         # Rows that did not store kept their state, so this is their own reuse value.
-        reused = self.mode.reuse(state, h, position)
-        return select_rows(compute, ran, reused), state
+        reused = self.reuse(state, h, position, half)
+        return select_rows(self.unpadded(compute, half), ran, reused), state
 
+    # ------------------------------------------------------------------ the whole network
+    def whole(self, start, xs, policy, num_steps, predict, advance, sample_rows):
+        """The loop of a policy that reads only the sample and the time (SenCache).
+
+        Each step decides per row before the network; the whole network runs when any row
+        needs it (a loop of zero or one trips, as :meth:`run_or_reuse`), and the reuse mode
+        stands in for the *prediction* of the other rows, fed the sample's rows as its input.
+        Where the policy estimates its sensitivities, its warm-up steps also evaluate the
+        network at the previous time (:meth:`~jaxcache.SenCachePolicy.probes`).
+
+        Args:
+          start: the loop's first carry.
+          xs: ``(index, t, t_next, t_previous)`` per step.
+          policy: the policy.
+          num_steps: the model evaluations.
+          predict: ``(z, t) -> prediction`` of every row.
+          advance: ``(z, prediction, i, t, t_next) -> z``.
+          sample_rows: ``z -> [rows, ...]``, the sample as the network's rows.
+
+        Returns:
+          ``(z, reuse state, computed [steps, rows], probes)``.
+        """
+        mode = self.mode
+        zero = jnp.zeros((), jnp.float32)
+        x_rows = jax.eval_shape(sample_rows, start)
+        rows = x_rows.shape[0]
+        shape = jax.eval_shape(predict, start, zero)
+        state = self.vary(mode.init(self.plan, shape, None))
+        policy_state = self.vary(policy.init(num_steps, x_rows))
+        estimates = bool(getattr(policy, "estimates", False))
+
+        def evaluate(trips, z, t, state=None, store=None):
+            """``(prediction at t, state)`` where ``trips`` is 1 (zeros and ``state`` where 0),
+            ``store(state, prediction)`` applied: a loop of zero or one trips, which keeps the
+            carried buffers in place."""
+
+            def run(carry):
+                trips, _, state = carry
+                prediction = predict(z, t)
+                state = state if store is None else store(state, prediction)
+                return (trips - 1, *self.vary((prediction, state)))
+
+            if self.sequence:  # every device of a sample's tokens runs it together
+                trips = jax.lax.pmax(trips, self.sequence)
+            placeholder = self.vary(jnp.zeros(shape.shape, shape.dtype))
+            _, prediction, state = jax.lax.while_loop(lambda c: c[0] > 0, run,
+                                                      (trips, placeholder, state))
+            return prediction, state
+
+        def step(carry, step_t):
+            z, state, policy_state = carry
+            i, t, t_next, t_previous = step_t
+            position = Position(i, t)
+            samples = sample_rows(z)
+            if self.sequence:  # relative_l1 averages each row over the devices of its tokens
+                with sequence_axes(self.sequence):
+                    refresh, policy_state = policy.decide(policy_state, i, (samples, t))
+            else:
+                refresh, policy_state = policy.decide(policy_state, i, (samples, t))
+            # Step 0 computes: nothing is stored before it.
+            refresh = jnp.broadcast_to(jnp.asarray(refresh, bool), (rows,)) | (i == 0)
+            ran, state = evaluate(
+                jnp.any(refresh).astype(jnp.int32), z, t, state,
+                lambda state, out: mode.store(state, samples, out, position, refresh),
+            )
+            reused = jax.tree.map(lambda a: a.astype(shape.dtype),
+                                  mode.reuse(state, samples, position))
+            prediction = select_rows(refresh, ran, reused)
+            probed = jnp.zeros((), bool)
+            if estimates:  # f(x_i, t_{i-1}): the sensitivities' finite differences
+                probed = policy.probes(policy_state, i)
+                probe, _ = evaluate(probed.astype(jnp.int32), z, t_previous)
+                policy_state = policy.observe(policy_state, i, prediction, probe)
+            z = advance(z, prediction, i, t, t_next)
+            return self.vary((z, state, policy_state)), (refresh, probed)
+
+        (z, state, _), (computed, probed) = jax.lax.scan(
+            step, (start, state, policy_state), xs
+        )
+        return z, state, computed, jnp.sum(probed, dtype=jnp.int32)
 
     # ------------------------------------------------------------------ per-layer plans
-    def pieces(self) -> list[tuple[PyTree, Any, int]]:
+    def pieces(self, half=False) -> list[tuple[PyTree, Any, int]]:
         """The body's pieces in order: ``(params, block kind, index of its first body layer)``."""
-        body, kinds = self.params.body, self.plan.network.kinds
+        body, kinds = self.seg(half).body, self.plan.network.kinds
         if not isinstance(body, Segments):
             return [(body, kinds[0], 0)]
         out, offset = [], 0
@@ -991,7 +1446,7 @@ class _Loop:
             offset += stack_length(piece)
         return out
 
-    def run_range(self, lo, hi, h, ctx, observe=None, state=None):
+    def run_range(self, lo, hi, h, ctx, observe=None, state=None, half=False):
         """Body layers ``[lo, hi)``: ``h`` after them, or ``(h, state)`` with ``observe``.
 
         ``observe(state, index, output)`` sees each layer's output in the network's form, the
@@ -1002,9 +1457,9 @@ class _Loop:
         """
         plan = self.plan
         if (lo, hi) == (0, plan.cached_layers):
-            return plan.run_body(self.params, h, ctx, observe=observe, state=state)
+            return plan.run_body(self.seg(half), h, ctx, observe=observe, state=state)
         unroll = plan.network.layer_unroll
-        for piece, kind, offset in self.pieces():
+        for piece, kind, offset in self.pieces(half):
             a, b = max(lo - offset, 0), min(hi - offset, stack_length(piece))
             if a >= b:
                 continue
@@ -1019,85 +1474,64 @@ class _Loop:
                                         offset - lo)
         return h if observe is None else (h, state)
 
-    def store_range(self, lo, hi, h, ctx, state, position):
+    def store_range(self, lo, hi, h, ctx, state, position, half=False):
         """Runs body layers ``[lo, hi)`` and stores them as one body: ``(output, state)``."""
         mode = self.mode
+        rows = self.rows_of(None, half)
         if mode.records_layers:
             out, state = self.run_range(
-                lo, hi, h, ctx, state=state,
-                observe=lambda s, i, layer_out: mode.record(s, i, layer_out, None),
+                lo, hi, h, ctx, state=state, half=half,
+                observe=lambda s, i, layer_out: mode.record(
+                    s, i, self.padded(layer_out, half), rows
+                ),
             )
         else:
-            out = self.run_range(lo, hi, h, ctx)
-        return out, mode.store(state, h, out, position, None)
+            out = self.run_range(lo, hi, h, ctx, half=half)
+        return out, mode.store(state, self.padded(h, half), self.padded(out, half), position,
+                               rows)
 
-    def layer_row(self, row, units, h, ctx, states, position):
+    def layer_row(self, row, units, h, ctx, states, position, half=False):
         """One step's body under a row of unit actions: ``(output, states)``."""
         states = list(states)
         k = 0
         while k < len(units):
             lo, hi = units[k]
             if row[k] == _REUSE:
-                h = self.mode.reuse(states[k], h, position)
+                h = self.reuse(states[k], h, position, half)
             elif row[k] == _STORE:
-                h, states[k] = self.store_range(lo, hi, h, ctx, states[k], position)
+                h, states[k] = self.store_range(lo, hi, h, ctx, states[k], position, half)
             else:  # consecutive units that run without storing run as one range
                 end = k
                 while end + 1 < len(units) and row[end + 1] == _PLAIN:
                     end += 1
-                h = self.run_range(lo, units[end][1], h, ctx)
+                h = self.run_range(lo, units[end][1], h, ctx, half=half)
                 k = end
             k += 1
         return h, tuple(states)
 
-    def layered(self, noise, states, xs, units, actions):
+    def layered(self, noise, states, xs, units, actions, kinds=None):
         """The loop of a per-layer plan known now: scans over runs of equal rows, no decisions.
 
         ``units``: the runs of body layers that share a reuse state; ``actions``: ``[steps,
-        units]`` of ``_REUSE``, ``_STORE`` and ``_PLAIN``.
+        units]`` of ``_REUSE``, ``_STORE`` and ``_PLAIN``; ``kinds``: CFG-Cache's kind of each
+        step, or None.
         """
-        rows, ids = np.unique(np.asarray(actions), axis=0, return_inverse=True)
-        ids = np.asarray(ids).reshape(-1)
+        rows = [tuple(int(a) for a in row) for row in np.asarray(actions)]
+        keys = list(zip(rows, [None] * len(rows) if kinds is None else kinds))
 
-        def step(row_id, carry, step_t):
+        def step(key, carry, step_t):
+            row, guidance = key
+            half = guidance == _HALF
             x, states = carry
             i, t, t_next = step_t
             position = Position(i, t)
-            _, h, ctx = self.head(x, t)
-            h, states = self.layer_row(tuple(rows[row_id]), units, h, ctx, states, position)
-            return self.vary((self.finish(x, h, ctx, i, t, t_next), states))
+            _, h, ctx = self.head(x, t, half=half)
+            h, states = self.layer_row(row, units, h, ctx, states, position, half)
+            return self.vary((self.finish(x, h, ctx, i, t, t_next, None, guidance), states))
 
         if self.remat:  # the backward pass recomputes each step from its carry
             step = jax.checkpoint(step, static_argnums=(0,))
-
-        def pattern(items):
-            """One repetition of a pattern of (row, count) items, in order."""
-
-            def run(carry, pattern_xs):
-                offset = 0
-                for row_id, count in items:
-                    part = jax.tree.map(lambda a, o=offset, c=count: a[o : o + c], pattern_xs)
-                    if count == 1:
-                        carry = step(row_id, carry, jax.tree.map(lambda a: a[0], part))
-                    else:
-                        carry, _ = jax.lax.scan(
-                            lambda c, st, r=row_id: (step(r, c, st), None), carry, part
-                        )
-                    offset += count
-                return carry, None
-
-            return run
-
-        carry = (noise, states)
-        for start, reps, items in _row_runs(ids):
-            span = sum(count for _, count in items)
-            run_xs = jax.tree.map(lambda a, s=start, n=reps * span: a[s : s + n], xs)
-            if reps == 1:
-                carry, _ = pattern(items)(carry, run_xs)
-            else:
-                grouped = jax.tree.map(lambda a, shape=(reps, span): a.reshape(shape), run_xs)
-                carry, _ = jax.lax.scan(pattern(items), carry, grouped)
-        return carry
+        return _scan_steps(step, (noise, states), xs, keys)
 
     def gated(self, noise, states, xs, gates):
         """The loop of traced gates: one scan over the steps, every layer run and mixed.
@@ -1288,6 +1722,14 @@ def _computed_steps(schedule: np.ndarray) -> np.ndarray:
     computed = schedule.copy()
     computed[: first[0] if len(first) else len(schedule)] = True
     return computed
+
+
+def _step_actions(schedule: np.ndarray) -> list[str]:
+    """Each step's action under a known schedule: ``"plain"`` before the first refresh (run,
+    store nothing), ``"refresh"``, or ``"reuse"``."""
+    schedule = np.asarray(schedule, bool)
+    stored = np.logical_or.accumulate(schedule)
+    return ["refresh" if s else "reuse" if seen else "plain" for s, seen in zip(schedule, stored)]
 
 
 def _schedule_runs(schedule: np.ndarray, max_period: int = 8) -> list[tuple]:

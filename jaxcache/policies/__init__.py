@@ -7,9 +7,10 @@
 * :class:`LayerGates`: traced per-(step, layer) gates, the differentiable form of a layer mask
   (for training a router).
 * Signal-driven, decided on the device per sample: :class:`FirstBlockPolicy` (First-Block
-  Cache), :class:`TeaCachePolicy`, :class:`DBCachePolicy`. Fitting their settings to a model
-  (TeaCache's calibration, a threshold for a compute budget) samples, so it lives in the
-  tuning layer above the sampler, :mod:`jaxcache.tuning`.
+  Cache), :class:`TeaCachePolicy`, :class:`DBCachePolicy`; :class:`SenCachePolicy` reads only
+  the sample and the time, so a skipped step skips the whole network. Fitting their
+  settings to a model (TeaCache's calibration, a threshold for a compute budget) samples, so it
+  lives in the tuning layer above the sampler, :mod:`jaxcache.tuning`.
 * :class:`OnDevice`: forces a per-step decision on the device.
 """
 
@@ -20,6 +21,7 @@ from jaxcache.policies.interval import IntervalPolicy
 from jaxcache.policies.layer_mask import LayerGates, LayerMaskPolicy
 from jaxcache.policies.magcache import MagCachePolicy, MagCacheState
 from jaxcache.policies.on_device import OnDevice
+from jaxcache.policies.sencache import SenCachePolicy, SenCacheState
 from jaxcache.policies.signals import relative_l1
 from jaxcache.policies.step_mask import StepMaskPolicy
 from jaxcache.policies.teacache import FLUX_COEFFICIENTS, TeaCachePolicy, TeaCacheState
@@ -38,6 +40,8 @@ __all__ = [
     "MagCacheState",
     "OnDevice",
     "RefreshPolicy",
+    "SenCachePolicy",
+    "SenCacheState",
     "StepMaskPolicy",
     "TeaCachePolicy",
     "TeaCacheState",
