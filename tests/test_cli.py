@@ -306,7 +306,7 @@ def _tradeoff_main():
     (["--arch", "unet"], "--arch must name models"),
     (["--arch", ""], "--arch must name models"),
     (["--targets", "2,fast"], "--targets must be comma-separated numbers"),
-    (["--per-class", "0"], "--per-class, --fit-per-class and --fit-iterations must be positive"),
+    (["--per-class", "0"], "--per-class, --fit-per-class, --fit-iterations and --router-iterations must be positive"),
     (["--fit-iterations", "0"], "--fit-iterations must be positive"),
     (["--modes", "taylor1,taylor9"], "--modes must name modes of"),
 ])
