@@ -306,8 +306,10 @@ def _tradeoff_main():
     (["--arch", "unet"], "--arch must name models"),
     (["--arch", ""], "--arch must name models"),
     (["--targets", "2,fast"], "--targets must be comma-separated numbers"),
-    (["--per-class", "0"], "--per-class, --fit-per-class, --fit-iterations and --router-iterations must be positive"),
-    (["--fit-iterations", "0"], "--fit-iterations must be positive"),
+    (["--per-class", "0"], "--per-class, --fit-per-class, --fit-iterations and --router-"),
+    (["--fit-iterations", "0"], "--router-iterations must be positive"),
+    (["--router-iterations", "0"], "--router-iterations must be positive"),
+    (["--families", "learned,random"], "--families must name families of"),
     (["--modes", "taylor1,taylor9"], "--modes must name modes of"),
 ])
 def test_tradeoff_rejects_bad_input_before_sampling(argv, message, tmp_path, capsys):
