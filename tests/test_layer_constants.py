@@ -17,12 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import random_models as rand
 from flax import nnx
 
 import jaxcache as jc
 from jaxcache.stack import LayerInputs, LayerList, bind_layers, run_layers
-
-import random_models as rand
 
 B, N, T, D, LAYERS, VOCAB = 3, 6, 5, 8, 4, 10
 STEPS = 6

@@ -14,13 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import random_models as rand
 from flax import nnx
 
 import jaxcache as jc
 from jaxcache.models import WAN_CONFIGS, Wan, WanConfig, create_model, get_config
 from jaxcache.models import wan as wan_module
-
-import random_models as rand
 
 B = 2
 
@@ -211,7 +210,7 @@ def test_the_text_keys_and_values_are_computed_once_not_per_step():
         seg = plan.split(params)
         kwargs = dict(solver=jc.FlowMatchEuler(shift=3.0), num_steps=4, policy=policy)
         samples.append(jc.sample(plan, seg, x, text, **kwargs).sample)
-        jaxpr = jax.make_jaxpr(lambda: jc.sample(plan, seg, x, text, **kwargs))()
+        jaxpr = jax.make_jaxpr(functools.partial(jc.sample, plan, seg, x, text, **kwargs))()
         found.append(_kv_projections(jaxpr.jaxpr, B))
     port, hooked = found
     # Outside any loop: the text encoder's last projection (the condition path), in both.
