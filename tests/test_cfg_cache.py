@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import random_models as rand
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import jaxcache as jc
@@ -176,6 +176,11 @@ def _numpy_bands(delta, radius, axes):
     st.floats(0.0, 0.7),
     st.integers(0, 2**31 - 1),
 )
+# Radii whose disc holds diagonal frequencies (floor(radius * side) >= 2), on every layout.
+@example(((2, 6, 5, 3), (1, 2)), 0.45, 0)
+@example(((1, 8, 8, 2), (1, 2)), 0.7, 1)
+@example(((2, 3, 7, 4, 2), (2, 3)), 0.6, 2)
+@example(((3, 16), (1,)), 0.3, 3)
 def test_frequency_split_matches_an_independent_numpy_fft(case, radius, seed):
     shape, axes = case
     delta = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
