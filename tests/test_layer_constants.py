@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import random_models as rand
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxcache as jc
 from jaxcache.stack import LayerInputs, LayerList, bind_layers, run_layers
@@ -261,6 +263,43 @@ def test_bind_layers_is_the_identity_without_a_hook_and_idempotent():
     k, v = bound.body.constant
     assert k.shape == (2, B, T, D)  # the body's two layers, stacked
     np.testing.assert_allclose(v[1], constant @ _params().layers["wv"][2], rtol=1e-6)
+
+
+def _tagged(p, h, ctx, *, layer_constant, layer_index):
+    return h
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 3), min_size=1, max_size=3).filter(lambda n: sum(n) > 0),
+    cut=st.tuples(st.integers(0, 9), st.integers(0, 9)),
+    unstacked=st.booleans(),
+)
+def test_every_split_binds_each_layer_its_own_constant_and_index(lengths, cut, unstacked):
+    """Whatever the pieces, the plan's cut and the layout (stacked or one array per layer),
+    layer ``i`` of the network gets index ``i`` and the constant of its own parameters."""
+    total = sum(lengths)
+    first, cached = min(cut[0], total), min(cut[1], total - min(cut[0], total))
+    kinds = tuple(jc.BlockKind(_tagged, name=f"k{k}", layer_constant=lambda p, c: p["w"] * c,
+                               layer_index=True) for k in range(len(lengths)))
+    network = jc.Network(lambda p, c: c, lambda p, x, t, c: (x, t), kinds, lambda p, h, c: h,
+                         layer_unroll=True if unstacked else 1)
+    weights = np.arange(1, total + 1, dtype=np.float32)
+    starts = np.cumsum([0, *lengths])
+    layers = jc.Segments([{"w": jnp.asarray(weights[a:b])} for a, b in zip(starts, starts[1:])],
+                         range(len(lengths)))
+    plan = jc.CachePlan(network, cached, first)
+    bound = plan.bind_layers(plan.split(jc.NetworkParams(None, None, layers, None)),
+                             jnp.float32(10.0))
+    seen = []
+    for stack in (bound.head, bound.body, bound.tail):
+        for piece in stack.pieces:
+            items = piece.layers if isinstance(piece, LayerList) else [
+                jax.tree.map(lambda a, i=i: a[i], piece) for i in range(len(piece.params["w"]))
+            ]
+            seen += [(int(item.index), float(item.constant), float(item.params["w"]))
+                     for item in items]
+    assert seen == [(i, 10.0 * (i + 1), float(i + 1)) for i in range(total)]
 
 
 def test_running_unbound_layers_says_how_to_bind():
