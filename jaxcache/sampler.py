@@ -75,7 +75,7 @@ from jaxcache.work import network_work
 
 PyTree = Any
 
-__all__ = ["RECORDABLE", "SampleResult", "lower", "sample"]
+__all__ = ["RECORDABLE", "Compiled", "Lowered", "SampleResult", "lower", "sample"]
 
 #: What ``sample(..., record=...)`` can return beside the sample (see :class:`SampleResult`).
 RECORDABLE = ("signal", "output_change", "body_residual")
@@ -290,16 +290,76 @@ def lower(
     remat: bool = False,
     sequence_axis: str | tuple[str, ...] | None = None,
     record: tuple[str, ...] = (),
-) -> jax.stages.Lowered:
+) -> Lowered:
     """The lowered (not yet compiled) program of :func:`sample` for these arguments.
 
-    ``lower(...).compile()`` compiles it (benchmarks time compilation on its own);
-    ``lower(...).as_text()`` is the program text (tests check it for host round trips and
-    decisions).
+    ``lower(...).compile()`` compiles it (benchmarks time compilation on its own) into a
+    :class:`Compiled`, called by name: ``compiled(policy=new_policy)`` runs the program with
+    the lowered arguments but those given. ``lower(...).as_text()`` is the program text (tests
+    check it for host round trips and decisions).
     """
     args = _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond,
                     guidance_scale, key, remat, sequence_axis, record, guidance)
-    return _program(plan).lower(*args)
+    return Lowered(_program(plan).lower(*args), args)
+
+
+# The arguments of the compiled program that are traced (the rest are static), by name, in the
+# order of _sample's signature. Only the wrappers below read this order.
+_STATIC = frozenset({"plan", "solver", "num_steps", "guidance_scale", "remat", "sequence",
+                     "record"})
+
+
+def _traced_names() -> tuple[str, ...]:
+    return tuple(n for n in inspect.signature(_sample).parameters if n not in _STATIC)
+
+
+class Lowered:
+    """:func:`lower`'s result: the lowered program, compiled into a :class:`Compiled`.
+
+    Everything else (``as_text()``, ``cost_analysis()``, ...) is JAX's ``Lowered``.
+    """
+
+    def __init__(self, lowered: jax.stages.Lowered, args: tuple):
+        self._lowered = lowered
+        names = inspect.signature(_sample).parameters
+        self._values = dict(zip(names, args))
+
+    def compile(self, *args, **kwargs) -> Compiled:
+        """Compiles the program (JAX's ``Lowered.compile``)."""
+        return Compiled(self._lowered.compile(*args, **kwargs), self._values)
+
+    def __getattr__(self, name):
+        return getattr(self._lowered, name)
+
+
+class Compiled:
+    """A compiled sampling program, called by name with what may change between calls.
+
+    ``compiled(params=..., noise=..., cond=..., uncond=..., policy=..., reuse=..., key=...)``
+    runs it; every argument left out keeps the value the program was lowered with. A policy
+    or reuse mode of the same structure (a new threshold, new gains) reuses the program; a
+    different structure raises JAX's mismatch error. Everything else (``as_text()``,
+    ``cost_analysis()``, ...) is JAX's ``Compiled``.
+    """
+
+    def __init__(self, compiled: jax.stages.Compiled, values: dict[str, Any]):
+        self._compiled = compiled
+        self._values = values
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The arguments a call may give."""
+        return _traced_names()
+
+    def __call__(self, **changes: Any) -> SampleResult:
+        unknown = sorted(set(changes) - set(self.names))
+        if unknown:
+            raise TypeError(f"a compiled sampler takes {list(self.names)} by name, got "
+                            f"{unknown}")
+        return self._compiled(*(changes.get(n, self._values[n]) for n in self.names))
+
+    def __getattr__(self, name):
+        return getattr(self._compiled, name)
 
 
 def _check_remat(remat: Any, policy: RefreshPolicy | None = None, on_device: bool = False) -> bool:

@@ -314,8 +314,11 @@ def _hand_loop(plan, seg, solver, steps, guidance):
             rows = x if guidance is None else jnp.concatenate([x, x])
             t_rows = jnp.full((rows.shape[0],), t, jnp.float32)
             constant = network.condition(seg.condition, cond_rows)
+            # A per-step loop computes per-layer constants (text K/V) at every step, as the
+            # layers of a port do; nothing to bind for a network without them.
+            bound = plan.bind_layers(seg, constant)
             h, ctx = network.embed(seg.embed, rows, t_rows, constant)
-            for stack in (seg.head, seg.body, seg.tail):
+            for stack in (bound.head, bound.body, bound.tail):
                 h = jc.stack.run_layers(network.kinds, stack, h, ctx,
                                         unroll=network.layer_unroll)
             prediction = network.final(seg.final, h, ctx)
@@ -370,6 +373,7 @@ def _host_loop(plan, seg, policy, mode, solver, steps, guidance):
     def run(seg, noise, cond, uncond):
         cond_rows = jnp.concatenate([cond, uncond]) if guided else cond
         constant = jax.jit(plan.network.condition)(seg.condition, cond_rows)
+        seg = jax.jit(plan.bind_layers)(seg, constant)  # per-layer constants, once
         x, solver_state = noise, solver.init_state(noise)
         h0, _, signal = head(seg, x, jnp.float32(times[0]), constant)
         state = mode.init(plan, jax.eval_shape(lambda: h0), constant)
@@ -520,10 +524,9 @@ def run_benchmark(
     for name, pol in (("uncached", None), ("cached", rule)):
         lowered = jc.lower(plan, seg, noise, cond, policy=pol, reuse=mode, **common)
         start = time.perf_counter()
-        # A compiled sampler takes (params, noise, cond, uncond, policy, reuse, key).
-        compiled = lowered.compile()
+        compiled = lowered.compile()  # called by name, the lowered arguments by default
         compile_s[name] = time.perf_counter() - start
-        programs[name] = (lambda p=pol, c=compiled: c(seg, noise, cond, uncond, p, mode, None))
+        programs[name] = compiled
     if b.refresh_target is not None and policy not in PLANNED:
         if policy == "interval":
             raise ValueError("--refresh-target applies to the signal-driven policies")
@@ -531,7 +534,7 @@ def run_benchmark(
                               target_fraction=b.refresh_target, **common)
         threshold, rule = found.threshold, found.policy
         compiled_cached = programs["cached"]
-        programs["cached"] = lambda: compiled_cached(rule)
+        programs["cached"] = lambda: compiled_cached(policy=rule)
     if b.hand_loop:
         fn = _hand_loop(plan, seg, the_solver, steps, scale)
         start = time.perf_counter()
