@@ -97,7 +97,9 @@ class SampleResult(NamedTuple):
         unconditional): a :class:`~jaxcache.StepCache` for :class:`~jaxcache.OutputReuse`.
         None when sampling uncached. With a :class:`~jaxcache.LayerMaskPolicy`, each branch's
         is a tuple of states, one per run of consecutive body layers whose mask columns agree
-        (in layer order); with :class:`~jaxcache.LayerGates`, one per body layer.
+        (in layer order); with :class:`~jaxcache.LayerGates`, one per body layer. With a
+        policy that skips the whole network (:class:`~jaxcache.SenCachePolicy`), the state of
+        the mode standing in for the prediction (a ``ForecastState`` for the default).
       body_computed: ``[evaluations, branches, batch]`` bool: whether each sample's body output
         at each step was computed (True) or came from the reuse mode (False), per guidance
         branch; with a per-layer plan, True where every body layer ran
