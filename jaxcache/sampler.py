@@ -64,7 +64,7 @@ from jaxcache.guidance import CFGCache
 from jaxcache.plan import CachePlan, SegmentParams
 from jaxcache.policies.base import RefreshPolicy
 from jaxcache.policies.sencache import is_whole_network
-from jaxcache.policies.signals import relative_l1, sequence_axes, signal_function
+from jaxcache.policies.signals import check_signal, relative_l1, sequence_axes, signal_function
 from jaxcache.reuse.base import Position, ReuseMode, select_rows
 from jaxcache.reuse.forecast import Ladder, TaylorForecast
 from jaxcache.reuse.output import OutputReuse
@@ -435,7 +435,7 @@ def _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond
         _check_instance(policy, RefreshPolicy, "policy")
         if not isinstance(policy, RefreshPolicy):
             raise TypeError(f"policy must be a RefreshPolicy or None, got {_kind_of(policy)}")
-        _check_signal(policy, plan)
+        check_signal(policy, plan)  # the signal checks itself against the plan
         try:
             policy.check(plan, evaluations)
         except ValueError as error:
@@ -751,22 +751,6 @@ def _check_conditions(noise, cond, uncond) -> None:
                 f"has {_describe(a)}, uncond {_describe(b)}; pad or cast the negative condition "
                 "to cond's shape and dtype"
             )
-
-
-def _check_signal(policy: RefreshPolicy, plan: CachePlan) -> None:
-    kind = policy.signal_kind
-    name = type(policy).__name__
-    if kind == "head_residual" and plan.first_layers < 1:
-        raise ValueError(
-            f"{name} reads the residual of the layers before the cached body; build the plan "
-            "with first_layers >= 1 (e.g. CachePlan(network, cached_layers=N - 1, first_layers=1))"
-        )
-    if kind == "modulated_input" and plan.network.modulated_input is None:
-        raise ValueError(
-            f"{name} reads the first layer's timestep-modulated input, which this Network does "
-            "not provide: give it modulated_input=(layer_params, h, ctx) -> array (from_nnx "
-            "finds a block method named modulated_input)"
-        )
 
 
 # ------------------------------------------------------------------------------- the program
