@@ -124,10 +124,10 @@ SUITES = {
     "flux-dbcache": _suite(FLUX, 24, ["dbcache/residual"]),
     "flux-fitted": _suite(FLUX, 24, ["interval/output", "interval/taylor1", "interval/fitted1"]),
     # Planned schedules (step masks and a per-(step, layer) mask) with the library's defaults.
-    "dit-planned": _suite(DIT, 14, ["magcache/residual", "planned/taylor1",
-                                    "layer-mask/output", "layer-mask/residual"]),
+    "dit-planned": _suite(DIT, 14, ["layer-mask/residual", "planned/taylor1",
+                                    "magcache/residual"]),
     "dit-planned-all": _suite(DIT, 14, ["interval/output", *PLANNED_ROWS]),
-    "flux-planned": _suite(FLUX, 24, ["planned/residual", "layer-mask/residual"]),
+    "flux-planned": _suite(FLUX, 24, ["layer-mask/residual", "planned/residual"]),
 }
 
 
