@@ -504,14 +504,16 @@ def test_refining_measures_whole_schedules_and_keeps_the_best(toy):
     common = dict(solver=SOLVER, num_steps=steps, uncond=uncond, guidance_scale=2.0,
                   reuse=jc.TaylorForecast(1))
     starts = [jc.IntervalPolicy(3), jc.StepMaskPolicy([t in (0, 1, 2) for t in range(steps)])]
-    found = tuning.refine_schedule(plan, seg, noise, cond, start=starts, shift=2, **common)
+    found = tuning.refine_schedule(plan, seg, noise, cond, start=starts, shift=2, metric="mse",
+                                   **common)
     probes = dict(found.probes)
     refreshes = tuple(int(t) for t in np.flatnonzero(found.policy.mask))
     assert len(refreshes) == 3 and refreshes[0] == 0
     assert found.error == probes[refreshes] == min(probes.values())
     assert found.start_error == min(probes[(0, 3, 6)], probes[(0, 1, 2)])
     assert found.error <= found.start_error
-    early = tuning.refine_schedule(plan, seg, noise, cond, start=starts[1], **common)
+    early = tuning.refine_schedule(plan, seg, noise, cond, start=starts[1], metric="mse",
+                                   **common)
     assert early.error < early.start_error == probes[(0, 1, 2)]  # a poor start moves
     # A local optimum: no move of one refresh by up to 2 steps measures better.
     for r in (1, 2):
@@ -527,7 +529,7 @@ def test_refining_measures_whole_schedules_and_keeps_the_best(toy):
     assert found.error == pytest.approx(_mse(out, full), rel=1e-4)
     # In decibels: the mean of each sample's 10 log10 MSE.
     db = tuning.refine_schedule(plan, seg, noise, cond, start=found.policy, max_rounds=0,
-                                metric="mse_db", **common)
+                                **common)  # the default
     per_sample = np.mean((np.asarray(out, np.float64) - np.asarray(full)) ** 2, axis=1)
     assert db.error == pytest.approx(np.mean(10 * np.log10(per_sample)), abs=1e-3)
     assert db.policy == found.policy and len(db.probes) == 1

@@ -245,7 +245,7 @@ def refine_schedule(
     key: jax.Array | None = None,
     shift: int = 2,
     max_rounds: int = 50,
-    metric: str = "mse",
+    metric: str = "mse_db",
 ) -> RefinedSchedule:
     """The schedule of least measured error near ``start``, by local search.
 
@@ -272,8 +272,9 @@ def refine_schedule(
       key: the PRNG key of an ancestral solver.
       shift: the farthest one refresh moves in one move (>= 1).
       max_rounds: the most moves from each start (>= 0; 0 measures the starts only).
-      metric: one of :data:`METRICS`: ``"mse"`` (mean squared error over the batch) or
-        ``"mse_db"`` (the mean of each sample's in decibels: what mean PSNR reads).
+      metric: one of :data:`METRICS`: ``"mse_db"`` (the mean of each sample's squared error
+        in decibels, ``10 log10 MSE``: what a mean PSNR reads, every sample weighing alike) or
+        ``"mse"`` (the mean squared error over the batch, led by the worst samples).
 
     Returns:
       A :class:`RefinedSchedule`: the policy, its error, the best start's, every probe.
