@@ -379,8 +379,12 @@ def test_measured_plan_equals_brute_force_over_independent_runs(toy):
     network, params, plan, seg, noise, cond, uncond = toy
     common = dict(solver=SOLVER, num_steps=SEGMENT_STEPS, uncond=uncond, guidance_scale=2.0)
     mode = jc.ResidualReuse()
+    logged = []
     errors = tuning.measure_segments(plan, seg, noise, cond, reuse=mode,
-                                     max_length=SEGMENT_LENGTH, **common)
+                                     max_length=SEGMENT_LENGTH, log=lambda *a: logged.append(a),
+                                     **common)
+    assert logged == [(n, errors.runs - 1) for n in range(1, errors.runs)]
+    assert errors.reuse == repr(mode) and errors.previous == "adjacent"
     loop = dict(order=0, uncond=uncond, scale=2.0)
     full = _loop_sample(network, params, noise, cond, (0, 0), **loop)
     assert _mse(full, jc.sample(plan, seg, noise, cond, **common).sample) < 1e-10

@@ -179,7 +179,7 @@ def measure_segments(
       previous: the forecast's previous refresh: ``"adjacent"`` (the step before the
         segment's refresh) or ``"pairs"`` (each one a path can have; see the module
         docstring). For reuse that reads one refresh both measure the same.
-      log: called with ``(runs done, runs in all)`` after each run.
+      log: called with ``(runs done, runs in all)`` as each run's error is read.
 
     Returns:
       The :class:`SegmentErrors`, for :func:`~jaxcache.tuning.plan_path`.
@@ -190,25 +190,25 @@ def measure_segments(
         twice at one time, or settings the sampler refuses (before anything compiles).
 
     Example:
-      >>> errors = tuning.measure_segments(plan, seg, noise, cond, solver=solver,
+      >>> errors = tuning.measure_segments(plan, seg, noise, cond, solver=solver,  # doctest: +SKIP
       ...                                  num_steps=20, reuse=jaxcache.ResidualReuse())
       >>> policy = tuning.plan_path(errors, refreshes=7)              # doctest: +SKIP
     """
     max_length = check_int(max_length, "measure_segments: max_length", minimum=2)
     if previous not in PREVIOUS:
         raise ValueError(f"measure_segments: previous must be one of {PREVIOUS}, got {previous!r}")
+    if previous == "pairs":
+        _check_pairs(reuse, solver.times(num_steps)[0])
     runner = _Runner(plan, params, noise, cond, solver, num_steps, reuse, uncond,
                      guidance_scale, key, "mse", stores=previous == "pairs")
     steps = runner.steps
-    if previous == "pairs":
-        _check_pairs(reuse, runner.times)
     jobs = []  # (h, i, j) of every run, in order
     for i in range(steps):
         before = [steps] if i == 0 or previous == "adjacent" else range(max(0, i - max_length), i)
         for h in before:
             jobs += [(h, i, j) for j in range(i + 2, min(i + max_length, steps) + 1)]
-    pending = []
-    for number, (h, i, j) in enumerate(jobs, 1):
+    pending = []  # every run dispatched before any is read: the device never waits
+    for h, i, j in jobs:
         mask = np.ones(steps, bool)
         mask[i + 1:j] = False
         keep = None
@@ -217,9 +217,11 @@ def measure_segments(
             if h < steps:
                 keep[h + 1:i] = False  # computed, not stored: the forecast reads h and i
         pending.append(runner.start(mask, keep))
+    measured = []
+    for p in pending:
+        measured.append(runner.finish(p))
         if log is not None:
-            log(number, len(jobs))
-    measured = [runner.finish(p) for p in pending]
+            log(len(measured), len(jobs))
     errors = np.full((steps + 1, steps, steps + 1), np.nan)
     for i in range(steps):  # a segment of one step skips nothing
         errors[_previous_of(i, steps, max_length), i, i + 1] = 0.0
@@ -407,8 +409,7 @@ class _Runner:
         if getattr(plan, "cached_layers", None) == 0:
             raise ValueError("the plan caches no layer, so no schedule changes the sample")
         self.steps = len(solver.times(num_steps)[0])
-        self.times = np.asarray(solver.times(num_steps)[0], np.float64)
-        self.reuse = reuse
+        self.reuse = reuse if reuse is not None else OutputReuse()  # the sampler's default
         self.metric = metric
         self.stores = stores  # masks the stores too (one program for every keep mask)
         self.runs = 0
@@ -423,8 +424,7 @@ class _Runner:
         mode = self.reuse
         if self.stores:
             keep = np.ones(self.steps, bool) if keep is None else keep
-            mode = _StoreWhere(self.reuse if self.reuse is not None else OutputReuse(),
-                               jnp.asarray(keep))
+            mode = _StoreWhere(self.reuse, jnp.asarray(keep))
         self.runs += 1
         return sample(self.plan, self.params, self.noise, self.cond,
                       policy=_TracedMask(jnp.asarray(mask)), reuse=mode, **self.common).sample
@@ -441,8 +441,9 @@ class _Runner:
 
 
 # ---------------------------------------------------------------------------- helpers
-def _check_pairs(reuse: Any, times: np.ndarray) -> None:
+def _check_pairs(reuse: Any, times: Any) -> None:
     """Pairs store refreshes far apart; a forecast in time cannot divide by a zero gap."""
+    times = np.asarray(times)
     if getattr(reuse, "divides_by_time", False) and getattr(reuse, "order", 0) >= 1 and (
         len(np.unique(times)) < len(times)
     ):
