@@ -1744,6 +1744,18 @@ def _row_runs(ids: np.ndarray, max_period: int = 8) -> list[tuple[int, int, tupl
             items.append((row_id, 1))
             starts.append(step)
     runs = []
+    for i, period, reps in _repeats(items, max_period):
+        runs.append((starts[i], reps, tuple(items[i : i + period])))
+    return runs
+
+
+def _repeats(items: list, max_period: int) -> list[tuple[int, int, int]]:
+    """``items`` cut into repetitions of patterns: ``(start, period, reps)`` each, in order.
+
+    At each position the pattern of at most ``max_period`` items that repeats over the most
+    items wins (one item, once, if none repeats).
+    """
+    out = []
     i = 0
     while i < len(items):
         best_period, best_reps = 1, 1
@@ -1756,9 +1768,9 @@ def _row_runs(ids: np.ndarray, max_period: int = 8) -> list[tuple[int, int, tupl
                 reps += 1
             if reps > 1 and reps * period > best_reps * best_period:
                 best_period, best_reps = period, reps
-        runs.append((starts[i], best_reps, tuple(items[i : i + best_period])))
+        out.append((i, best_period, best_reps))
         i += best_period * best_reps
-    return runs
+    return out
 
 
 def _computed_steps(schedule: np.ndarray) -> np.ndarray:
@@ -1794,20 +1806,8 @@ def _schedule_runs(schedule: np.ndarray, max_period: int = 8) -> list[tuple]:
     runs: list[tuple] = [("plain", 0, int(refreshes[0]))] if refreshes[0] else []
     lengths = [int(n) for n in np.diff(np.append(refreshes, len(schedule)))]
     starts = [int(r) for r in refreshes]
-    i = 0
-    while i < len(lengths):
-        best_period, best_reps = 1, 1
-        for period in range(1, max_period + 1):
-            pattern = lengths[i : i + period]
-            if len(pattern) < period:
-                break
-            reps = 1
-            while lengths[i + reps * period : i + (reps + 1) * period] == pattern:
-                reps += 1
-            if reps > 1 and reps * period > best_reps * best_period:
-                best_period, best_reps = period, reps
-        runs.append(("groups", starts[i], best_reps, tuple(lengths[i : i + best_period])))
-        i += best_period * best_reps
+    for i, period, reps in _repeats(lengths, max_period):
+        runs.append(("groups", starts[i], reps, tuple(lengths[i : i + period])))
     return runs
 
 
