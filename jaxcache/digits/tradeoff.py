@@ -31,6 +31,7 @@ import numpy as np
 import jaxcache as jc
 from jaxcache.digits import pretrained
 from jaxcache.digits.harness import REUSE_MODES, Body, Evaluator, Row, Setting, check_settings
+from jaxcache.digits.planned import fit_batch
 
 __all__ = [
     "DEFAULT_MODES",
@@ -99,23 +100,18 @@ def fitted_settings(
     Returns:
       One ``"interval"`` setting per interval, its mode labelled ``fitted{order}``.
     """
-    solver = solver or jc.FlowMatchEuler()
-    network, params = jc.from_nnx(model)
-    plan = Body()(network, model.config.depth)
-    seg = plan.split(params)
-    labels = [c for c in range(10) for _ in range(per_class)]
-    cond = pretrained.class_condition(labels)
-    uncond = None if guidance is None else jnp.full_like(cond, pretrained.NULL_CLASS)
-    noise = jax.random.normal(jax.random.key(seed), (len(labels), *model.config.image_shape))
+    batch = fit_batch(model, seed=seed, per_class=per_class, guidance=guidance,
+                      solver=solver or jc.FlowMatchEuler(), num_steps=num_steps)
     settings = []
     for k in intervals:
         start = time.perf_counter()
         losses = []
-        fitted = jc.fit_forecast(plan, seg, noise, cond, solver=solver, num_steps=num_steps,
-                                 policy=jc.IntervalPolicy(k), order=order, uncond=uncond,
-                                 guidance_scale=guidance, iterations=iterations,
-                                 log=lambda i, loss, losses=losses: losses.append(loss))
-        log(f"fitted interval {k} on {len(labels)} digits in {time.perf_counter() - start:.0f} s"
+        fitted = jc.fit_forecast(batch.plan, batch.params, batch.noise, batch.cond,
+                                 policy=jc.IntervalPolicy(k), order=order, iterations=iterations,
+                                 log=lambda i, loss, losses=losses: losses.append(loss),
+                                 **batch.common)
+        log(f"fitted interval {k} on {batch.noise.shape[0]} digits in "
+            f"{time.perf_counter() - start:.0f} s"
             f" (mean squared error {losses[0]:.3g} -> {losses[-1]:.3g})")
         settings.append(Setting.interval(k, fitted, num_steps=num_steps, mode=f"fitted{order}"))
     return settings
