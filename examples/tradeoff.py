@@ -5,7 +5,8 @@ and every forecast (with --fitted, also the forecast whose per-step gains are fi
 model on a batch of its own), and the signal-driven policies (First-Block, TeaCache, DBCache)
 with residual reuse and with the Taylor forecast at the same compute; with --planned, the planned
 schedules too (DeepCache's centered schedule, MagCache, the planner's refresh steps, a
-Learning-to-Cache router), each fitted on a batch of its own, at every interval's compute.
+Learning-to-Cache router), each fitted on a batch of its own, at every interval's compute;
+with --peer, the JAX peer's caches (CFG-Cache alone and on the layer cache, SenCache).
 Prints a markdown table per model (the one in BENCHMARKS.md), and writes ``tradeoff.json`` and
 ``tradeoff.png`` (PSNR against ideal speedup, the fewer-steps curve drawn in) to --out.
 
@@ -13,6 +14,8 @@ Prints a markdown table per model (the one in BENCHMARKS.md), and writes ``trade
     python examples/tradeoff.py --arch dit --per-class 8 --targets ""   # a quick look
     python examples/tradeoff.py --modes taylor1 --fitted --targets ""   # the fitted forecast
     python examples/tradeoff.py --modes reuse,taylor1 --fitted --planned --targets ""
+    python examples/tradeoff.py --arch dit --modes taylor1 --peer --targets 2,2.86 \
+        --signal-policies first-block,teacache       # CFG-Cache and SenCache
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import sys
 from pathlib import Path
 
 import jaxcache as jc
-from jaxcache.digits import planned, pretrained, tradeoff
+from jaxcache.digits import peer, planned, pretrained, tradeoff
 from jaxcache.digits.harness import REUSE_MODES, Row
 
 # Models and how they are sampled: flow matching with Euler at 20 steps; the noise-prediction
@@ -66,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"the planned families of --planned, of {list(planned.FAMILIES)}")
     p.add_argument("--router-iterations", type=int, default=150,
                    help="Adam steps of each Learning-to-Cache router (default 150)")
+    p.add_argument("--signal-policies", default=",".join(tradeoff.DEFAULT_SIGNAL_POLICIES),
+                   help="comma-separated signal-driven policies of --targets, of "
+                        f"{list(tradeoff.SIGNAL_POLICIES)} (default: "
+                        f"{','.join(tradeoff.DEFAULT_SIGNAL_POLICIES)})")
+    p.add_argument("--peer", action="store_true",
+                   help="add the JAX peer's caches (jaxcache.digits.peer): CFG-Cache alone and "
+                        "on the interval layer cache with --modes' forecasts, fewer steps at "
+                        "each one's compute, and SenCache among the signal-driven policies")
     p.add_argument("--guidance", type=float, default=pretrained.DEFAULT_GUIDANCE)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting")
     p.add_argument("--seed", type=int, default=0)
@@ -131,6 +142,17 @@ def main(argv=None) -> int:
         print(f"error: --modes must name modes of {list(REUSE_MODES)}, got "
               f"{args.modes!r}", file=sys.stderr)
         return 2
+    policies = [p.strip() for p in args.signal_policies.split(",") if p.strip()]
+    if args.peer and "sencache" not in policies:
+        policies.append("sencache")
+    if any(p not in tradeoff.SIGNAL_POLICIES for p in policies):
+        print(f"error: --signal-policies must name policies of "
+              f"{list(tradeoff.SIGNAL_POLICIES)}, got {args.signal_policies!r}", file=sys.stderr)
+        return 2
+    if args.peer and not args.guidance:
+        print("error: --peer needs guidance (CFG-Cache caches the gap between the branches)",
+              file=sys.stderr)
+        return 2
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -160,13 +182,18 @@ def main(argv=None) -> int:
                 router_iterations=args.router_iterations,
                 log=lambda line: print(line, flush=True),
             )
+        if args.peer and not args.signal_only:
+            settings += [s for s in peer.cfg_cache_settings(
+                steps, solver, layer_intervals=intervals[:2],
+                layer_modes=[m for m in modes if m != "reuse"] or ["taylor1"])
+                if s not in settings]  # a fewer-steps row the intervals already have
         print(f"\n{arch}: {len(labels)} digits, {type(solver).__name__} {steps} steps, "
               f"guidance {guidance}; scored against full compute\n{tradeoff.TABLE_HEADER}",
               flush=True)
         results[arch] = tradeoff.evaluate(
             model, labels, settings[:1] if args.signal_only else settings, seed=args.seed,
             guidance=guidance, solver=solver, repeats=args.repeats, signal_targets=targets,
-            log=lambda line: print(line, flush=True),
+            signal_policies=policies, log=lambda line: print(line, flush=True),
         )
     payload = {
         "settings": vars(args),

@@ -66,19 +66,24 @@ class Work(NamedTuple):
     step: int
     layers: np.ndarray
 
-    def total(self, evaluations: int, layers_computed: Any = None) -> float:
+    def total(self, evaluations: int, layers_computed: Any = None,
+              steps_computed: Any = None) -> float:
         """The FLOPs of a run of ``evaluations`` model evaluations.
 
         Args:
           evaluations: the number of model evaluations.
-          layers_computed: ``[evaluations, depth]`` bool, which layer ran at which evaluation;
-            None: every layer at every evaluation.
+          layers_computed: ``[evaluations, depth]``, which layer ran at which evaluation (bool,
+            or the share of the rows that ran it); None: every layer at every evaluation.
+          steps_computed: ``[evaluations]``, the share of the rows whose embedding and final
+            projection ran at each evaluation (below 1 on CFG-Cache's cache steps, 0 where a
+            whole-network policy skipped); None: all of them at every evaluation.
         """
         if layers_computed is None:
             layer_total = evaluations * float(np.sum(self.layers))
         else:
-            layer_total = float(np.sum(np.asarray(layers_computed) @ self.layers))
-        return float(self.condition) + evaluations * float(self.step) + layer_total
+            layer_total = float(np.sum(np.asarray(layers_computed, np.float64) @ self.layers))
+        steps = evaluations if steps_computed is None else float(np.sum(steps_computed))
+        return float(self.condition) + steps * float(self.step) + layer_total
 
 
 def _shapes(tree: PyTree) -> PyTree:

@@ -109,7 +109,7 @@ def test_a_per_layer_mask_counts_what_ran_layer_by_layer(evaluator):
     plan = CachePlan(evaluator.network, 3)
     layers = [[1, 1, 1], [0, 1, 0], [1, 0, 0], [0, 0, 1]]
     body = np.asarray(layers, bool).any(axis=1)[:, None, None].repeat(4, axis=2)
-    counted = harness.layers_per_sample(_result(layers, body), plan)
+    counted = harness.layers_per_sample(_result(layers, body), plan).layers
     np.testing.assert_array_equal(counted, np.asarray(layers, float))
     assert counted.sum() == 6  # not 3 layers x 4 steps the body "ran" at
 
@@ -129,7 +129,7 @@ def test_a_sample_counts_its_own_decisions(evaluator, data):
     plan = CachePlan(evaluator.network, cached, first_layers=first)
     ran = np.ones((steps, DEPTH), bool)
     ran[:, first : first + cached] = decided.any(axis=(1, 2))[:, None]  # the batch ran the body
-    counted = harness.layers_per_sample(_result(ran, decided), plan)
+    counted = harness.layers_per_sample(_result(ran, decided), plan).layers
     own = [(DEPTH - cached) * steps + cached * decided[:, b, r].sum()
            for b in range(branches) for r in range(batch)]
     assert counted.sum() == pytest.approx(np.mean(own))
@@ -193,3 +193,73 @@ def test_settings_check_their_fields():
         Setting.interval(2, REUSE_MODES["taylor1"], num_steps=STEPS)
     # Equal settings compare equal (the plan builder is a value).
     assert Setting.interval(2, num_steps=STEPS) == Setting.interval(2, num_steps=STEPS)
+
+
+def test_cfg_cache_steps_count_one_half(evaluator):
+    # CFG-Cache's cache steps run the conditional rows only: half of a guided step, in layer
+    # evaluations and in FLOPs (layers, embedding and final projection alike).
+    from jaxcache import CFGCache
+
+    alone = Setting("cfg-cache", "-", STEPS, guidance=CFGCache(interval=2))
+    cached = Setting("cfg-cache", "taylor1", STEPS, Body(), StepMaskPolicy(MASK),
+                     REUSE_MODES["taylor1"], guidance=CFGCache(interval=2))
+    full, own, both = evaluator.evaluate([Setting.full(STEPS), alone, cached])
+    share = np.array([1.0, 0.5, 1.0, 0.5])  # full steps 0 and 2
+    np.testing.assert_array_equal(evaluator.run(alone).guidance_computed, share == 1.0)
+    assert own.layer_evaluations == pytest.approx(DEPTH * share.sum())
+    work = evaluator.work
+    by_hand = work.condition + share.sum() * (work.step + work.layers.sum())
+    assert own.ideal_speedup == pytest.approx(work.total(STEPS) / by_hand)
+    # With a step mask on top: the body's layers where the mask ran, halved on cache steps.
+    assert both.layer_evaluations == pytest.approx(DEPTH * (share * np.array(MASK)).sum())
+    assert own.computed_per_step == tuple(share)
+    assert math.isfinite(own.psnr) and full.ideal_speedup == 1.0
+
+
+def test_a_whole_network_skip_counts_every_layer_and_the_step(evaluator):
+    # SenCache skips the whole network per row: a row's share covers every layer and the
+    # embedding and final projection, whether the rows decided alike or not.
+    plan = CachePlan(evaluator.network, DEPTH)
+    decided = np.array([[[1, 1]], [[0, 1]], [[0, 0]]], bool)  # [evaluations, branches, batch]
+    ran = decided.any(axis=(1, 2))[:, None].repeat(DEPTH, axis=1)
+    counted = harness.layers_per_sample(_result(ran, decided), plan, whole_network=True)
+    np.testing.assert_array_equal(counted.steps, [1.0, 0.5, 0.0])
+    np.testing.assert_array_equal(counted.layers.sum(axis=1), DEPTH * counted.steps)
+    alike = decided[:, :, :1]
+    counted = harness.layers_per_sample(_result(ran[[0, 2]], alike[[0, 2]]), plan,
+                                        whole_network=True)
+    np.testing.assert_array_equal(counted.steps, [1.0, 0.0])
+
+
+def test_cfg_cache_needs_guidance():
+    from jaxcache import CFGCache
+
+    with pytest.raises(TypeError, match="CFGCache instance"):
+        Setting("cfg-cache", "-", STEPS, guidance=2.0)
+    model = random_model("dit", channels=1, vocab_size=11, caption_len=1, depth=1,
+                         image_size=16, patch_size=4)
+    unguided = harness.Evaluator(model, [0], repeats=1, guidance=None)
+    with pytest.raises(ValueError, match="needs guidance"):
+        unguided.evaluate([Setting.full(STEPS), Setting("c", "-", STEPS, guidance=CFGCache())])
+
+
+def test_the_peer_study_pairs_each_cfg_cache_row_with_fewer_steps_at_its_compute():
+    import jaxcache as jc
+    from jaxcache.digits import peer
+
+    solver = jc.FlowMatchEuler()
+    settings = peer.cfg_cache_settings(20, solver, intervals=(2, 5), layer_intervals=(2, 3))
+    cfg = [s for s in settings if s.guidance is not None]
+    # Alone: full steps at 0, 2, 4, ... (10 of 20, the rest half) = 15 of 20 guided steps;
+    # every 5th: 4 full, 16 half = 12. On the interval layer cache, CFG-Cache's interval does
+    # not divide the layer cache's: interval 2 with CFG every 3rd = 4 full refreshes + 6 half;
+    # interval 3 with CFG every 2nd = 4 full + 3 half.
+    assert [(s.family, s.knob, s.guidance.interval) for s in cfg] == [
+        ("cfg-cache", 2, 2), ("cfg-cache", 5, 5),
+        ("cfg-cache 3 + interval", 2, 3), ("cfg-cache 2 + interval", 3, 2)]
+    shares = [peer.guided_compute(s.guidance, 20, None if s.policy is None else
+                                  s.policy.static_schedule(20)) for s in cfg]
+    assert shares == [15 / 20, 12 / 20, 7 / 20, 5.5 / 20]
+    assert [s.num_steps for s in settings if s.family == "fewer steps"] == [15, 12, 7, 6]
+    with pytest.raises(ValueError, match="unknown reuse modes"):
+        peer.cfg_cache_settings(20, solver, layer_modes=("nope",))

@@ -127,6 +127,26 @@ def test_layer_budgets_per_batch_and_per_sample():
     assert (found.threshold, found.fraction, found.layer_evaluations) == (0.0, 1.0, full)
 
 
+def test_sencache_tolerance_is_searched_and_counts_the_whole_network():
+    # SenCache's knob is its tolerance (the early one kept in the same ratio); a skip skips
+    # every layer, the head's too, so the layer count is the fraction of all of them.
+    network, params = _network()
+    plan = jc.CachePlan.around(network, DEPTH, first=1)  # a head: a skip skips it as well
+    seg = plan.split(params)
+    noise, cond, uncond = toy_networks.inputs(3)
+    policy = jc.SenCachePolicy(0.1, early_tolerance=0.05, max_skips=STEPS)
+    common = dict(solver=SOLVER, num_steps=STEPS, uncond=uncond, guidance_scale=SCALE)
+    found = tuning.threshold_for(plan, seg, noise, cond, policy=policy, target_fraction=0.5,
+                                 **common)
+    assert 0.5 - 1 / STEPS <= found.fraction <= 0.5, found
+    assert found.policy.tolerance == found.threshold > 0
+    assert found.policy.early_tolerance == pytest.approx(found.threshold / 2)
+    out = jc.sample(plan, seg, noise, cond, policy=found.policy, **common)
+    assert float(np.mean(np.asarray(out.refreshed))) == found.fraction
+    assert found.layer_evaluations == int(out.layer_evaluations) == round(
+        found.fraction * STEPS * DEPTH)
+
+
 def test_threshold_search_refuses_what_cannot_work():
     network, params = _network()
     plan = jc.CachePlan(network, DEPTH)

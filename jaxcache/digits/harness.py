@@ -31,7 +31,7 @@ import functools
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,10 +47,12 @@ from jaxcache.digits.classifier import (
 )
 from jaxcache.digits.data import load_digits_images
 from jaxcache.evaluation import metrics
+from jaxcache.guidance import CFGCache
 from jaxcache.network import Network
 from jaxcache.nnx import from_nnx
 from jaxcache.plan import CachePlan
 from jaxcache.policies import IntervalPolicy, RefreshPolicy
+from jaxcache.policies.sencache import SenCachePolicy, is_whole_network
 from jaxcache.reuse import (
     HermiteForecast,
     OutputReuse,
@@ -68,6 +70,7 @@ __all__ = [
     "Body",
     "Evaluator",
     "Row",
+    "SampleWork",
     "Setting",
     "check_settings",
     "layers_per_sample",
@@ -136,6 +139,8 @@ class Setting:
       policy: the refresh policy; None samples uncached.
       reuse: the reuse mode; None: the sampler's default (plain reuse).
       knob: the setting's own parameter for tables (steps, interval or threshold).
+      guidance: a :class:`~jaxcache.CFGCache` (cache steps run the conditional branch alone),
+        for an evaluator with guidance; None: both branches every step.
     """
 
     family: str
@@ -145,6 +150,7 @@ class Setting:
     policy: RefreshPolicy | None = None
     reuse: ReuseMode | None = None
     knob: float | int | None = None
+    guidance: CFGCache | None = None
 
     def __post_init__(self):
         for name in ("family", "mode"):
@@ -157,6 +163,9 @@ class Setting:
                 raise TypeError(
                     f"Setting.{name} must be a {kind.__name__} instance or None, got {value!r}"
                 )
+        if self.guidance is not None and not isinstance(self.guidance, CFGCache):
+            raise TypeError(f"Setting.guidance must be a CFGCache instance or None, got "
+                            f"{self.guidance!r}")
         if self.plan is not None and not callable(self.plan):
             raise TypeError(f"Setting.plan must be plan(network, depth) -> CachePlan, got "
                             f"{self.plan!r}")
@@ -214,7 +223,8 @@ class Row:
       family, mode, knob, num_steps: the setting's (see :class:`Setting`).
       cached_layers: the body's layers (0: uncached).
       layer_evaluations: one sample's layer evaluations, head and tail included (a guided step
-        counts once), from its own decisions: as if sampled alone.
+        counts once, a CFG-Cache step one half), from its own decisions: as if sampled alone;
+        SenCache's extra warm-up evaluations (its estimate) count whole.
       batch_layer_evaluations: the batch's (``SampleResult.layer_evaluations``): a step counts
         when any sample ran it.
       ideal_speedup: full compute's matrix FLOPs over one sample's of this setting.
@@ -277,28 +287,68 @@ def check_settings(settings: Sequence[Setting]) -> list[Setting]:
     return settings
 
 
-def layers_per_sample(out: SampleResult, plan: CachePlan) -> np.ndarray:
+class SampleWork(NamedTuple):
+    """What one sample computed, as if sampled alone (:func:`layers_per_sample`).
+
+    Attributes:
+      layers: ``[evaluations, depth]`` float64 in ``[0, 1]``, the share of each layer a sample
+        ran at each evaluation: its sum is a sample's layer evaluations (a guided step counts
+        once; a CFG-Cache step, which runs the conditional rows only, counts one half).
+      steps: ``[evaluations]`` float64, the share of the embedding and final projection it ran
+        (below 1 on CFG-Cache's cache steps, 0 where a whole-network policy skipped).
+    """
+
+    layers: np.ndarray
+    steps: np.ndarray
+
+
+def layers_per_sample(out: SampleResult, plan: CachePlan, *,
+                      whole_network: bool = False) -> SampleWork:
     """Which layers ran for one sample at each evaluation, as if it had been sampled alone.
 
     Where every row decided alike at every step (every schedule known before sampling, a
-    per-(step, layer) mask included), that is what ran: ``out.layers_computed``. Where rows
-    differed (a signal-driven policy), the body ran for the batch whenever any row asked, and a
-    row's own share of each step's body is the mean of ``out.body_computed`` over the rows.
+    per-(step, layer) mask included), that is what ran: ``out.layers_computed``, halved on
+    CFG-Cache's cache steps (``out.guidance_computed`` False: the unconditional rows did not
+    run). Where rows differed (a signal-driven policy), the body ran for the batch whenever any
+    row asked, and a row's own share of each step's body is the mean of ``out.body_computed``
+    over the rows (the unconditional rows of a CFG-Cache step count as not computed, so this
+    too halves it).
 
     Args:
       out: the run's :class:`~jaxcache.SampleResult`.
       plan: the plan it ran with.
+      whole_network: the policy skips the whole network (:class:`~jaxcache.SenCachePolicy`):
+        a row's decisions cover every layer and the embedding and final projection too.
 
     Returns:
-      ``[evaluations, depth]`` float64 in ``[0, 1]``: its sum is a sample's layer evaluations.
+      A :class:`SampleWork`.
     """
     layers = np.asarray(out.layers_computed, np.float64)
+    evaluations = len(layers)
+    share = np.ones(evaluations)
+    if out.guidance_computed is not None:
+        share = (1.0 + np.asarray(out.guidance_computed, np.float64)) / 2.0
+    layers = layers * share[:, None]
+    steps = share.copy()
+    if whole_network:
+        steps = steps * layers.any(axis=1)
     body = None if out.body_computed is None else np.asarray(out.body_computed)
-    if body is None or body.size == 0 or bool(np.all(body == body[:, :1, :1])):
-        return layers
-    layers = layers.copy()
-    layers[:, plan.body_start : plan.body_stop] = body.mean(axis=(1, 2))[:, None]
-    return layers
+    if body is None or body.size == 0 or _rows_alike(body, out.guidance_computed):
+        return SampleWork(layers, steps)
+    own = body.mean(axis=(1, 2))
+    if whole_network:
+        return SampleWork(np.repeat(own[:, None], layers.shape[1], axis=1), own)
+    layers[:, plan.body_start : plan.body_stop] = own[:, None]
+    return SampleWork(layers, steps)
+
+
+def _rows_alike(body: np.ndarray, guidance_computed: Any) -> bool:
+    """Whether every row that ran decided as the first at every evaluation (the unconditional
+    rows of CFG-Cache's cache steps did not run, so they do not count)."""
+    ran = np.ones(body.shape, bool)
+    if guidance_computed is not None and body.shape[1] == 2:
+        ran[:, 1] = np.asarray(guidance_computed, bool)[:, None]
+    return bool(np.all((body == body[:, :1, :1]) | ~ran))
 
 
 class Evaluator:
@@ -386,7 +436,7 @@ class Evaluator:
         return functools.partial(
             sample, plan, self.split(plan), self.noise, self.cond, solver=self.solver,
             num_steps=setting.num_steps, policy=setting.policy, reuse=setting.reuse,
-            uncond=self.uncond, guidance_scale=self.guidance,
+            uncond=self.uncond, guidance_scale=self.guidance, guidance=setting.guidance,
         )
 
     def run(self, setting: Setting) -> SampleResult:
@@ -413,8 +463,13 @@ class Evaluator:
         plan = self.plan(setting)
         evaluations = len(self.solver.times(setting.num_steps)[0])
         work = self.work
-        budget = (work.total(evaluations) / speedup - work.condition
-                  - evaluations * work.step) / float(np.mean(work.layers))
+        if is_whole_network(setting.policy):  # a skip saves every layer and the step's own
+            per_evaluation = float(np.sum(work.layers)) + work.step
+            budget = (work.total(evaluations) / speedup - work.condition) / per_evaluation
+            budget *= len(work.layers)
+        else:
+            budget = (work.total(evaluations) / speedup - work.condition
+                      - evaluations * work.step) / float(np.mean(work.layers))
         found = threshold_for(
             plan, self.split(plan), self.noise[:rows], self.cond[:rows], policy=setting.policy,
             solver=self.solver, num_steps=setting.num_steps, layer_budget=budget,
@@ -456,6 +511,9 @@ class Evaluator:
             the model (before anything compiles).
         """
         settings = check_settings(settings)
+        if self.guidance is None and any(s.guidance is not None for s in settings):
+            raise ValueError("a setting with CFGCache needs guidance: build the Evaluator with "
+                             "guidance= a scale above 1")
         plans = [self.plan(s) for s in settings]
         programs = [self.program(s) for s in settings]
         outputs = [jax.block_until_ready(p()) for p in programs]
@@ -468,9 +526,14 @@ class Evaluator:
         rows = []
         for setting, plan, out, seconds in zip(settings, plans, outputs, times):
             images = jnp.clip(out.sample, -1.0, 1.0)
-            layers = layers_per_sample(out, plan)
-            body = layers[:, plan.body_start : plan.body_stop]
-            computed = body.mean(axis=1) if plan.cached_layers else np.ones(len(layers))
+            own = layers_per_sample(out, plan, whole_network=is_whole_network(setting.policy))
+            layers, steps = own.layers, own.steps
+            if isinstance(setting.policy, SenCachePolicy):  # its estimate's extra evaluations
+                probes = setting.policy.probe_evaluations(len(layers))
+                layers = np.concatenate([layers, np.ones((probes, layers.shape[1]))])
+                steps = np.concatenate([steps, np.ones(probes)])
+            body = own.layers[:, plan.body_start : plan.body_stop]
+            computed = body.mean(axis=1) if plan.cached_layers else own.steps
             psnr, ssim, relative_l1 = metrics.mean_image_scores(images, reference)
             rows.append(Row(
                 family=setting.family,
@@ -480,7 +543,7 @@ class Evaluator:
                 cached_layers=plan.cached_layers,
                 layer_evaluations=float(layers.sum()),
                 batch_layer_evaluations=int(out.layer_evaluations),
-                ideal_speedup=full_flops / self.work.total(len(layers), layers),
+                ideal_speedup=full_flops / self.work.total(len(layers), layers, steps),
                 speedup=full_seconds / statistics.median(seconds),
                 speedup_min=full_seconds / max(seconds),
                 speedup_max=full_seconds / min(seconds),

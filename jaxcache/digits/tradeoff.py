@@ -35,6 +35,7 @@ from jaxcache.digits.planned import fit_batch
 
 __all__ = [
     "DEFAULT_MODES",
+    "DEFAULT_SIGNAL_POLICIES",
     "SIGNAL_POLICIES",
     "TABLE_HEADER",
     "calibrate",
@@ -52,7 +53,12 @@ SIGNAL_POLICIES: dict[str, tuple[Body, jc.RefreshPolicy]] = {
     "first-block": (Body(first=1), jc.FirstBlockPolicy(0.0)),
     "teacache": (Body(), jc.TeaCachePolicy(0.0)),
     "dbcache": (Body(first=2), jc.DBCachePolicy(0.0, warmup_steps=2)),
+    # Its tolerance is searched; a skip skips the whole network, sensitivities estimated in
+    # the program from the warm-up (its one extra evaluation counted).
+    "sencache": (Body(), jc.SenCachePolicy(0.0)),
 }
+#: The signal-driven policies of the recorded tables (the default).
+DEFAULT_SIGNAL_POLICIES = ("first-block", "teacache", "dbcache")
 
 
 def default_settings(
@@ -141,6 +147,7 @@ def evaluate(
     repeats: int = 3,
     signal_targets: Sequence[float] = (),
     signal_modes: Sequence[str] = ("residual", "taylor1"),
+    signal_policies: Sequence[str] = DEFAULT_SIGNAL_POLICIES,
     log: Callable[[str], None] = lambda s: None,
 ) -> list[Row]:
     """Samples ``labels`` under every setting and scores each against the first (full) one.
@@ -156,11 +163,12 @@ def evaluate(
       guidance: classifier-free guidance scale (None: off).
       solver: the solver (default: the model's recipe's).
       repeats: timed runs per setting (medians are reported).
-      signal_targets: ideal speedups at which to add every signal-driven policy
-        (:data:`SIGNAL_POLICIES`), with each of ``signal_modes``, its threshold searched on
-        the first 100 digits; TeaCache's coefficients are fitted on digits of seed ``seed + 1``.
+      signal_targets: ideal speedups at which to add each signal-driven policy of
+        ``signal_policies``, with each of ``signal_modes``, its threshold searched on the
+        first 100 digits; TeaCache's coefficients are fitted on digits of seed ``seed + 1``.
       signal_modes: reuse modes of the signal-driven rows
         (:data:`~jaxcache.digits.harness.REUSE_MODES` keys).
+      signal_policies: :data:`SIGNAL_POLICIES` names.
       log: called with each row as a markdown table line (:func:`format_row`).
 
     Returns:
@@ -174,12 +182,19 @@ def evaluate(
     unknown = [m for m in signal_modes if m not in REUSE_MODES]
     if unknown:
         raise ValueError(f"unknown signal modes {unknown}; choose from {sorted(REUSE_MODES)}")
+    unknown = [p for p in signal_policies if p not in SIGNAL_POLICIES]
+    if unknown:
+        raise ValueError(f"unknown signal policies {unknown}; choose from "
+                         f"{sorted(SIGNAL_POLICIES)}")
     evaluator = Evaluator(model, labels, seed=seed, guidance=guidance, solver=solver,
                           repeats=repeats)
     full_steps = settings[0].num_steps
-    coefficients = calibrate(evaluator, full_steps, seed=seed + 1) if signal_targets else None
+    coefficients = None
+    if signal_targets and "teacache" in signal_policies:
+        coefficients = calibrate(evaluator, full_steps, seed=seed + 1)
     for target in signal_targets:
-        for name, (body, policy) in SIGNAL_POLICIES.items():
+        for name in signal_policies:
+            body, policy = SIGNAL_POLICIES[name]
             if name == "teacache":  # the published workflow: coefficients fitted per model
                 policy = dataclasses.replace(policy, coefficients=coefficients)
             for mode in signal_modes:

@@ -152,6 +152,13 @@ class SenCachePolicy(RefreshPolicy):
         """Whether the sensitivities are estimated in the program (not given)."""
         return self.sensitivity_x is None
 
+    def probe_evaluations(self, evaluations: int) -> int:
+        """The extra evaluations of the whole network a run of ``evaluations`` makes to
+        estimate the sensitivities (one per warm-up step after the first; none when given)."""
+        if not self.estimates:
+            return 0
+        return max(0, min(int(self.warmup_steps), int(evaluations)) - 1)
+
     def check(self, plan, num_steps):
         if self.estimates and num_steps < 2:
             raise ValueError(

@@ -1,7 +1,8 @@
 """Choosing a signal policy's threshold for a compute budget, on the user's model and batch.
 
 A signal-driven policy (:class:`~jaxcache.FirstBlockPolicy`, :class:`~jaxcache.TeaCachePolicy`,
-:class:`~jaxcache.DBCachePolicy`) skips more steps as its threshold grows, but how many depends
+:class:`~jaxcache.DBCachePolicy`, and :class:`~jaxcache.SenCachePolicy` by its tolerance) skips
+more steps as its threshold grows, but how many depends
 on the model, the batch, the solver and the step count. :func:`threshold_for` finds the
 threshold at which a run computes a target fraction of its model evaluations (or a budget of
 layer evaluations) by bisection, each probe one run of :func:`jaxcache.sample`. Thresholds are
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 
 from jaxcache.policies.base import RefreshPolicy
+from jaxcache.policies.sencache import SenCachePolicy, is_whole_network
 from jaxcache.sampler import sample
 
 PyTree = Any
@@ -91,7 +93,11 @@ def threshold_for(
       cond: its condition.
       policy: a policy that decides on the device and has a ``threshold`` field
         (:class:`~jaxcache.FirstBlockPolicy`, :class:`~jaxcache.TeaCachePolicy`,
-        :class:`~jaxcache.DBCachePolicy`); its other settings are kept.
+        :class:`~jaxcache.DBCachePolicy`), or a :class:`~jaxcache.SenCachePolicy`, whose
+        ``tolerance`` is searched (its ``early_tolerance`` kept in the same ratio to it); its
+        other settings are kept. A SenCache skip skips the whole network, so its fraction
+        and layer evaluations count every layer; with sensitivities estimated in the program,
+        its warm-up probes are not counted (give calibrated ones for an exact count).
       solver: the solver to sample with.
       num_steps: the step count to sample with.
       target_fraction: the fraction of model evaluations whose body may run, in ``(0, 1]``.
@@ -129,19 +135,25 @@ def threshold_for(
             f"threshold_for: {type(policy).__name__}'s schedule is known before sampling, so "
             "no threshold changes it; give a policy that decides on the device"
         )
-    if "threshold" not in {f.name for f in dataclasses.fields(policy)}:
+    whole = is_whole_network(policy)
+    if not isinstance(policy, SenCachePolicy) and "threshold" not in {
+        f.name for f in dataclasses.fields(policy)
+    }:
         raise TypeError(
             f"threshold_for searches a policy's threshold; {type(policy).__name__} has none"
         )
-    if plan.cached_layers < 1:
+    if plan.cached_layers < 1 and not whole:
         raise ValueError("threshold_for: the plan caches no layer, so no threshold skips any")
     if (target_fraction is None) == (layer_budget is None):
         raise ValueError("threshold_for: give one of target_fraction= and layer_budget=")
     if not isinstance(per_sample, bool):
         raise TypeError(f"threshold_for: per_sample must be a bool, got {per_sample!r}")
     depth = plan.total_layers(params)
-    always = evaluations * (depth - plan.cached_layers)  # head and tail: every evaluation
-    body = evaluations * plan.cached_layers  # the body, were it computed every evaluation
+    # What runs every evaluation (head and tail) and what a skip saves (the body, were it
+    # computed every evaluation); a policy that skips the whole network saves every layer.
+    skippable = depth if whole else plan.cached_layers
+    always = evaluations * (depth - skippable)
+    body = evaluations * skippable
     if target_fraction is not None:
         target = _number(target_fraction, "target_fraction")
         if not 0 < target <= 1:
@@ -174,7 +186,7 @@ def threshold_for(
         # Always a Python float: one argument type, so one compiled program for every probe.
         out = sample(
             plan, params, noise, cond, solver=solver, num_steps=num_steps,
-            policy=dataclasses.replace(policy, threshold=threshold), reuse=reuse,
+            policy=_with_threshold(policy, threshold), reuse=reuse,
             uncond=uncond, guidance_scale=guidance_scale, key=key,
         )
         computed = out.body_computed if per_sample else out.refreshed
@@ -185,7 +197,7 @@ def threshold_for(
     def choice(threshold: float, fraction: float) -> ThresholdChoice:
         return ThresholdChoice(
             threshold, fraction, float(always + fraction * body),
-            dataclasses.replace(policy, threshold=threshold), tuple(probes),
+            _with_threshold(policy, threshold), tuple(probes),
         )
 
     if target >= 1:  # threshold 0 computes every step
@@ -212,6 +224,16 @@ def threshold_for(
         else:
             high, reached = middle, fraction
     return choice(high, reached)
+
+
+def _with_threshold(policy: RefreshPolicy, threshold: float) -> RefreshPolicy:
+    """``policy`` with its knob at ``threshold``: SenCache's tolerance (the early tolerance kept
+    in the same ratio to it), every other policy's ``threshold``."""
+    if isinstance(policy, SenCachePolicy):
+        ratio = policy.early_tolerance / policy.tolerance if policy.tolerance > 0 else 1.0
+        return dataclasses.replace(policy, tolerance=threshold,
+                                   early_tolerance=threshold * ratio)
+    return dataclasses.replace(policy, threshold=threshold)
 
 
 def _number(value: Any, name: str) -> float:
