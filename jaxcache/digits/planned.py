@@ -9,7 +9,11 @@ fewer-steps row of the same compute.
 * ``centered``: DeepCache's non-uniform schedule (:meth:`jaxcache.StepMaskPolicy.centered`).
 * ``magcache``: MagCache calibrated on the fitting batch, its threshold searched on the host
   (the schedule depends only on the calibration) for the most refreshes within the budget.
-* ``planned``: the refresh steps :func:`jaxcache.tuning.plan_refreshes` chooses for the budget.
+* ``planned``: the refresh steps :func:`jaxcache.tuning.refine_schedule` finds for the budget,
+  measured on the fitting batch's final samples, from the interval and from the modelled plan
+  of :func:`jaxcache.tuning.plan_refreshes` (one search per reuse mode); for the fitted
+  forecast, gains fitted to the Taylor search's schedule, the schedule searched again with
+  them and the gains fitted again where it moved.
 * ``learned``: a Learning-to-Cache router (:func:`jaxcache.tuning.train_router`), trained once
   per reuse mode, cut to each budget by its largest gates (:meth:`Router.budget_mask`).
 
@@ -30,7 +34,7 @@ import numpy as np
 import jaxcache as jc
 from jaxcache.digits import pretrained
 from jaxcache.digits.harness import REUSE_MODES, Body, Setting
-from jaxcache.tuning import calibrate_magcache, plan_refreshes, train_router
+from jaxcache.tuning import calibrate_magcache, plan_refreshes, refine_schedule, train_router
 
 __all__ = ["FAMILIES", "FitBatch", "fit_batch", "planned_settings"]
 
@@ -151,15 +155,22 @@ def planned_settings(
                                          **batch.common)
     settings: list[Setting] = []
 
+    def fit(policy: jc.RefreshPolicy) -> jc.FittedForecast:
+        return jc.fit_forecast(batch.plan, batch.params, batch.noise, batch.cond,
+                               policy=policy, order=1, iterations=fit_iterations,
+                               **batch.common)
+
+    def refine(starts, reuse) -> jc.RefreshPolicy:
+        return refine_schedule(batch.plan, batch.params, batch.noise, batch.cond, start=starts,
+                               reuse=reuse, **batch.common).policy
+
     def add_step_mask(family: str, k: int, policy: jc.RefreshPolicy, names=modes):
         for name in names:
             settings.append(Setting(family, name, num_steps, Body(), policy, REUSE_MODES[name],
                                     knob=k))
         if fitted:
-            gains = jc.fit_forecast(batch.plan, batch.params, batch.noise, batch.cond,
-                                    policy=policy, order=1, iterations=fit_iterations,
-                                    **batch.common)
-            settings.append(Setting(family, "fitted1", num_steps, Body(), policy, gains, knob=k))
+            settings.append(Setting(family, "fitted1", num_steps, Body(), policy, fit(policy),
+                                    knob=k))
             log(f"{family} at interval {k}'s compute: forecast fitted")
 
     for family in families:
@@ -170,15 +181,26 @@ def planned_settings(
                 add_step_mask(family, k, jc.StepMaskPolicy.centered(evaluations, refreshes))
             elif family == "magcache":
                 add_step_mask(family, k, _magcache_within(calibration, evaluations, refreshes))
-            else:  # planned: one plan per reuse mode the planner models
+            else:  # planned: one measured search per reuse mode
+                def starts(mode: str, k=k, refreshes=refreshes):
+                    return [jc.IntervalPolicy(k),
+                            plan_refreshes(calibration, refreshes=refreshes, reuse=mode)]
+
                 for name in modes:
-                    policy = plan_refreshes(calibration, refreshes=refreshes,
-                                            reuse=_PLANNER_MODE.get(name, "residual"))
+                    policy = refine(starts(_PLANNER_MODE.get(name, "residual")),
+                                    REUSE_MODES[name])
                     settings.append(Setting(family, name, num_steps, Body(), policy,
                                             REUSE_MODES[name], knob=k))
                 if fitted:
-                    policy = plan_refreshes(calibration, refreshes=refreshes, reuse="taylor1")
-                    add_step_mask(family, k, policy, names=())
+                    policy = refine(starts("taylor1"), REUSE_MODES["taylor1"])
+                    gains = fit(policy)
+                    moved = refine(policy, gains)
+                    if moved != policy:
+                        policy, gains = moved, fit(moved)
+                    settings.append(Setting(family, "fitted1", num_steps, Body(), policy, gains,
+                                            knob=k))
+                    log(f"{family} at interval {k}'s compute: schedule searched, forecast "
+                        "fitted")
     if "learned" in families:
         for name in learned_modes:
             router = train_router(batch.plan, batch.params, batch.noise, batch.cond,
