@@ -1430,23 +1430,31 @@ class _Loop:
         policy_state = self.vary(policy.init(num_steps, x_rows))
         estimates = bool(getattr(policy, "estimates", False))
 
-        def evaluate(trips, z, t, state=None, store=None):
-            """``(prediction at t, state)`` where ``trips`` is 1 (zeros and ``state`` where 0),
-            ``store(state, prediction)`` applied: a loop of zero or one trips, which keeps the
-            carried buffers in place."""
+        def evaluate(computes, probes, z, t, t_previous, state, store):
+            """``(prediction at t, probe at t_previous, state)``: the network at ``t`` where
+            ``computes`` is 1 (``store(state, prediction)`` applied), and first at
+            ``t_previous`` where ``probes`` is 1 (zeros and ``state`` where 0). One loop of up
+            to two trips over one copy of the network (two loops, one per call, made the
+            program twice as slow on a CPU), which keeps the carried buffers in place."""
 
             def run(carry):
-                trips, _, state = carry
-                prediction = predict(z, t)
-                state = state if store is None else store(state, prediction)
-                return (trips - 1, *self.vary((prediction, state)))
+                trips, prediction, probe, state = carry
+                probing = trips > computes  # the probe goes first
+                out = predict(z, jnp.where(probing, t_previous, t))
+                stored = store(state, out)
+                state = jax.tree.map(lambda old, new: jnp.where(probing, old, new), state,
+                                     stored)
+                prediction = jnp.where(probing, prediction, out)
+                probe = jnp.where(probing, out, probe)
+                return (trips - 1, *self.vary((prediction, probe, state)))
 
             if self.sequence:  # every device of a sample's tokens runs it together
-                trips = jax.lax.pmax(trips, self.sequence)
+                computes = jax.lax.pmax(computes, self.sequence)
+                probes = jax.lax.pmax(probes, self.sequence)
             placeholder = self.vary(jnp.zeros(shape.shape, shape.dtype))
-            _, prediction, state = jax.lax.while_loop(lambda c: c[0] > 0, run,
-                                                      (trips, placeholder, state))
-            return prediction, state
+            _, prediction, probe, state = jax.lax.while_loop(
+                lambda c: c[0] > 0, run, (computes + probes, placeholder, placeholder, state))
+            return prediction, probe, state
 
         def step(carry, step_t):
             z, state, policy_state = carry
@@ -1460,17 +1468,18 @@ class _Loop:
                 refresh, policy_state = policy.decide(policy_state, i, (samples, t))
             # Step 0 computes: nothing is stored before it.
             refresh = jnp.broadcast_to(jnp.asarray(refresh, bool), (rows,)) | (i == 0)
-            ran, state = evaluate(
-                jnp.any(refresh).astype(jnp.int32), z, t, state,
+            probed = jnp.zeros((), bool)
+            if estimates:  # f(x_i, t_{i-1}): the sensitivities' finite differences
+                probed = policy.probes(policy_state, i)
+            ran, probe, state = evaluate(
+                jnp.any(refresh).astype(jnp.int32), probed.astype(jnp.int32), z, t,
+                t_previous, state,
                 lambda state, out: mode.store(state, samples, out, position, refresh),
             )
             reused = jax.tree.map(lambda a: a.astype(shape.dtype),
                                   mode.reuse(state, samples, position))
             prediction = select_rows(refresh, ran, reused)
-            probed = jnp.zeros((), bool)
-            if estimates:  # f(x_i, t_{i-1}): the sensitivities' finite differences
-                probed = policy.probes(policy_state, i)
-                probe, _ = evaluate(probed.astype(jnp.int32), z, t_previous)
+            if estimates:
                 policy_state = policy.observe(policy_state, i, prediction, probe)
             z = advance(z, prediction, i, t, t_next)
             return self.vary((z, state, policy_state)), (refresh, probed)

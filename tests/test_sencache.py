@@ -124,6 +124,17 @@ def test_estimating_costs_one_probe_per_warm_up_step_after_the_first():
 
 
 # ------------------------------------------------------------------------------ per row
+def test_the_probe_shares_the_network_with_the_step():
+    # The probe f(x_i, t_{i-1}) runs in the same loop as the step's own evaluation: the program
+    # holds one copy of the network whether the sensitivities are estimated or given (with two
+    # copies, one loop each, the program ran twice as slow on a CPU).
+    def products(policy):
+        text = _run(policy, lower=True).compile().as_text()
+        return text.count(" dot(") + text.count(" convolution(")
+
+    assert products(jc.SenCachePolicy(0.1)) == products(jc.SenCachePolicy(0.1, **GIVEN)) > 0
+
+
 def test_decisions_are_per_row_and_a_batch_equals_its_samples_alone():
     policy = jc.SenCachePolicy(0.5, **GIVEN)
     together = _run(policy, jc.TaylorForecast(1), batch=4, seed=5)
