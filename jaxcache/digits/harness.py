@@ -466,6 +466,8 @@ class Evaluator:
         if is_whole_network(setting.policy):  # a skip saves every layer and the step's own
             per_evaluation = float(np.sum(work.layers)) + work.step
             budget = (work.total(evaluations) / speedup - work.condition) / per_evaluation
+            if isinstance(setting.policy, SenCachePolicy):  # its probes: within the budget
+                budget -= setting.policy.probe_evaluations(evaluations)
             budget *= len(work.layers)
         else:
             budget = (work.total(evaluations) / speedup - work.condition
