@@ -78,7 +78,7 @@ PyTree = Any
 __all__ = ["RECORDABLE", "Compiled", "Lowered", "SampleResult", "lower", "sample"]
 
 #: What ``sample(..., record=...)`` can return beside the sample (see :class:`SampleResult`).
-RECORDABLE = ("signal", "output_change", "body_residual")
+RECORDABLE = ("signal", "output_change", "body_residual", "sensitivity")
 
 
 class SampleResult(NamedTuple):
@@ -130,6 +130,11 @@ class SampleResult(NamedTuple):
         float32. Recorded on the uncached run (``policy=None``) of a plan with a body, so
         every evaluation computes it: the calibration data of planned schedules (MagCache's
         magnitude ratios, :mod:`jaxcache.tuning`).
+      sensitivities: with ``record=("sensitivity",)`` only (else None; a
+        :class:`~jaxcache.SenCachePolicy` estimating its sensitivities): ``[evaluations, 2,
+        rows]`` float32, ``(a_x, a_t)`` per row measured by the finite differences of each
+        probed warm-up step (:meth:`~jaxcache.SenCachePolicy.measure`), NaN at the other steps:
+        SenCache's calibration data (:func:`jaxcache.tuning.calibrate_sencache`).
       guidance_computed: with guidance only (else None): ``[evaluations]`` bool, whether the
         unconditional branch ran; False on CFG-Cache's cache steps, where it was estimated
         from the conditional one (:class:`~jaxcache.CFGCache`). There :attr:`body_computed`
@@ -148,6 +153,7 @@ class SampleResult(NamedTuple):
     output_changes: jax.Array | None = None
     body_residuals: PyTree = None
     guidance_computed: jax.Array | None = None
+    sensitivities: jax.Array | None = None
 
     @property
     def layer_evaluations(self) -> jax.Array:
@@ -254,7 +260,10 @@ def sample(
         signal: First-Block, TeaCache, DBCache), and ``"output_change"``, that of the
         network's prediction (:attr:`SampleResult.output_changes`), and ``"body_residual"``, the
         cached body's residual at every evaluation (:attr:`SampleResult.body_residuals`; only
-        uncached, ``policy=None``, with ``cached_layers > 0``). A policy at threshold 0
+        uncached, ``policy=None``, with ``cached_layers > 0``), and ``"sensitivity"``, the
+        sensitivities SenCache measures on its warm-up steps (:attr:`SampleResult.sensitivities`;
+        a :class:`~jaxcache.SenCachePolicy` estimating them; with a whole-network policy the
+        only one). A policy at threshold 0
         computes every step, so its recorded values follow the uncached trajectory (TeaCache's
         calibration, :func:`jaxcache.tuning.teacache_calibration_data`).
 
@@ -488,7 +497,7 @@ def _checked(plan, params, noise, cond, solver, num_steps, policy, reuse, uncond
     _check_conditions(noise, cond, uncond)
     sequence = normalize_sequence_axis(sequence_axis)
     record = _check_record(record, policy, plan)
-    if whole and record:
+    if whole and record and record != ("sensitivity",):
         raise ValueError(
             f"record={record!r} is not available with {type(policy).__name__}: it skips the "
             "whole network, so a skipped step has no signal or prediction of its own to record"
@@ -580,6 +589,13 @@ def _check_record(record: Any, policy: RefreshPolicy | None, plan: CachePlan) ->
                 "record='signal' reads the first layer in the head or the cached body; this plan "
                 "has neither (first_layers + cached_layers == 0)"
             )
+    if "sensitivity" in names and not getattr(policy, "estimates", False):
+        name = "policy=None" if policy is None else type(policy).__name__
+        raise ValueError(
+            f"record='sensitivity' returns the sensitivities SenCache measures while warming up, "
+            f"and {name} measures none: give SenCachePolicy without sensitivity_x and "
+            "sensitivity_t (jaxcache.tuning.calibrate_sencache does)"
+        )
     if "body_residual" in names:
         if policy is not None:
             raise ValueError(
@@ -872,8 +888,9 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse,
             return jnp.concatenate([z[0], z[0]]) if guided else z[0]
 
         previous = np.concatenate([np.asarray(times)[:1], np.asarray(times)[:-1]])
-        z, state, rows_computed, probes = loop.whole(
-            start, (*xs, jnp.asarray(previous)), policy, steps, predict, advance, sample_rows
+        z, state, rows_computed, probes, sensitivities = loop.whole(
+            start, (*xs, jnp.asarray(previous)), policy, steps, predict, advance, sample_rows,
+            record="sensitivity" in record,
         )
         ran = jnp.any(rows_computed, axis=1)
         computed = jnp.broadcast_to(ran[:, None], (steps, depth))
@@ -881,6 +898,7 @@ def _sample(plan, params, noise, cond, uncond, solver, num_steps, policy, reuse,
         return SampleResult(
             z[0], ran, computed, caches, by_branch(rows_computed),
             *work(computed, evaluated=ran, probes=probes), guidance_computed=guidance_computed,
+            sensitivities=sensitivities,
         )
 
     if policy is None or plan.cached_layers == 0:
@@ -1400,7 +1418,8 @@ class _Loop:
         return select_rows(self.unpadded(compute, half), ran, reused), state
 
     # ------------------------------------------------------------------ the whole network
-    def whole(self, start, xs, policy, num_steps, predict, advance, sample_rows):
+    def whole(self, start, xs, policy, num_steps, predict, advance, sample_rows,
+              record=False):
         """The loop of a policy that reads only the sample and the time (SenCache).
 
         Each step decides per row before the network; the whole network runs when any row
@@ -1417,9 +1436,11 @@ class _Loop:
           predict: ``(z, t) -> prediction`` of every row.
           advance: ``(z, prediction, i, t, t_next) -> z``.
           sample_rows: ``z -> [rows, ...]``, the sample as the network's rows.
+          record: also return the sensitivities each probe measured.
 
         Returns:
-          ``(z, reuse state, computed [steps, rows], probes)``.
+          ``(z, reuse state, computed [steps, rows], probes, sensitivities)``: the last
+          ``[steps, 2, rows]`` (NaN where no probe ran) when recorded, else None.
         """
         mode = self.mode
         zero = jnp.zeros((), jnp.float32)
@@ -1479,15 +1500,19 @@ class _Loop:
             reused = jax.tree.map(lambda a: a.astype(shape.dtype),
                                   mode.reuse(state, samples, position))
             prediction = select_rows(refresh, ran, reused)
+            measured = None
+            if record:  # before observe: it measures against the previous prediction
+                a_x, a_t = policy.measure(policy_state, prediction, probe)
+                measured = jnp.where(probed, jnp.stack([a_x, a_t]), jnp.nan)
             if estimates:
                 policy_state = policy.observe(policy_state, i, prediction, probe)
             z = advance(z, prediction, i, t, t_next)
-            return self.vary((z, state, policy_state)), (refresh, probed)
+            return self.vary((z, state, policy_state)), (refresh, probed, measured)
 
-        (z, state, _), (computed, probed) = jax.lax.scan(
+        (z, state, _), (computed, probed, measured) = jax.lax.scan(
             step, (start, state, policy_state), xs
         )
-        return z, state, computed, jnp.sum(probed, dtype=jnp.int32)
+        return z, state, computed, jnp.sum(probed, dtype=jnp.int32), measured
 
     # ------------------------------------------------------------------ per-layer plans
     def pieces(self, half=False) -> list[tuple[PyTree, Any, int]]:

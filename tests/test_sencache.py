@@ -184,6 +184,47 @@ def test_estimated_sensitivities_are_the_finite_differences_by_hand():
         np.testing.assert_allclose(estimated.sample[i], alone.sample[0], rtol=1e-5, atol=1e-5)
 
 
+def test_calibration_records_the_finite_differences_of_every_probe():
+    # One run probes every step after the first; the recorded pair at step 1 is the by-hand
+    # finite difference above, and the calibrated policy (no probe) samples as given them.
+    plan, params = _plan()
+    network = plan.network
+    noise, cond, _ = toy_networks.inputs(3)
+    seg = plan.split(params)
+    times, next_times = SOLVER.times(STEPS)
+
+    def f(x, t):
+        constant = network.condition(params.condition, cond)
+        h, ctx = network.embed(params.embed, x, jnp.full((x.shape[0],), t), constant)
+        for j in range(DEPTH):
+            h = network.layer(jax.tree.map(lambda a, j=j: a[j], params.layers), h, ctx)
+        return network.final(params.final, h, ctx)
+
+    f0 = f(noise, times[0])
+    x1 = SOLVER.step(noise, f0, jnp.float32(times[0]), jnp.float32(next_times[0]))
+    probe = f(x1, times[0])
+    a_x = relative_l1(probe, f0) / relative_l1(x1, noise)
+    a_t = relative_l1(f(x1, times[1]), probe) / abs(float(times[1]) - float(times[0]))
+    found = jc.tuning.calibrate_sencache(plan, seg, noise, cond, solver=SOLVER, num_steps=STEPS)
+    assert found.per_step.shape == (STEPS, 2, 3)
+    assert np.isnan(found.per_step[0]).all() and np.isfinite(found.per_step[1:]).all()
+    np.testing.assert_allclose(found.per_step[1, 0], a_x, rtol=1e-4)
+    np.testing.assert_allclose(found.per_step[1, 1], a_t, rtol=1e-4)
+    assert found.x == pytest.approx(np.mean(found.per_step[1:, 0]))
+    assert found.t == pytest.approx(np.mean(found.per_step[1:, 1]))
+    policy = found.policy(0.3, max_skips=2)
+    assert not policy.estimates and policy.probe_evaluations(STEPS) == 0
+    given = jc.SenCachePolicy(0.3, max_skips=2, sensitivity_x=found.x, sensitivity_t=found.t)
+    _equal(_run(policy).sample, _run(given).sample)
+
+
+def test_recording_sensitivities_needs_a_policy_that_measures_them():
+    with pytest.raises(ValueError, match="measures none"):
+        _run(jc.SenCachePolicy(0.1, **GIVEN), record=("sensitivity",), lower=True)
+    with pytest.raises(ValueError, match="measures none"):
+        _run(None, record=("sensitivity",), lower=True)
+
+
 # ------------------------------------------------------------------------------ the rule
 def _state(policy, rows=2, shape=(4,)):
     return policy.init(8, jax.ShapeDtypeStruct((rows, *shape), jnp.float32))

@@ -228,6 +228,15 @@ class SenCachePolicy(RefreshPolicy):
             return jnp.zeros((), bool)
         return (step >= 1) & (step < jnp.asarray(self.warmup_steps).astype(jnp.int32))
 
+    def measure(self, state: SenCacheState, prediction: jax.Array,
+                probe: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(a_x, a_t)`` per row from one probe: the prediction's relative change from
+        ``f(x_{i-1}, t_{i-1})`` to the probe ``f(x_i, t_{i-1})`` over the sample's drift, and
+        from the probe to ``f(x_i, t_i)`` over the time's (meaningful at a probed step)."""
+        a_x = relative_l1(probe, state.prediction) / jnp.maximum(state.drift_x, _TINY)
+        a_t = relative_l1(prediction, probe) / jnp.maximum(state.drift_t, _TINY)
+        return a_x, a_t
+
     def observe(self, state: SenCacheState, step: jax.Array, prediction: jax.Array,
                 probe: jax.Array) -> SenCacheState:
         """The state after the step's prediction (and probe, where :meth:`probes` said so).
@@ -241,8 +250,7 @@ class SenCachePolicy(RefreshPolicy):
         if not self.estimates:
             return state
         measured = self.probes(state, step)
-        a_x = relative_l1(probe, state.prediction) / jnp.maximum(state.drift_x, _TINY)
-        a_t = relative_l1(prediction, probe) / jnp.maximum(state.drift_t, _TINY)
+        a_x, a_t = self.measure(state, prediction, probe)
         return state._replace(
             sum_x=state.sum_x + jnp.where(measured, a_x, 0.0),
             sum_t=state.sum_t + jnp.where(measured, a_t, 0.0),

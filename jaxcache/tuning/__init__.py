@@ -16,6 +16,8 @@ model and inputs; nothing in the core imports this package (``jaxcache.fit_forec
   the body's residuals, as a :class:`MagCacheCalibration` (saved and loaded, checked against the
   model and schedule, ``.policy(...)`` for a :class:`~jaxcache.MagCachePolicy`)
   (:mod:`jaxcache.tuning.magcache`).
+* :func:`calibrate_sencache`: SenCache's sensitivities from one run that probes every step
+  (``record=("sensitivity",)``), so that sampling runs no probe (:mod:`jaxcache.tuning.sencache`).
 * :func:`plan_refreshes`: the refresh steps within a budget that minimise the modelled error
   against full compute (exact dynamic programming on :class:`StepErrors`), as a
   :class:`~jaxcache.StepMaskPolicy` (:mod:`jaxcache.tuning.planner`).
@@ -39,6 +41,7 @@ from jaxcache.tuning.segments import (
     measure_segments,
     refine_schedule,
 )
+from jaxcache.tuning.sencache import SenCacheSensitivities, calibrate_sencache
 from jaxcache.tuning.teacache import (
     calibrate_teacache,
     fit_teacache_coefficients,
@@ -51,9 +54,11 @@ __all__ = [
     "RefinedSchedule",
     "Router",
     "SegmentErrors",
+    "SenCacheSensitivities",
     "StepErrors",
     "ThresholdChoice",
     "calibrate_magcache",
+    "calibrate_sencache",
     "calibrate_teacache",
     "fit_forecast",
     "fit_teacache_coefficients",
