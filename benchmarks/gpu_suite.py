@@ -3,11 +3,19 @@
     python benchmarks/gpu_suite.py dit-unrolled-cublas [OUTDIR]  # DiT-XL/2, bf16, b8, 50 steps
     python benchmarks/gpu_suite.py qwen-image-scanned [OUTDIR]   # 60 double-stream blocks, b1
     python benchmarks/gpu_suite.py flux [OUTDIR]                 # FLUX.1: 19 + 38 blocks, b1
+    python benchmarks/gpu_suite.py wan-peer [OUTDIR]   # Wan 2.1 1.3B, 81 frames 480p, the peer's
+    python benchmarks/gpu_suite.py dit-peer [OUTDIR]   # DiT-XL/2 guided: CFG-Cache, SenCache
 
 Each row is one ``jaxcache.evaluation.bench.run_benchmark`` call on a model built once (random,
 non-zero weights); signal-driven rows search the threshold that refreshes about a third of the
 steps (thresholds are traced, so the search reuses the compiled program). One JSON line per row
 goes to OUTDIR/<suite>.jsonl; a table is printed last.
+
+The peer suites (``wan-peer``, ``dit-peer``) time the JAX peer's caches on the same footing:
+CFG-Cache alone (no layer cache) and on the interval cache, SenCache, MagCache, each beside its
+host loop (the peer's way: CFG-Cache's full and cache steps as two jitted functions, SenCache's
+decision read back every step, a known schedule read off the host), and on Wan the text keys
+and values computed once against at every layer call (``constants_per_step``).
 
 Suites are named for what they measure; each one whose name gives a layer stack pins it and its
 XLA options, so its command reproduces its rows whatever the backend's defaults. Attention follows
@@ -31,6 +39,14 @@ QWEN = dict(model=("mmdit", "qwen-image"),
             common=dict(batch=1, steps=50, dtype="bfloat16", repeats=3))
 # FLUX.1's layout: 19 double-stream then 38 single-stream blocks (57 layers of two kinds).
 FLUX = dict(model=("mmdit", "flux"), common=dict(batch=1, steps=50, dtype="bfloat16", repeats=3))
+# Wan2.1-T2V-1.3B (30 blocks, width 1536) at its nominal input: 21 x 60 x 104 latents, 81 frames
+# at 480p, 32760 video tokens and 512 text tokens; UniPC at Wan 2.1's 480p shift, guidance 5.
+# About a second a guided step on one GPU (uncached): two timed runs each.
+WAN = dict(model=("wan", "wan-1.3b"),
+           common=dict(batch=1, steps=50, dtype="bfloat16", repeats=2, solver="unipc", shift=3.0,
+                       guidance=5.0))
+# DiT-XL/2 as in DIT, with guidance (4, DiT's sampling scale) for CFG-Cache.
+DIT_GUIDED = dict(DIT, common=dict(DIT["common"], guidance=4.0))
 # cached_layers: 14 of 28 (DiT), 25 of 60 (Qwen-Image), 24 of 57 (FLUX: 19 double + 5 single)
 INTERVAL = dict(policy="interval", interval=3)
 ROWS = {
@@ -59,6 +75,24 @@ ROWS = {
 }
 PLANNED_ROWS = ["magcache/residual", "planned/residual", "planned/taylor1", "layer-mask/output",
                 "layer-mask/residual"]
+# The JAX peer's caches. CFG-Cache as FasterCache publishes it: the gap refreshed every 5
+# evaluations after about a third of the run in full (17 of 50). On the interval cache (the
+# whole stack, as the peer's caches skip it) every 3 evaluations, which 5 does not divide, so
+# some refreshes run the conditional branch alone.
+CFG = dict(cfg_cache=5, cfg_warmup=17)
+PEER_ROWS = {
+    "cfg-cache": dict(CFG, policy="none", host_loop=True),
+    "cfg-cache+interval/taylor1": dict(CFG, **INTERVAL, reuse="taylor", host_loop=True),
+    "interval/taylor1/host": dict(INTERVAL, reuse="taylor", host_loop=True),
+    # SenCache: its tolerance searched to half the steps; its last prediction reused.
+    "sencache/output": dict(policy="sencache", refresh_target=0.5, host_loop=True),
+    "magcache/residual/host": dict(policy="magcache", refresh_target=0.5, host_loop=True),
+    # Wan's text keys and values recomputed at every layer call (a port without the hook), in
+    # the cached program and in uncached sampling (policy none: "cached" is the uncached one).
+    "interval/taylor1/kv-per-step": dict(INTERVAL, reuse="taylor", constants_per_step=True),
+    "none/kv-per-step": dict(policy="none", constants_per_step=True),
+}
+ROWS.update(PEER_ROWS)
 
 
 def _stack(suite, layer_unroll, options=None):
@@ -128,6 +162,11 @@ SUITES = {
                                     "magcache/residual"]),
     "dit-planned-all": _suite(DIT, 14, ["interval/output", *PLANNED_ROWS]),
     "flux-planned": _suite(FLUX, 24, ["layer-mask/residual", "planned/residual"]),
+    # The JAX peer's caches with the library's defaults (cuDNN attention in bfloat16 on a GPU:
+    # XLA's would hold Wan's 32760 x 32760 attention scores). Interval rows cache every layer.
+    "wan-peer": _suite(WAN, 30, list(PEER_ROWS)),
+    "dit-peer": _suite(DIT_GUIDED, 28, [
+        "cfg-cache", "cfg-cache+interval/taylor1", "interval/taylor1/host", "sencache/output"]),
 }
 
 
@@ -150,14 +189,17 @@ def main() -> None:
         with open(out / f"{sys.argv[1]}.jsonl", "a") as f:
             f.write(json.dumps(r) + "\n")
         print(json.dumps(r), flush=True)
-    print(f"\n{'row':24s} {'uncached':>9s} {'cached':>9s} {'speedup':>8s} {'ideal':>6s} "
+    print(f"\n{'row':28s} {'uncached':>9s} {'cached':>9s} {'speedup':>8s} {'ideal':>6s} "
           f"{'eff':>6s} {'refresh':>7s} {'thr':>8s} {'compile':>7s} {'host x':>6s}")
     for r in results:
         thr = "-" if r["threshold"] is None else f"{r['threshold']:.4g}"
         host = f"{r['host_over_compiled']:.2f}" if "host_over_compiled" in r else "-"
-        print(f"{r['row']:24s} {r['uncached_s']:9.4f} {r['cached_s']:9.4f} {r['speedup']:8.3f} "
+        print(f"{r['row']:28s} {r['uncached_s']:9.4f} {r['cached_s']:9.4f} {r['speedup']:8.3f} "
               f"{r['ideal_speedup']:6.3f} {r['efficiency']:6.3f} {r['refresh_fraction']:7.2f} "
               f"{thr:>8s} {r['compile_s']:7.1f} {host:>6s}")
+        if "per_step_constants_s" in r:  # the same program, K/V at every layer call
+            print(f"{'':28s} K/V per step {r['per_step_constants_s']:.4f} s: once is "
+                  f"{r['constants_once_speedup']:.3f}x faster")
 
 
 if __name__ == "__main__":

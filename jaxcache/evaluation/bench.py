@@ -7,6 +7,8 @@ Usage::
         --interval 3 --batch 1 --dtype bfloat16 --json
     python -m jaxcache.evaluation.bench --policy first-block --threshold 0.1 --reuse residual \\
         --host-loop
+    python -m jaxcache.evaluation.bench --model wan --size tiny --steps 4 --batch 1 --guidance 5 \\
+        --policy none --cfg-cache 2 --host-loop --constants-per-step
 
 Programs timed, on the same model, noise and condition:
 
@@ -21,12 +23,39 @@ Every program is compiled first (compile time reported on its own), warmed up, t
 ``--repeats`` interleaved runs and the medians compared. ``ideal_speedup`` is the compute ratio
 from the matrix FLOPs of each piece and the layer evaluations the cached run made;
 ``efficiency`` is measured speedup over ideal speedup.
+
+The JAX peer's caches, on the same footing:
+
+* ``--model wan`` (sizes ``tiny``, ``small``, ``wan-1.3b``): the Wan 2.1-style text-to-video
+  model on video latents ``[batch, frames, height, width, channels]`` of its config (``wan-1.3b``:
+  21 x 60 x 104 latents, Wan 2.1's 81 frames at 480p, 32760 tokens; ``--frames`` sets another
+  length) and float text states ``[batch, text_len, text_dim]`` (zero text for the negative
+  prompt). ``--solver unipc --shift 3`` samples as the Wan pipelines do at 480p.
+* ``--cfg-cache K`` (with ``--guidance`` above 1): :class:`jaxcache.CFGCache`, both guidance
+  branches every ``K``-th evaluation after ``--cfg-warmup`` full ones, the conditional branch
+  alone elsewhere; on top of any policy but SenCache, or alone with ``--policy none`` (no layer
+  cache). ``uncached`` is then full guidance at every step; ``ideal_speedup`` counts a cache
+  step's half batch (:attr:`jaxcache.SampleResult.flops`). With ``--host-loop``: the peer's way,
+  a Python loop over separately jitted step functions (a full step storing the gap, a cache
+  step estimating the unconditional branch with ``CFGCache.estimate``), both schedules known on
+  the host, no read-back.
+* ``--policy sencache``: :class:`jaxcache.SenCachePolicy`, which skips the whole network
+  (``--threshold`` is its tolerance; ``--refresh-target`` searches it). With ``--host-loop``: its
+  decision read back with ``bool()`` every step and the network run only when a row needs it.
+* ``--constants-per-step`` (a network whose layers have per-layer constants: Wan's text keys and
+  values): also times the same cached program on the network glued as a port without
+  ``layer_constant`` is, every layer call projecting the text again
+  (:func:`constants_per_step_network`): ``per_step_constants_s`` beside ``cached_s``.
+
+A known schedule (the interval, MagCache, planned) in the host loop is read off the host, as the
+anchors and the peer do: no decision runs on the device and none is read back.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -41,23 +70,41 @@ import numpy as np
 from flax import nnx
 
 import jaxcache as jc
+from jaxcache.evaluation import named
 from jaxcache.evaluation.named import (
     PLANNED,
-    POLICIES,
     named_plan,
     named_policy,
     staggered_layer_mask,
 )
-from jaxcache.models import ARCHS, SIZES, create_model, get_config
+from jaxcache.models import ARCHS, SIZES, WAN_SIZES, WanConfig, create_model, get_config
+from jaxcache.policies.sencache import is_whole_network
 from jaxcache.policies.signals import signal_function
 from jaxcache.reuse import Position
+from jaxcache.reuse.base import select_rows
 from jaxcache.tuning import threshold_for
 
-__all__ = ["POLICIES", "REUSE_MODES", "BenchSettings", "main", "run_benchmark"]
+__all__ = [
+    "MODELS",
+    "POLICIES",
+    "REUSE_MODES",
+    "BenchSettings",
+    "constants_per_step_network",
+    "main",
+    "run_benchmark",
+]
 
-_SOLVERS = {"euler": jc.FlowMatchEuler, "ddim": jc.DDIM}
+_SOLVERS = {"euler": jc.FlowMatchEuler, "ddim": jc.DDIM, "unipc": jc.UniPC}
+_SHIFTED = ("euler", "unipc")  # the flow solvers, which take a shift
 REUSE_MODES = ("output", "residual", "taylor", "hermite", "fitted")
-_DEFAULT_THRESHOLDS = {"first-block": 0.1, "teacache": 0.3, "dbcache": 0.1}
+#: The bench's policies: the named ones (:data:`jaxcache.evaluation.named.POLICIES`) and
+#: ``"none"``, no layer cache (uncached sampling, with CFG-Cache where ``cfg_cache`` is set).
+POLICIES = (*named.POLICIES, "none")
+#: The architectures the bench builds: the reference image models and the Wan video model.
+MODELS = (*ARCHS, "wan")
+_SIZES = tuple(dict.fromkeys((*SIZES, *WAN_SIZES)))  # every named size, for the command line
+_DEFAULT_THRESHOLDS = {"first-block": 0.1, "teacache": 0.3, "dbcache": 0.1, "sencache": 0.05}
+_SIGNAL = ("first-block", "teacache", "dbcache", "sencache")  # searched by threshold_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,14 +123,17 @@ class BenchSettings:
       cached_layers: interval: the first layers cached (None: half the depth).
       batch: samples per batch.
       dtype: parameter and activation dtype (``"float32"``, ``"bfloat16"``).
-      solver: ``"euler"`` (FlowMatchEuler) or ``"ddim"``.
+      solver: ``"euler"`` (FlowMatchEuler), ``"ddim"`` or ``"unipc"`` (UniPC, the Wan
+        pipelines' solver).
       guidance: classifier-free guidance scale (None: off).
       decide: interval only: ``"static"`` (no decision in the loop) or ``"device"``.
       repeats: timed runs of each program.
       seed: seed of the noise and the conditions (and the model's weights when built here).
-      policy: a :data:`POLICIES` name.
-      threshold: signal-driven policies' threshold (None: the policy's bench default).
-      reuse: a :data:`REUSE_MODES` name (None: output for the interval, residual otherwise).
+      policy: a :data:`POLICIES` name (``"none"``: no layer cache, for CFG-Cache alone).
+      threshold: signal-driven policies' threshold, SenCache's tolerance (None: the policy's
+        bench default).
+      reuse: a :data:`REUSE_MODES` name (None: output for the interval, the layer mask and
+        SenCache, whose output is the network's prediction; residual otherwise).
       order: forecast order of taylor / hermite / fitted.
       first: dbcache's ``Fn``.
       last: dbcache's ``Bn``.
@@ -99,6 +149,13 @@ class BenchSettings:
         ``1`` or ``False``: the scanned stack; ``"auto"`` or None: the backend's default).
       compiler_options: ``Network.compiler_options`` for every program (XLA options by name;
         ``"auto"`` or None: the backend's default).
+      shift: the flow solvers' (euler, unipc) timestep shift (None: the solver's default, 1).
+      cfg_cache: :class:`~jaxcache.CFGCache`'s full-step interval (None: off); needs
+        ``guidance`` above 1. Composes with every policy but SenCache.
+      cfg_warmup: CFG-Cache's evaluations run in full from the start.
+      constants_per_step: also time the cached program on the network glued without its
+        per-layer constants (:func:`constants_per_step_network`: every layer call computes
+        them, as a port without the hook does); for networks that have them (Wan).
     """
 
     model: str = "dit"
@@ -127,8 +184,15 @@ class BenchSettings:
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     layer_unroll: bool | int | str | None = None
     compiler_options: dict[str, Any] | str | None = None
+    shift: float | None = None
+    cfg_cache: int | None = None
+    cfg_warmup: int = 1
+    constants_per_step: bool = False
 
     def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {list(MODELS)}, got {self.model!r}")
+        get_config(self.model, self.size)  # a size the model has (ValueError naming them)
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {list(POLICIES)}, got {self.policy!r}")
         if self.reuse is not None and self.reuse not in REUSE_MODES:
@@ -137,6 +201,57 @@ class BenchSettings:
             raise ValueError(f"solver must be one of {sorted(_SOLVERS)}, got {self.solver!r}")
         if self.decide not in ("static", "device"):
             raise ValueError(f"decide must be 'static' or 'device', got {self.decide!r}")
+        if self.shift is not None and self.solver not in _SHIFTED:
+            raise ValueError(f"shift applies to the flow solvers {list(_SHIFTED)}, not "
+                             f"{self.solver!r}")
+        self._check_peer()
+
+    def _check_peer(self):
+        """The JAX peer's options: CFG-Cache, SenCache, the host loops, per-step constants."""
+        policy = self.policy
+        if self.cfg_cache is not None:
+            if isinstance(self.cfg_cache, bool) or not isinstance(self.cfg_cache, int) or (
+                    self.cfg_cache < 1):
+                raise ValueError(f"cfg_cache must be an int >= 1 (CFG-Cache's full-step "
+                                 f"interval), got {self.cfg_cache!r}")
+            if self.guidance is None or not self.guidance > 1:
+                raise ValueError(
+                    "cfg_cache (CFG-Cache) estimates the unconditional branch of classifier-free "
+                    f"guidance, so it needs guidance above 1 (--guidance 5), got guidance="
+                    f"{self.guidance!r}"
+                )
+            if policy == "sencache":
+                raise ValueError(
+                    "sencache skips the whole network for both guidance branches and CFG-Cache "
+                    "runs the conditional branch alone on its cache steps; the sampler does not "
+                    "combine them: drop cfg_cache or choose another policy"
+                )
+            if self.refresh_target is not None and policy in _SIGNAL:
+                raise ValueError(
+                    "refresh_target with cfg_cache: jaxcache.tuning.threshold_for searches "
+                    "without CFG-Cache (another trajectory), so give the threshold instead"
+                )
+            if self.host_loop and policy not in ("none", "interval", "magcache", "planned"):
+                raise ValueError(
+                    f"host_loop with cfg_cache runs schedules known on the host (CFG-Cache's "
+                    f"and the layer cache's): policy none, interval, magcache or planned, not "
+                    f"{policy!r}"
+                )
+            if self.host_loop and policy == "interval" and self.decide != "static":
+                raise ValueError("host_loop with cfg_cache reads the interval's schedule on the "
+                                 "host: decide='static'")
+        if isinstance(self.cfg_warmup, bool) or not isinstance(self.cfg_warmup, int) or (
+                self.cfg_warmup < 1):
+            raise ValueError(f"cfg_warmup must be an int >= 1 (step 0 runs in full), got "
+                             f"{self.cfg_warmup!r}")
+        if policy == "none" and self.host_loop and self.cfg_cache is None:
+            raise ValueError("host_loop with policy none times CFG-Cache's host loop: set "
+                             "cfg_cache (with nothing cached nothing is decided)")
+        if policy == "none" and self.refresh_target is not None:
+            raise ValueError("refresh_target applies to the signal-driven and planned policies, "
+                             "not to policy none")
+        if policy == "layer-mask" and self.host_loop:
+            raise ValueError("host_loop: a per-layer plan (layer-mask) has no host loop here")
 
 
 def _positive(name: str):
@@ -164,11 +279,19 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jaxcache.evaluation.bench",
         description="Time cached sampling against uncached, a hand-written loop and (optionally) "
-        "the same rule decided on the host, on a reference diffusion transformer.",
+        "the same rule decided on the host, on a reference diffusion transformer (dit, mmdit) "
+        "or the Wan-style video model (wan: video latents and float text states; sizes tiny, "
+        "small, wan-1.3b: Wan 2.1's 1.3B at 81 frames of 480p, 32760 tokens). The JAX peer's "
+        "caches: --cfg-cache (CFG-Cache, with --guidance above 1; alone with --policy none), "
+        "--policy sencache, and --constants-per-step (Wan's text keys and values recomputed at "
+        "every layer call).",
         formatter_class=Help,
     )
-    p.add_argument("--model", choices=ARCHS, default="dit", help="architecture")
-    p.add_argument("--size", choices=SIZES, default="small", help="named size")
+    p.add_argument("--model", choices=MODELS, default="dit", help="architecture")
+    p.add_argument("--size", choices=_SIZES, default="small", help="named size")
+    p.add_argument("--frames", type=_positive("frames"), default=None,
+                   help="wan: latent frames of the video (default: the size's; 21 for "
+                   "wan-1.3b, 81 frames)")
     p.add_argument("--depth", type=_positive("depth"), default=None,
                    help="override the size's number of blocks (default: the size's)")
     p.add_argument("--single-depth", type=int, default=None,
@@ -179,16 +302,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive("steps"), default=30, help="denoising steps")
     p.add_argument("--policy", choices=POLICIES, default="interval",
                    help="refresh policy (magcache, planned: fitted to the bench's model by one "
-                   "full-compute calibration run; layer-mask: a per-(step, layer) plan)")
+                   "full-compute calibration run; layer-mask: a per-(step, layer) plan; "
+                   "sencache: SenCache, skips the whole network; none: no layer cache, for "
+                   "--cfg-cache alone)")
     p.add_argument("--interval", type=_positive("interval"), default=3,
                    help="refresh interval of --policy interval (and of planned: one refresh in "
                    "--interval steps; layer-mask: each layer's, staggered)")
     p.add_argument("--threshold", type=float, default=None,
-                   help="threshold of a signal-driven policy (default: first-block 0.1, "
-                   "teacache 0.3, dbcache 0.1)")
+                   help="threshold of a signal-driven policy, sencache's tolerance (default: "
+                   "first-block 0.1, teacache 0.3, dbcache 0.1, sencache 0.05)")
     p.add_argument("--reuse", choices=REUSE_MODES, default=None,
-                   help="what a skipped step uses (default: output for interval, residual "
-                   "for the signal-driven policies)")
+                   help="what a skipped step uses (default: output for interval, layer-mask "
+                   "and sencache (its last prediction), residual for the others)")
     p.add_argument("--order", type=int, default=1,
                    help="forecast order of taylor / hermite / fitted (fitted: gains of one)")
     p.add_argument("--forecast-dtype", choices=["float32", "bfloat16"], default=None,
@@ -207,9 +332,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="parameter and activation dtype")
     p.add_argument("--solver", choices=sorted(_SOLVERS), default="euler",
-                   help="euler: FlowMatchEuler; ddim: DDIM")
+                   help="euler: FlowMatchEuler; ddim: DDIM; unipc: UniPC (the Wan pipelines')")
+    p.add_argument("--shift", type=float, default=None,
+                   help="euler, unipc: the flow shift (default 1; Wan 2.1 at 480p: 3)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (off by default)")
+    p.add_argument("--cfg-cache", type=_positive("cfg-cache"), default=None,
+                   help="CFG-Cache (FasterCache): both guidance branches every N-th evaluation "
+                   "after the warm-up, the conditional one alone elsewhere (needs --guidance "
+                   "above 1; not with sencache). Ideal speedup counts a cache step's half batch; "
+                   "with --host-loop, the peer's Python loop over a jitted full step and a "
+                   "jitted cache step (default: off)")
+    p.add_argument("--cfg-warmup", type=_positive("cfg-warmup"), default=1,
+                   help="CFG-Cache: evaluations run in full from the start (FasterCache: about "
+                   "a third)")
+    p.add_argument("--constants-per-step", action="store_true",
+                   help="also time the cached program with each layer's constants (wan: the "
+                   "text keys and values) recomputed at every layer call, as a port without "
+                   "the layer_constant hook runs; networks without per-layer constants refuse")
     p.add_argument(
         "--decide", choices=["static", "device"], default="static",
         help="interval only. static: the schedule compiles to a loop with no decision in it; "
@@ -230,9 +370,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hand-loop", action="store_true",
                    help="skip the hand-written loop (it compiles one copy of the model per step)")
     p.add_argument("--host-loop", action="store_true",
-                   help="also time the same rule decided on the host (a read-back per step)")
+                   help="also time the same rule decided on the host (a read-back per step; a "
+                   "known schedule read off the host; sencache: its decision read back, the "
+                   "network run when a row needs it; with --cfg-cache: a jitted full step and a "
+                   "jitted cache step in a Python loop)")
     p.add_argument("--refresh-target", type=float, default=None,
-                   help="signal-driven policies and magcache: search the threshold that "
+                   help="signal-driven policies (sencache: its tolerance) and magcache: search "
+                   "the threshold that "
                    "refreshes this fraction of the steps (replaces --threshold); planned: "
                    "refresh this fraction of the steps (default: off)")
     p.add_argument("--repeats", type=_positive("repeats"), default=5, help="timed runs each")
@@ -250,6 +394,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["single_depth"] = args.single_depth
     if args.attn is not None:
         overrides["attn_implementation"] = args.attn
+    if args.frames is not None:
+        overrides["frames"] = args.frames
     return overrides
 
 
@@ -275,6 +421,8 @@ def _setting(settings: BenchSettings, network, depth: int, evaluations: int):
     policy = settings.policy
     if policy != "interval" and settings.decide != "static":
         raise ValueError("--decide applies to --policy interval only")
+    if policy == "none":  # no layer cache: the sampler runs every layer (CFG-Cache's rows)
+        return jc.CachePlan(network, depth), None, None, None, None
     threshold = settings.threshold
     if threshold is None:
         threshold = _DEFAULT_THRESHOLDS.get(policy)
@@ -288,7 +436,8 @@ def _setting(settings: BenchSettings, network, depth: int, evaluations: int):
     rule = None if policy in PLANNED else named_policy(  # planned: fitted after the split
         policy, interval=settings.interval, threshold=0.0 if threshold is None else threshold,
         warmup=settings.warmup, on_device=settings.decide == "device")
-    reuse = settings.reuse or ("output" if policy in ("interval", "layer-mask") else "residual")
+    reuse = settings.reuse or ("output" if policy in ("interval", "layer-mask", "sencache")
+                               else "residual")
     order = settings.order
     dtype = None if settings.forecast_dtype is None else jnp.dtype(settings.forecast_dtype)
     mode = {
@@ -331,14 +480,24 @@ def _hand_loop(plan, seg, solver, steps, guidance):
     return run
 
 
+def _once(plan) -> tuple[Callable, Callable]:
+    """The jitted condition path and layer binding of a host loop, made once per loop: a jit
+    of ``plan.bind_layers`` made inside the loop's run would trace and compile it anew at every
+    run (a new bound method each time), and the timing would count it."""
+    return jax.jit(plan.network.condition), jax.jit(plan.bind_layers)
+
+
 def _host_loop(plan, seg, policy, mode, solver, steps, guidance):
     """The same rule decided on the host, as the anchors decide: a read-back every step.
 
     Jitted pieces (head and signal, decision, body and store, reuse, tail and solver step)
-    called from a Python loop; the batch computes when any row asks (``bool(any)``).
+    called from a Python loop; the batch computes when any row asks (``bool(any)``). A schedule
+    known before sampling (the interval, MagCache, planned) is read off the host instead, as
+    the anchors read theirs: no decision on the device, nothing read back.
     """
     guided = guidance is not None
-    signal_of = signal_function(policy.signal_kind, plan, seg)
+    schedule = policy.static_schedule(len(solver.times(steps)[0]))
+    signal_of = None if schedule is not None else signal_function(policy.signal_kind, plan, seg)
 
     @jax.jit
     def head(seg, x, t, constant):
@@ -369,11 +528,12 @@ def _host_loop(plan, seg, policy, mode, solver, steps, guidance):
         return solver.advance(solver_state, x, prediction, t, t_next, index=step)
 
     times, next_times = solver.times(steps)
+    condition, bind = _once(plan)
 
     def run(seg, noise, cond, uncond):
         cond_rows = jnp.concatenate([cond, uncond]) if guided else cond
-        constant = jax.jit(plan.network.condition)(seg.condition, cond_rows)
-        seg = jax.jit(plan.bind_layers)(seg, constant)  # per-layer constants, once
+        constant = condition(seg.condition, cond_rows)
+        seg = bind(seg, constant)  # per-layer constants, once
         x, solver_state = noise, solver.init_state(noise)
         h0, _, signal = head(seg, x, jnp.float32(times[0]), constant)
         state = mode.init(plan, jax.eval_shape(lambda: h0), constant)
@@ -384,7 +544,10 @@ def _host_loop(plan, seg, policy, mode, solver, steps, guidance):
         for i in range(evaluations):
             step, t, t_next = jnp.int32(i), jnp.float32(times[i]), jnp.float32(next_times[i])
             h, ctx, signal = head(seg, x, t, constant)
-            refresh, policy_state = decide(policy_state, step, signal)
+            if schedule is not None:  # known on the host
+                refresh = bool(schedule[i])
+            else:
+                refresh, policy_state = decide(policy_state, step, signal)
             if bool(refresh) or i == 0:  # the read-back the anchors make every step
                 out, state = body(seg, h, ctx, state, step, t)
                 refreshes += 1
@@ -394,6 +557,274 @@ def _host_loop(plan, seg, policy, mode, solver, steps, guidance):
         return x, refreshes
 
     return run
+
+
+def _actions(schedule: np.ndarray | None, evaluations: int) -> list[str]:
+    """Each evaluation's action under a known schedule (None: no layer cache): ``"plain"``
+    (run, store nothing: before the first refresh, or every step without a cache),
+    ``"refresh"`` (run and store) or ``"reuse"`` (the reuse mode stands in), as the sampler
+    runs a known schedule."""
+    if schedule is None:
+        return ["plain"] * evaluations
+    schedule = np.asarray(schedule, bool)
+    stored = np.logical_or.accumulate(schedule)
+    return ["refresh" if r else "reuse" if seen else "plain" for r, seen in zip(schedule, stored)]
+
+
+def _cfg_host_loop(plan, seg, guidance, policy, mode, solver, steps, scale):
+    """CFG-Cache the JAX peer's way: a Python loop over separately jitted step functions.
+
+    Both schedules are known on the host: CFG-Cache's full steps and, with a policy of a known
+    schedule (the interval, MagCache, planned), the layer cache's refreshes; no decision runs on
+    the device and nothing is read back. A *full* step runs both branches (``2B`` rows) and
+    keeps the gap between them (:meth:`~jaxcache.CFGCache.store`); a *cache* step runs the
+    conditional rows alone, with their own condition and per-layer constants, and estimates the
+    unconditional prediction from the gap (:meth:`~jaxcache.CFGCache.estimate`, weighted by
+    :meth:`~jaxcache.CFGCache.weights` at its time). Each ``(kind, action)`` pair is its own
+    jitted function; the reuse state holds both branches' rows, and a cache step reads and
+    writes it through the conditional rows twice over, storing the conditional ones only (as
+    the sampler does).
+    """
+    times, next_times = solver.times(steps)
+    evaluations = len(times)
+    full = np.asarray(guidance.full_steps(evaluations), bool)
+    schedule = None if policy is None else policy.static_schedule(evaluations)
+    if policy is not None and schedule is None:
+        raise ValueError(f"the CFG-Cache host loop needs a known schedule; "
+                         f"{type(policy).__name__} decides on the device")
+    actions = _actions(schedule, evaluations)
+
+    def padded(tree, half):
+        return jax.tree.map(lambda a: jnp.concatenate([a, a]), tree) if half else tree
+
+    @functools.partial(jax.jit, static_argnames=("half", "action"))
+    def step(seg, constant, x, solver_state, cfg_state, state, i, t, t_next, *, half, action):
+        batch = x.shape[0]
+        rows = x if half else jnp.concatenate([x, x])
+        _, h, ctx = plan.run_head(seg, rows, jnp.full((rows.shape[0],), t), constant)
+        position = Position(i, t)
+        if action == "reuse":
+            out = mode.reuse(state, padded(h, half), position)
+            out = jax.tree.map(lambda a: a[:batch], out) if half else out
+        else:
+            out = plan.run_body(seg, h, ctx)
+            if action == "refresh":  # a cache step stores its conditional rows only
+                stored = (jnp.arange(2 * batch) < batch) if half else None
+                state = mode.store(state, padded(h, half), padded(out, half), position, stored)
+        prediction = plan.run_tail(seg, out, ctx)
+        if half:  # the conditional branch alone: the unconditional one estimated from the gap
+            positive = prediction
+            negative, cfg_state = guidance.estimate(cfg_state, positive, t)
+        else:  # both branches: the gap kept for the cache steps after this one
+            positive, negative = jnp.split(prediction, 2)
+            cfg_state = guidance.store(cfg_state, positive, negative)
+        prediction = negative + scale * (positive - negative)
+        x, solver_state = solver.advance(solver_state, x, prediction, t, t_next, index=i)
+        return x, solver_state, cfg_state, state
+
+    condition, bind = _once(plan)
+
+    def run(seg, noise, cond, uncond):
+        constant = condition(seg.condition, jnp.concatenate([cond, uncond]))
+        half_constant = condition(seg.condition, cond)
+        full_seg, half_seg = bind(seg, constant), bind(seg, half_constant)  # once each
+        x, solver_state = noise, solver.init_state(noise)
+        cfg_state = guidance.init(noise)
+        state = None
+        if mode is not None and schedule is not None:
+            rows = jnp.concatenate([noise, noise])
+            _, h0, _ = jax.eval_shape(
+                lambda: plan.run_head(full_seg, rows, jnp.ones((rows.shape[0],)), constant))
+            state = mode.init(plan, h0, constant)
+        refreshes = 0
+        for i in range(evaluations):
+            half, action = not full[i], actions[i]
+            x, solver_state, cfg_state, state = step(
+                half_seg if half else full_seg, half_constant if half else constant, x,
+                solver_state, cfg_state, state, jnp.int32(i), jnp.float32(times[i]),
+                jnp.float32(next_times[i]), half=half, action=action)
+            refreshes += action != "reuse"
+        return x, refreshes
+
+    return run
+
+
+def _whole_host_loop(plan, seg, policy, mode, solver, steps, guidance):
+    """SenCache decided on the host: its decision read back every step with ``bool()``.
+
+    Jitted pieces called from a Python loop, as the sampler's loop of a policy that skips the
+    whole network runs them: the decision (on the sample's rows and the time), the whole
+    network and the store where any row needs it (else nothing of the network runs), the reuse
+    mode standing in for the other rows' prediction, and, while the sensitivities are
+    estimated, the warm-up probe at the previous time (its steps known on the host).
+    """
+    guided = guidance is not None
+    # The mode that stands in for the prediction: the last one for output (the sampler's).
+    if mode is None or isinstance(mode, jc.OutputReuse):
+        mode = jc.TaylorForecast(0)
+    times, next_times = solver.times(steps)
+    previous = np.concatenate([times[:1], times[:-1]])
+    evaluations = len(times)
+    probing = (set(range(1, min(int(policy.warmup_steps), evaluations)))
+               if policy.estimates else set())
+
+    def sample_rows(x):
+        return jnp.concatenate([x, x]) if guided else x
+
+    @jax.jit
+    def decide(policy_state, x, i, t):
+        samples = sample_rows(x)
+        refresh, policy_state = policy.decide(policy_state, i, (samples, t))
+        refresh = jnp.broadcast_to(jnp.asarray(refresh, bool), samples.shape[:1]) | (i == 0)
+        return refresh, jnp.any(refresh), policy_state
+
+    def predict(seg, constant, x, t):
+        rows = sample_rows(x)
+        _, h, ctx = plan.run_head(seg, rows, jnp.full((rows.shape[0],), t), constant)
+        return plan.run_tail(seg, plan.run_body(seg, h, ctx), ctx)
+
+    @jax.jit
+    def computed(seg, constant, x, state, refresh, i, t):
+        prediction = predict(seg, constant, x, t)
+        samples, position = sample_rows(x), Position(i, t)
+        state = mode.store(state, samples, prediction, position, refresh)
+        reused = mode.reuse(state, samples, position)
+        reused = jax.tree.map(lambda a: a.astype(prediction.dtype), reused)
+        return select_rows(refresh, prediction, reused), state
+
+    @jax.jit
+    def skipped(state, x, i, t, like):
+        reused = mode.reuse(state, sample_rows(x), Position(i, t))
+        return reused.astype(like.dtype)
+
+    probe_at = jax.jit(predict)
+    observe = jax.jit(policy.observe)
+
+    @jax.jit
+    def advance(x, solver_state, prediction, i, t, t_next):
+        if guided:
+            positive, negative = jnp.split(prediction, 2)
+            prediction = negative + guidance * (positive - negative)
+        return solver.advance(solver_state, x, prediction, t, t_next, index=i)
+
+    condition, bind = _once(plan)
+
+    def run(seg, noise, cond, uncond):
+        constant = condition(seg.condition, jnp.concatenate([cond, uncond]) if guided else cond)
+        seg = bind(seg, constant)  # per-layer constants, once
+        x, solver_state = noise, solver.init_state(noise)
+        shape = jax.eval_shape(predict, seg, constant, x, jnp.float32(times[0]))
+        state = mode.init(plan, shape, None)
+        policy_state = policy.init(evaluations, jax.eval_shape(sample_rows, x))
+        like = jnp.zeros((), shape.dtype)
+        refreshes = 0
+        for i in range(evaluations):
+            step, t, t_next = jnp.int32(i), jnp.float32(times[i]), jnp.float32(next_times[i])
+            refresh, any_row, policy_state = decide(policy_state, x, step, t)
+            if bool(any_row):  # the read-back: the network runs when a row needs it
+                prediction, state = computed(seg, constant, x, state, refresh, step, t)
+                refreshes += 1
+            else:
+                prediction = skipped(state, x, step, t, like)
+            if policy.estimates:  # f(x_i, t_{i-1}) on the warm-up steps after the first
+                probe = (probe_at(seg, constant, x, jnp.float32(previous[i])) if i in probing
+                         else prediction)
+                policy_state = observe(policy_state, step, prediction, probe)
+            x, solver_state = advance(x, solver_state, prediction, step, t, t_next)
+        return x, refreshes
+
+    return run
+
+
+def constants_per_step_network(network: jc.Network) -> jc.Network:
+    """``network`` glued as a port without the ``layer_constant`` hook is: each layer call
+    computes its constant (Wan's text keys and values) from the condition path's output again.
+
+    The condition's output rides in the per-step context beside the network's own (``ctx``
+    becomes ``(ctx, constant)``), and each kind of block that has a ``layer_constant`` gets a
+    layer function that calls it before the block; the parameters are the network's, so
+    parameters split for ``network`` (:meth:`~jaxcache.CachePlan.split`) run this one too. The
+    same prediction up to float rounding, at the cost of computing every layer's constant at
+    every model evaluation (what ``layer_constant`` saves; tests/test_wan.py glues the same port
+    from the model).
+
+    Raises:
+      ValueError: for a network none of whose kinds of block has a ``layer_constant``.
+    """
+    kinds = network.kinds
+    if not any(kind.layer_constant is not None for kind in kinds):
+        raise ValueError(
+            "constants_per_step needs a network whose layers have per-layer constants "
+            "(a layer_constant: the wan model's text keys and values); this one has none, so "
+            "there is nothing to recompute at every step"
+        )
+
+    def port_kind(kind: jc.BlockKind) -> jc.BlockKind:
+        function = getattr(kind.layer, "jaxcache_unbound", kind.layer)
+        make = kind.layer_constant
+
+        if make is None:
+            def layer(params, h, ctx, **keywords):
+                return function(params, h, ctx[0], **keywords)
+        else:
+            def layer(params, h, ctx, **keywords):
+                # The port's block: its constant from the condition, at every call.
+                return function(params, h, ctx[0], layer_constant=make(params, ctx[1]),
+                                **keywords)
+
+        enter = leave = None
+        if kind.enter is not None:
+            def enter(h, ctx, _enter=kind.enter):
+                return _enter(h, ctx[0])
+
+            def leave(state, h, ctx, _leave=kind.leave):
+                return _leave(state, h, ctx[0])
+
+        return jc.BlockKind(layer, enter=enter, leave=leave, name=kind.name,
+                            layer_index=kind.layer_index)
+
+    raw_embed, _ = getattr(network.embed, "jaxcache_time", (network.embed, None))
+
+    def embed(params, x, t, constant):
+        h, ctx = raw_embed(params, x, t, constant)
+        return h, (ctx, constant)
+
+    def final(params, h, ctx):
+        return network.final(params, h, ctx[0])
+
+    modulated = network.modulated_input
+    modulated = getattr(modulated, "jaxcache_unbound", modulated)
+    if modulated is not None:
+        def modulated_input(params, h, ctx, _read=modulated):
+            return _read(params, h, ctx[0])
+    else:
+        modulated_input = None
+    layer = tuple(port_kind(k) for k in kinds)
+    return jc.Network(
+        condition=network.condition, embed=embed, layer=layer, final=final,
+        dual_stream=network.dual_stream, modulated_input=modulated_input, time=network.time,
+        layer_unroll=network.layer_unroll, compiler_options=network.compiler_options,
+    )
+
+
+def _solver(b: BenchSettings) -> jc.Solver:
+    """The run's solver, with its shift where one is given."""
+    kind = _SOLVERS[b.solver]
+    return kind() if b.shift is None else kind(shift=float(b.shift))
+
+
+def _inputs(config, batch: int, seed: int) -> tuple[jax.Array, jax.Array]:
+    """``(noise, cond)`` of a run: image latents and caption ids, or for the Wan model video
+    latents ``[batch, frames, height, width, channels]`` and float text states ``[batch,
+    text_len, text_dim]`` (a text encoder's output, here random)."""
+    k_noise, k_cond = jax.random.split(jax.random.key(seed + 1))
+    if isinstance(config, WanConfig):
+        noise = jax.random.normal(k_noise, (batch, *config.latent_shape), jnp.float32)
+        text = jax.random.normal(k_cond, (batch, config.text_len, config.text_dim), jnp.float32)
+        return noise, text
+    noise = jax.random.normal(k_noise, (batch, *config.image_shape), jnp.float32)
+    cond = jax.random.randint(k_cond, (batch, config.caption_len), 1, config.vocab_size)
+    return noise, cond
 
 
 def build_model(model: str, size: str, dtype: str, seed: int = 0, **overrides: Any):
@@ -470,10 +901,16 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Runs the benchmark and returns its figures (see the module docstring).
 
-    ``settings.refresh_target`` (signal-driven policies) replaces the threshold by the one whose
-    run refreshes at most that fraction of the steps (the batch's), found by
-    :func:`jaxcache.tuning.threshold_for` (bisection on one compiled program: a new threshold
-    does not recompile).
+    ``settings.refresh_target`` (signal-driven policies, SenCache's tolerance) replaces the
+    threshold by the one whose run refreshes at most that fraction of the steps (the batch's),
+    found by :func:`jaxcache.tuning.threshold_for` (bisection on one compiled program: a new
+    threshold does not recompile).
+
+    With ``cfg_cache`` the cached program (and the host loop) runs :class:`~jaxcache.CFGCache`
+    and ``uncached`` runs both branches at every step: the result adds ``cfg_cache_steps`` (the
+    evaluations that ran the conditional branch alone). With ``constants_per_step`` it adds
+    ``per_step_constants_s`` (the cached program on :func:`constants_per_step_network`) and
+    ``constants_once_speedup`` (that time over ``cached_s``).
 
     Args:
       settings: the run (:class:`BenchSettings`).
@@ -489,7 +926,12 @@ def run_benchmark(
         raise TypeError(f"run_benchmark takes a BenchSettings, got {type(settings).__name__}")
     b = settings
     overrides = dict(b.overrides)
-    config = dataclasses.replace(get_config(b.model, b.size), **overrides)
+    config = get_config(b.model, b.size)
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(config)})
+    if unknown:
+        raise ValueError(f"{b.model} has no config fields {unknown} to override "
+                         f"({type(config).__name__})")
+    config = dataclasses.replace(config, **overrides)
     if built is None:
         network, params = build_model(b.model, b.size, b.dtype, b.seed, **overrides)
     else:
@@ -501,28 +943,37 @@ def run_benchmark(
     if b.compiler_options is not None:
         network = dataclasses.replace(network, compiler_options=b.compiler_options)
     steps, batch, guidance, policy = b.steps, b.batch, b.guidance, b.policy
+    the_solver = _solver(b)
     plan, rule, mode, reuse, threshold = _setting(
-        b, network, depth, evaluations=len(_SOLVERS[b.solver]().times(steps)[0]),
+        b, network, depth, evaluations=len(the_solver.times(steps)[0]),
     )
+    # The port without the layer_constant hook: checked before anything is split or compiled.
+    port = constants_per_step_network(plan.network) if b.constants_per_step else None
     # Split once (freeing the unsplit layers as we go, unless the caller keeps the model for
     # more runs); every program uses the split parameters.
     seg = plan.split(params, donate=built is None)
     del params
 
-    k_noise, k_cond = jax.random.split(jax.random.key(b.seed + 1))
-    noise = jax.random.normal(k_noise, (batch, *config.image_shape), jnp.float32)
-    cond = jax.random.randint(k_cond, (batch, config.caption_len), 1, config.vocab_size)
+    noise, cond = _inputs(config, batch, b.seed)
     uncond = None if guidance is None else jnp.zeros_like(cond)
     scale = None if guidance is None else float(guidance)
-    the_solver = _SOLVERS[b.solver]()
     common = dict(solver=the_solver, num_steps=steps, uncond=uncond, guidance_scale=scale)
+    # CFG-Cache over the latents' spatial axes: height and width (each frame on its own).
+    cfg = (None if b.cfg_cache is None else jc.CFGCache(
+        interval=b.cfg_cache, warmup_steps=b.cfg_warmup,
+        axes=(noise.ndim - 3, noise.ndim - 2)))
     if policy in PLANNED:
         rule, threshold = _planned(b, plan, seg, noise, cond, common)
 
     programs: dict[str, Callable[[], Any]] = {}
     compile_s: dict[str, float] = {}
-    for name, pol in (("uncached", None), ("cached", rule)):
-        lowered = jc.lower(plan, seg, noise, cond, policy=pol, reuse=mode, **common)
+    # uncached: every layer and both branches at every step; cached: the policy, CFG-Cache.
+    runs = [("uncached", plan, None, None), ("cached", plan, rule, cfg)]
+    if port is not None:
+        runs.append(("per_step_constants", dataclasses.replace(plan, network=port), rule, cfg))
+    for name, run_plan, pol, guide in runs:
+        lowered = jc.lower(run_plan, seg, noise, cond, policy=pol, reuse=mode, guidance=guide,
+                           **common)
         start = time.perf_counter()
         compiled = lowered.compile()  # called by name, the lowered arguments by default
         compile_s[name] = time.perf_counter() - start
@@ -533,8 +984,9 @@ def run_benchmark(
         found = threshold_for(plan, seg, noise, cond, policy=rule, reuse=mode,
                               target_fraction=b.refresh_target, **common)
         threshold, rule = found.threshold, found.policy
-        compiled_cached = programs["cached"]
-        programs["cached"] = lambda: compiled_cached(policy=rule)
+        for name in ("cached", "per_step_constants"):
+            if name in programs:
+                programs[name] = functools.partial(programs[name], policy=rule)
     if b.hand_loop:
         fn = _hand_loop(plan, seg, the_solver, steps, scale)
         start = time.perf_counter()
@@ -544,7 +996,12 @@ def run_benchmark(
         programs["hand_loop"] = lambda c=compiled: c(seg, noise, cond, uncond)
     host_refreshes: list[int] = []
     if b.host_loop:
-        host = _host_loop(plan, seg, rule, mode, the_solver, steps, scale)
+        if cfg is not None:  # the peer's way: a jitted full step and a jitted cache step
+            host = _cfg_host_loop(plan, seg, cfg, rule, mode, the_solver, steps, scale)
+        elif is_whole_network(rule):  # SenCache: the decision read back, the network skipped
+            host = _whole_host_loop(plan, seg, rule, mode, the_solver, steps, scale)
+        else:
+            host = _host_loop(plan, seg, rule, mode, the_solver, steps, scale)
 
         def host_run():
             x, refreshes = host(seg, noise, cond, uncond)
@@ -575,6 +1032,8 @@ def run_benchmark(
         "dtype": b.dtype,
         "batch": batch,
         "steps": steps,
+        "solver": b.solver,
+        "shift": b.shift,
         "policy": policy,
         "interval": b.interval if policy == "interval" else None,
         "threshold": threshold,
@@ -585,7 +1044,8 @@ def run_benchmark(
         "cached_layers": plan.cached_layers,
         "depth": depth,
         "guidance": guidance,
-        "decide": b.decide if policy == "interval" else "device",
+        "decide": (b.decide if policy == "interval" else None if policy == "none"
+                   else "device"),
         "layer_unroll": plan.network.layer_unroll,
         "compiler_options": dict(plan.network.compiler_options),
         "refresh_fraction": float(np.mean(np.asarray(cached.refreshed))),
@@ -602,7 +1062,21 @@ def run_benchmark(
         "max_abs_diff": float(jnp.max(diff)),
         "mean_abs_diff": float(jnp.mean(diff)),
         "repeats": b.repeats,
+        "cfg_cache": b.cfg_cache,
+        "cfg_warmup": None if cfg is None else b.cfg_warmup,
+        # Evaluations that ran the conditional branch alone (CFG-Cache's cache steps).
+        "cfg_cache_steps": (0 if cached.guidance_computed is None
+                            else int(np.sum(~np.asarray(cached.guidance_computed)))),
+        "constants_per_step": b.constants_per_step,
     }
+    if port is not None:
+        port_diff = jnp.abs(outputs["per_step_constants"].sample - cached.sample)
+        result.update(
+            per_step_constants_s=median["per_step_constants"],
+            per_step_constants_compile_s=compile_s["per_step_constants"],
+            constants_once_speedup=median["per_step_constants"] / median["cached"],
+            per_step_constants_max_abs_diff=float(jnp.max(port_diff)),
+        )
     if b.hand_loop:
         result.update(
             hand_loop_s=median["hand_loop"],
@@ -615,13 +1089,18 @@ def run_benchmark(
             host_loop_s=median["host_loop"],
             host_loop_refreshes=host_refreshes[-1],
             host_over_compiled=median["host_loop"] / median["cached"],
+            host_loop_max_abs_diff=float(jnp.max(jnp.abs(outputs["host_loop"] - cached.sample))),
         )
     return result
 
 
 def _table(r: dict[str, Any]) -> str:
     rule = (f"interval {r['interval']} ({r['decide']} decisions)" if r["policy"] == "interval"
+            else "no layer cache" if r["policy"] == "none"
             else f"{r['policy']} threshold {r['threshold']}")
+    if r.get("cfg_cache") is not None:
+        rule += (f" · CFG-Cache every {r['cfg_cache']} after {r['cfg_warmup']} "
+                 f"({r['cfg_cache_steps']} cache steps)")
     head = (
         f"jaxcache bench · {r['model']}/{r['size']} · {r['dtype']} · batch {r['batch']} · "
         f"{r['steps']} steps · body layers [{r['first_layers']}, "
@@ -636,6 +1115,9 @@ def _table(r: dict[str, Any]) -> str:
                      str(r["uncached_layer_evaluations"])))
     rows.append(("cached", f"{r['cached_s']:.4f}", f"{r['compile_s']:.2f}",
                  str(r["layer_evaluations"])))
+    if "per_step_constants_s" in r:
+        rows.append(("K/V per step", f"{r['per_step_constants_s']:.4f}",
+                     f"{r['per_step_constants_compile_s']:.2f}", str(r["layer_evaluations"])))
     if "host_loop_s" in r:
         rows.append(("host loop", f"{r['host_loop_s']:.4f}", "-", "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
@@ -655,6 +1137,10 @@ def _table(r: dict[str, Any]) -> str:
             cached = f"cached is {r['speedup_over_hand_loop']:.3f}x faster"
         lines.append(f"against the hand-written loop: uncached takes "
                      f"{r['uncached_over_hand_loop']:.3f}x its time, {cached}")
+    if "per_step_constants_s" in r:
+        lines.append(f"per-layer constants once, not at every step: "
+                     f"{r['constants_once_speedup']:.3f}x faster (max |difference| "
+                     f"{r['per_step_constants_max_abs_diff']:.3g})")
     if "host_loop_s" in r:
         lines.append(f"the same rule decided on the host is {r['host_over_compiled']:.2f}x slower")
     return "\n".join(lines)
@@ -673,7 +1159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             hand_loop=not args.no_hand_loop, host_loop=args.host_loop,
             refresh_target=args.refresh_target, forecast_dtype=args.forecast_dtype,
             overrides=_overrides(args), layer_unroll=_layer_unroll(args),
-            compiler_options=args.compiler_options,
+            compiler_options=args.compiler_options, shift=args.shift, cfg_cache=args.cfg_cache,
+            cfg_warmup=args.cfg_warmup, constants_per_step=args.constants_per_step,
         ))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,10 +1,12 @@
 """Policies by name, each with the plan it runs on: one pairing for every study and benchmark.
 
-A named setting (``"interval"``, ``"first-block"``, ``"teacache"``, ``"dbcache"``, and the
-planned schedules ``"magcache"``, ``"planned"``, ``"layer-mask"``) is a refresh policy *and* the
-cache plan its published rule assumes: First-Block Cache runs the first block every step and
-caches the rest (``F = 1``), TeaCache, MagCache, the planned schedules and the interval cache
-the whole stack or its first layers, DBCache runs ``Fn`` first and ``Bn`` last blocks. The
+A named setting (``"interval"``, ``"first-block"``, ``"teacache"``, ``"dbcache"``,
+``"sencache"``, and the planned schedules ``"magcache"``, ``"planned"``, ``"layer-mask"``) is a
+refresh policy *and* the cache plan its published rule assumes: First-Block Cache runs the first
+block every step and caches the rest (``F = 1``), TeaCache, MagCache, the planned schedules and
+the interval cache the whole stack or its first layers, DBCache runs ``Fn`` first and ``Bn``
+last blocks. SenCache skips the whole network, embedding and final projection included, so its
+plan (the whole stack) only names the layers it counts. The
 planned schedules are fitted to the model (a calibration run), so :func:`named_policy` does not
 build them: the bench does, from its own model. The bench, the kernel
 profiler and the digit trade-off study all build their settings here, so a name means the same
@@ -20,7 +22,7 @@ import jaxcache as jc
 __all__ = ["PLANNED", "POLICIES", "named_plan", "named_policy", "staggered_layer_mask"]
 
 #: The policies a name can give, in the order the command lines list them.
-POLICIES = ("interval", "first-block", "teacache", "dbcache", "magcache", "planned",
+POLICIES = ("interval", "first-block", "teacache", "dbcache", "sencache", "magcache", "planned",
             "layer-mask")
 #: The names whose policy is fitted to the model (built by the caller, not by name).
 PLANNED = ("magcache", "planned", "layer-mask")
@@ -61,7 +63,7 @@ def named_plan(
         return jc.CachePlan(network, n)
     if name == "first-block":
         return jc.CachePlan.around(network, depth, first=1)
-    if name in ("teacache", *PLANNED):
+    if name in ("teacache", "sencache", *PLANNED):
         return jc.CachePlan(network, depth)
     return jc.CachePlan.around(network, depth, first=first, last=last)
 
@@ -80,7 +82,7 @@ def named_policy(
     Args:
       name: a :data:`POLICIES` name.
       interval: ``"interval"``: the refresh interval.
-      threshold: the signal-driven policies' threshold.
+      threshold: the signal-driven policies' threshold (SenCache's ``tolerance``).
       warmup: ``"dbcache"``: warm-up steps that always compute.
       coefficients: ``"teacache"``: the rescaling polynomial (default: the raw change).
       on_device: ``"interval"``: decide every step on the device
@@ -108,6 +110,8 @@ def named_policy(
         if coefficients is None:
             return jc.TeaCachePolicy(threshold)
         return jc.TeaCachePolicy(threshold, coefficients=tuple(coefficients))
+    if name == "sencache":  # the paper's rule: warm-up, a final step, at most 3 skips in a row
+        return jc.SenCachePolicy(threshold)
     return jc.DBCachePolicy(threshold, warmup_steps=warmup)
 
 
