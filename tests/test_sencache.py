@@ -147,13 +147,11 @@ def test_decisions_are_per_row_and_a_batch_equals_its_samples_alone():
         _equal(computed[:, :, i], np.asarray(alone.body_computed)[:, :, 0])
 
 
-def test_estimated_sensitivities_are_the_finite_differences_by_hand():
-    # One warm-up pair: a_x and a_t are measured at step 1 from f(x1, t0); a run given those
-    # values by hand decides alike.
-    plan, params = _plan()
+def _sensitivities_by_hand(plan, params, noise, cond):
+    """``(a_x, a_t)`` per row from the first warm-up pair, by a Python loop over the pieces:
+    ``f(x1, t0)`` against ``f(x0, t0)`` over the sample's drift, and ``f(x1, t1)`` against it
+    over the time's."""
     network = plan.network
-    noise, cond, _ = toy_networks.inputs(3)
-    seg = plan.split(params)
     times, next_times = SOLVER.times(STEPS)
 
     def f(x, t):
@@ -163,12 +161,21 @@ def test_estimated_sensitivities_are_the_finite_differences_by_hand():
             h = network.layer(jax.tree.map(lambda a, j=j: a[j], params.layers), h, ctx)
         return network.final(params.final, h, ctx)
 
-    x0 = noise
-    f0 = f(x0, times[0])
-    x1 = SOLVER.step(x0, f0, jnp.float32(times[0]), jnp.float32(next_times[0]))
+    f0 = f(noise, times[0])
+    x1 = SOLVER.step(noise, f0, jnp.float32(times[0]), jnp.float32(next_times[0]))
     probe = f(x1, times[0])
-    a_x = relative_l1(probe, f0) / relative_l1(x1, x0)
+    a_x = relative_l1(probe, f0) / relative_l1(x1, noise)
     a_t = relative_l1(f(x1, times[1]), probe) / abs(float(times[1]) - float(times[0]))
+    return a_x, a_t
+
+
+def test_estimated_sensitivities_are_the_finite_differences_by_hand():
+    # One warm-up pair: a_x and a_t are measured at step 1 from f(x1, t0); a run given those
+    # values by hand decides alike.
+    plan, params = _plan()
+    noise, cond, _ = toy_networks.inputs(3)
+    seg = plan.split(params)
+    a_x, a_t = _sensitivities_by_hand(plan, params, noise, cond)
     tolerance = 0.3  # the rows skip some steps, each its own
     estimated = jc.sample(plan, seg, noise, cond, solver=SOLVER, num_steps=STEPS,
                           policy=jc.SenCachePolicy(tolerance, max_skips=2))
@@ -188,23 +195,9 @@ def test_calibration_records_the_finite_differences_of_every_probe():
     # One run probes every step after the first; the recorded pair at step 1 is the by-hand
     # finite difference above, and the calibrated policy (no probe) samples as given them.
     plan, params = _plan()
-    network = plan.network
     noise, cond, _ = toy_networks.inputs(3)
     seg = plan.split(params)
-    times, next_times = SOLVER.times(STEPS)
-
-    def f(x, t):
-        constant = network.condition(params.condition, cond)
-        h, ctx = network.embed(params.embed, x, jnp.full((x.shape[0],), t), constant)
-        for j in range(DEPTH):
-            h = network.layer(jax.tree.map(lambda a, j=j: a[j], params.layers), h, ctx)
-        return network.final(params.final, h, ctx)
-
-    f0 = f(noise, times[0])
-    x1 = SOLVER.step(noise, f0, jnp.float32(times[0]), jnp.float32(next_times[0]))
-    probe = f(x1, times[0])
-    a_x = relative_l1(probe, f0) / relative_l1(x1, noise)
-    a_t = relative_l1(f(x1, times[1]), probe) / abs(float(times[1]) - float(times[0]))
+    a_x, a_t = _sensitivities_by_hand(plan, params, noise, cond)
     found = jc.tuning.calibrate_sencache(plan, seg, noise, cond, solver=SOLVER, num_steps=STEPS)
     assert found.per_step.shape == (STEPS, 2, 3)
     assert np.isnan(found.per_step[0]).all() and np.isfinite(found.per_step[1:]).all()
