@@ -129,8 +129,12 @@ def test_tuning_is_built_on_the_sampler_not_a_loop_of_its_own():
         if isinstance(node, ast.Attribute) and node.attr in loops
     ]
     assert found == []
-    for name in ("forecast.py", "teacache.py", "threshold.py"):
-        assert "jaxcache.sampler" in _imported(PACKAGE / "tuning" / name)
+    # One place samples: the calibration run (jaxcache.tuning.run), which every fitting
+    # function takes.
+    assert "jaxcache.sampler" in _imported(PACKAGE / "tuning" / "run.py")
+    for name in ("forecast.py", "teacache.py", "threshold.py", "magcache.py", "segments.py",
+                 "router.py", "sencache.py"):
+        assert "jaxcache.tuning.run" in _imported(PACKAGE / "tuning" / name), name
 
 
 @pytest.mark.parametrize("index", range(len(OUTER)))

@@ -56,6 +56,45 @@ def _layer_params(params, i):
     return jax.tree.map(lambda a: a[i], params.layers)
 
 
+# ------------------------------------------------------------------------ the calibration run
+TUNING_FUNCTIONS = ("fit_forecast", "calibrate_teacache", "teacache_calibration_data",
+                    "threshold_for", "calibrate_magcache", "measure_segments", "refine_schedule",
+                    "train_router", "calibrate_sencache")
+
+
+@pytest.mark.parametrize("name", TUNING_FUNCTIONS)
+def test_every_tuning_function_takes_the_sampling_arguments_first(name):
+    # One block, as jaxcache.sample's, then the function's own keywords (its signature for
+    # help() and editors says so); an option it does not have is refused by name.
+    import inspect
+
+    function = getattr(tuning, name)
+    parameters = inspect.signature(function).parameters
+    assert list(parameters)[:9] == ["plan", "params", "noise", "cond", "solver", "num_steps",
+                                    "uncond", "guidance_scale", "key"]
+    assert all(p.kind is p.KEYWORD_ONLY for p in list(parameters.values())[4:])
+    assert function.on_run.__name__ == name
+    network, params = _network()
+    plan = jc.CachePlan(network, DEPTH)
+    noise, cond, _ = toy_networks.inputs(2)
+    with pytest.raises(TypeError, match=f"{name}.*unexpected keyword argument 'bogus'"):
+        function(plan, plan.split(params), noise, cond, solver=SOLVER, num_steps=STEPS,
+                 bogus=1)
+
+
+def test_the_run_samples_as_sample_does():
+    network, params = _network()
+    plan = jc.CachePlan(network, DEPTH)
+    seg = plan.split(params)
+    noise, cond, uncond = toy_networks.inputs(2)
+    run = tuning.CalibrationRun(plan, seg, noise, cond, SOLVER, STEPS, uncond, SCALE)
+    assert run.evaluations == STEPS
+    got = run.sample(policy=jc.IntervalPolicy(2)).sample
+    want = jc.sample(plan, seg, noise, cond, solver=SOLVER, num_steps=STEPS, uncond=uncond,
+                     guidance_scale=SCALE, policy=jc.IntervalPolicy(2)).sample
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 # ------------------------------------------------------------------------ threshold search
 @pytest.mark.parametrize("policy", [jc.TeaCachePolicy(0.1), jc.FirstBlockPolicy(0.1)],
                          ids=["teacache", "first_block"])

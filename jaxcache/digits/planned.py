@@ -23,9 +23,7 @@ The step-mask families take every reuse mode asked for and, with ``fitted=True``
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +32,16 @@ import numpy as np
 import jaxcache as jc
 from jaxcache.digits import pretrained
 from jaxcache.digits.harness import REUSE_MODES, Body, Setting
-from jaxcache.tuning import calibrate_magcache, plan_refreshes, refine_schedule, train_router
+from jaxcache.tuning import (
+    CalibrationRun,
+    calibrate_magcache,
+    fit_forecast,
+    plan_refreshes,
+    refine_schedule,
+    train_router,
+)
 
-__all__ = ["FAMILIES", "FitBatch", "fit_batch", "planned_settings"]
+__all__ = ["FAMILIES", "fit_batch", "planned_settings"]
 
 #: The planned families, in the table's order.
 FAMILIES = ("centered", "magcache", "planned", "learned")
@@ -44,36 +49,18 @@ FAMILIES = ("centered", "magcache", "planned", "learned")
 _PLANNER_MODE = {"reuse": "output", "residual": "residual", "taylor1": "taylor1"}
 
 
-@dataclasses.dataclass(frozen=True)
-class FitBatch:
-    """A batch to fit schedules on, with the model split for the whole stack cached."""
-
-    plan: jc.CachePlan
-    params: Any
-    noise: jax.Array
-    cond: jax.Array
-    uncond: jax.Array | None
-    guidance: float | None
-    solver: jc.Solver
-    num_steps: int
-
-    @property
-    def common(self) -> dict[str, Any]:
-        """The sampling arguments every fit shares."""
-        return dict(solver=self.solver, num_steps=self.num_steps, uncond=self.uncond,
-                    guidance_scale=self.guidance)
-
-
 def fit_batch(model, *, seed: int, per_class: int, guidance: float | None, solver: jc.Solver,
-              num_steps: int) -> FitBatch:
-    """``per_class`` digits of each class with noise of ``seed``, the whole stack cached."""
+              num_steps: int) -> CalibrationRun:
+    """``per_class`` digits of each class with noise of ``seed``, the whole stack cached: a
+    run for the tuning functions (``function.on_run(batch, ...)``)."""
     network, params = jc.from_nnx(model)
     plan = Body()(network, model.config.depth)
     labels = [c for c in range(10) for _ in range(per_class)]
     cond = pretrained.class_condition(labels)
     uncond = None if guidance is None else jnp.full_like(cond, pretrained.NULL_CLASS)
     noise = jax.random.normal(jax.random.key(seed), (len(labels), *model.config.image_shape))
-    return FitBatch(plan, plan.split(params), noise, cond, uncond, guidance, solver, num_steps)
+    return CalibrationRun(plan, plan.split(params), noise, cond, solver, num_steps, uncond,
+                          guidance)
 
 
 def _magcache_within(calibration, evaluations: int, refreshes: int) -> jc.MagCachePolicy:
@@ -151,18 +138,14 @@ def planned_settings(
     budgets = {k: len(range(0, evaluations, k)) for k in intervals}
     calibration = None
     if {"magcache", "planned"} & set(families):
-        calibration = calibrate_magcache(batch.plan, batch.params, batch.noise, batch.cond,
-                                         **batch.common)
+        calibration = calibrate_magcache.on_run(batch)
     settings: list[Setting] = []
 
     def fit(policy: jc.RefreshPolicy) -> jc.FittedForecast:
-        return jc.fit_forecast(batch.plan, batch.params, batch.noise, batch.cond,
-                               policy=policy, order=1, iterations=fit_iterations,
-                               **batch.common)
+        return fit_forecast.on_run(batch, policy=policy, order=1, iterations=fit_iterations)
 
     def refine(starts, reuse) -> jc.RefreshPolicy:
-        return refine_schedule(batch.plan, batch.params, batch.noise, batch.cond, start=starts,
-                               reuse=reuse, **batch.common).policy
+        return refine_schedule.on_run(batch, start=starts, reuse=reuse).policy
 
     def add_step_mask(family: str, k: int, policy: jc.RefreshPolicy, names=modes):
         for name in names:
@@ -203,9 +186,8 @@ def planned_settings(
                         "fitted")
     if "learned" in families:
         for name in learned_modes:
-            router = train_router(batch.plan, batch.params, batch.noise, batch.cond,
-                                  reuse=REUSE_MODES[name], lam=router_lam,
-                                  iterations=router_iterations, progress=False, **batch.common)
+            router = train_router.on_run(batch, reuse=REUSE_MODES[name], lam=router_lam,
+                                         iterations=router_iterations, progress=False)
             log(f"learned router ({name}): mean gate {router.gates.mean():.3f}")
             for k, refreshes in budgets.items():
                 mask = router.budget_mask(refreshes / evaluations)

@@ -32,6 +32,7 @@ import jaxcache as jc
 from jaxcache.digits import pretrained
 from jaxcache.digits.harness import REUSE_MODES, Body, Evaluator, Row, Setting, check_settings
 from jaxcache.digits.planned import fit_batch
+from jaxcache.tuning import fit_forecast
 
 __all__ = [
     "DEFAULT_MODES",
@@ -113,10 +114,9 @@ def fitted_settings(
     for k in intervals:
         start = time.perf_counter()
         losses = []
-        fitted = jc.fit_forecast(batch.plan, batch.params, batch.noise, batch.cond,
-                                 policy=jc.IntervalPolicy(k), order=order, iterations=iterations,
-                                 log=lambda i, loss, losses=losses: losses.append(loss),
-                                 **batch.common)
+        fitted = fit_forecast.on_run(batch, policy=jc.IntervalPolicy(k), order=order,
+                                     iterations=iterations,
+                                     log=lambda i, loss, losses=losses: losses.append(loss))
         log(f"fitted interval {k} on {batch.noise.shape[0]} digits in "
             f"{time.perf_counter() - start:.0f} s"
             f" (mean squared error {losses[0]:.3g} -> {losses[-1]:.3g})")

@@ -1,7 +1,10 @@
 """Tuning: settings fitted to a model, built on the sampler (a layer above the core).
 
 Everything here runs :func:`jaxcache.sample` itself, the one compiled program, on the user's
-model and inputs; nothing in the core imports this package (``jaxcache.fit_forecast`` and
+model and inputs: each function takes a :class:`CalibrationRun`, passed as ``sample``'s own
+first arguments (``plan, params, noise, cond, *, solver, num_steps, uncond=None,
+guidance_scale=None, key=None``), then its own options (:mod:`jaxcache.tuning.run`). Nothing
+in the core imports this package (``jaxcache.fit_forecast`` and
 ``jaxcache.calibrate_teacache`` are re-exported from it on first use).
 
 * :func:`fit_forecast`: a :class:`~jaxcache.FittedForecast`'s gains, fitted with Optax through
@@ -35,6 +38,7 @@ from jaxcache.tuning.forecast import fit_forecast
 from jaxcache.tuning.magcache import MagCacheCalibration, calibrate_magcache, magnitude_ratios
 from jaxcache.tuning.planner import StepErrors, plan_path, plan_refreshes, step_errors
 from jaxcache.tuning.router import Router, train_router
+from jaxcache.tuning.run import CalibrationRun
 from jaxcache.tuning.segments import (
     RefinedSchedule,
     SegmentErrors,
@@ -50,6 +54,7 @@ from jaxcache.tuning.teacache import (
 from jaxcache.tuning.threshold import ThresholdChoice, threshold_for
 
 __all__ = [
+    "CalibrationRun",
     "MagCacheCalibration",
     "RefinedSchedule",
     "Router",

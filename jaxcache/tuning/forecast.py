@@ -11,7 +11,6 @@ step runs one compiled program. The forecast itself, a reuse mode, lives in the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,27 +18,18 @@ import numpy as np
 
 from jaxcache.policies import IntervalPolicy
 from jaxcache.reuse.fitted import FittedForecast
-from jaxcache.sampler import sample
-
-PyTree = Any
+from jaxcache.tuning.run import CalibrationRun, takes_a_run
 
 __all__ = ["fit_forecast"]
 
 
+@takes_a_run
 def fit_forecast(
-    plan,
-    params,
-    noise: jax.Array,
-    cond: PyTree,
+    run: CalibrationRun,
     *,
-    solver,
-    num_steps: int,
     policy,
     order: int = 1,
     residual: bool = False,
-    uncond: PyTree = None,
-    guidance_scale: float | None = None,
-    key: jax.Array | None = None,
     iterations: int = 60,
     learning_rate: float = 0.05,
     initial: FittedForecast | None = None,
@@ -56,20 +46,14 @@ def fit_forecast(
     time; memory still grows with the batch.
 
     Args:
-      plan: the cache plan to sample with.
-      params: its split parameters (:meth:`CachePlan.split`).
-      noise: the fitting batch's initial noise.
-      cond: its condition.
-      solver: the solver to sample with.
-      num_steps: the step count to sample with (the gains are per step).
+      run: the batch and how it is sampled, passed as ``plan, params, noise, cond, *, solver,
+        num_steps, uncond=None, guidance_scale=None, key=None`` (:class:`CalibrationRun`); the
+        gains are per model evaluation of ``num_steps``.
       policy: the refresh policy to sample with, a schedule known before sampling
         (:class:`~jaxcache.IntervalPolicy`, :class:`~jaxcache.StepMaskPolicy`): the gains fit
         its refresh steps.
       order: 1 or 2.
       residual: forecast the body's residual instead of its output.
-      uncond: the unconditional input for guidance (None: unguided).
-      guidance_scale: the guidance scale.
-      key: the solver's key, for stochastic solvers.
       iterations: Adam steps.
       learning_rate: Adam's learning rate.
       initial: gains to start from (default: ones, TaylorSeer).
@@ -95,7 +79,7 @@ def fit_forecast(
         raise ValueError(f"fit_forecast: iterations must be an int >= 1, got {iterations!r}")
     if not learning_rate > 0:
         raise ValueError(f"fit_forecast: learning_rate must be > 0, got {learning_rate!r}")
-    evaluations = len(solver.times(num_steps)[0])
+    evaluations = run.evaluations
     start = initial or FittedForecast.taylor(evaluations, order, residual=residual)
     if (start.order, start.residual) != (order, residual):
         raise ValueError(
@@ -111,19 +95,16 @@ def fit_forecast(
             f"StepMaskPolicy), got {type(policy).__name__}: a loop that decides on the device "
             "runs its body in a while_loop, which reverse-mode differentiation does not cross"
         )
-    start.check(plan, evaluations, int(np.sum(schedule)))
+    start.check(run.plan, evaluations, int(np.sum(schedule)))
 
-    def run(policy, reuse, remat=False):
-        return sample(
-            plan, params, noise, cond, solver=solver, num_steps=num_steps, policy=policy,
-            reuse=reuse, uncond=uncond, guidance_scale=guidance_scale, key=key, remat=remat,
-        ).sample
+    def final(policy, reuse, remat=False):
+        return run.sample(policy=policy, reuse=reuse, remat=remat).sample
 
-    target = jax.lax.stop_gradient(run(IntervalPolicy(1), None))
+    target = jax.lax.stop_gradient(final(IntervalPolicy(1), None))
 
     def loss(gains):
         reuse = FittedForecast(gains=gains, order=order, dtype=start.dtype, residual=residual)
-        error = run(policy, reuse, remat).astype(jnp.float32) - target.astype(jnp.float32)
+        error = final(policy, reuse, remat).astype(jnp.float32) - target.astype(jnp.float32)
         return jnp.mean(jnp.square(error))
 
     optimizer = optax.adam(learning_rate)

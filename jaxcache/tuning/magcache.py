@@ -22,8 +22,8 @@ import numpy as np
 
 from jaxcache._checks import check_int
 from jaxcache.policies.magcache import MagCachePolicy
-from jaxcache.sampler import sample
 from jaxcache.tuning.planner import StepErrors, step_errors
+from jaxcache.tuning.run import CalibrationRun, takes_a_run
 
 PyTree = Any
 
@@ -205,18 +205,8 @@ def magnitude_ratios(residuals: PyTree, branches: int = 1) -> np.ndarray:
     return ratios
 
 
-def calibrate_magcache(
-    plan,
-    params,
-    noise: jax.Array,
-    cond: PyTree,
-    *,
-    solver,
-    num_steps: int,
-    uncond: PyTree = None,
-    guidance_scale: float | None = None,
-    key: jax.Array | None = None,
-) -> MagCacheCalibration:
+@takes_a_run
+def calibrate_magcache(run: CalibrationRun) -> MagCacheCalibration:
     """MagCache's magnitude ratios (and the planner's error tables) from one full-compute run.
 
     One :func:`jaxcache.sample` run, uncached, recording the body's residual at every model
@@ -226,15 +216,9 @@ def calibrate_magcache(
     layer, ``CachePlan(network, N)``), solver, step count and guidance you sample with.
 
     Args:
-      plan: the :class:`~jaxcache.CachePlan` to sample with (a body of at least one layer).
-      params: ``plan.split(params)``.
-      noise: ``[batch, ...]`` initial samples.
-      cond: the conditions.
-      solver: the solver.
-      num_steps: its step count (at least 2).
-      uncond: the negative condition, with ``guidance_scale``.
-      guidance_scale: the guidance scale.
-      key: the PRNG key of an ancestral solver.
+      run: the batch and how it is sampled, passed as ``plan, params, noise, cond, *, solver,
+        num_steps, uncond=None, guidance_scale=None, key=None`` (:class:`CalibrationRun`): a
+        plan with a body of at least one layer, at least 2 steps.
 
     Returns:
       A :class:`MagCacheCalibration`; ``.policy(threshold=...)`` samples with it.
@@ -249,21 +233,18 @@ def calibrate_magcache(
       >>> calibration.save("magcache.npz")                                # doctest: +SKIP
       >>> policy = calibration.policy(threshold=0.12)                     # doctest: +SKIP
     """
-    check_int(num_steps, "num_steps", minimum=2)
-    out = sample(
-        plan, params, noise, cond, solver=solver, num_steps=num_steps, uncond=uncond,
-        guidance_scale=guidance_scale, key=key, record=("body_residual",),
-    )
-    residuals = out.body_residuals
+    check_int(run.num_steps, "num_steps", minimum=2)
+    residuals = run.sample(record=("body_residual",)).body_residuals
+    plan = run.plan
     image = residuals[0] if plan.network.dual_stream else residuals
-    branches = 1 if guidance_scale is None else 2
-    times = np.asarray(solver.times(num_steps)[0], np.float64)
+    branches = 1 if run.guidance_scale is None else 2
+    times = np.asarray(run.solver.times(run.num_steps)[0], np.float64)
     return MagCacheCalibration(
         ratios=magnitude_ratios(image, branches),
         errors=step_errors(image, times),
-        num_steps=num_steps,
-        solver=repr(solver),
-        depth=plan.total_layers(params),
+        num_steps=run.num_steps,
+        solver=repr(run.solver),
+        depth=plan.total_layers(run.params),
         first_layers=plan.first_layers,
         cached_layers=plan.cached_layers,
         features=tuple(int(d) for d in np.shape(image)[2:]),

@@ -33,7 +33,7 @@ import numpy as np
 
 from jaxcache.plan import CachePlan
 from jaxcache.policies.layer_mask import LayerGates, LayerMaskPolicy
-from jaxcache.sampler import sample
+from jaxcache.tuning.run import CalibrationRun, takes_a_run
 
 PyTree = Any
 
@@ -172,17 +172,11 @@ class _Progress:
         sys.stderr.flush()
 
 
+@takes_a_run
 def train_router(
-    plan: CachePlan,
-    params,
-    noise: jax.Array,
-    cond: PyTree,
+    run: CalibrationRun,
     *,
-    solver,
-    num_steps: int,
     reuse=None,
-    uncond: PyTree = None,
-    guidance_scale: float | None = None,
     lam: float = 0.01,
     iterations: int = 100,
     batch_size: int | None = None,
@@ -198,16 +192,12 @@ def train_router(
     """Trains a Learning-to-Cache router for one model, plan, solver and step count.
 
     Args:
-      plan: the cache plan whose body layers the router gates.
-      params: its split parameters (:meth:`CachePlan.split`).
-      noise: the training batch's initial noise, ``[N, ...]`` (not the samples you evaluate).
-      cond: its condition.
-      solver: the solver to sample with.
-      num_steps: the step count (the router has one row per model evaluation).
+      run: the batch and how it is sampled, passed as ``plan, params, noise, cond, *, solver,
+        num_steps, uncond=None, guidance_scale=None, key=None`` (:class:`CalibrationRun`): the
+        plan whose body layers the router gates, a training batch ``[N, ...]`` of its own (not
+        the samples you evaluate); the router has one row per model evaluation.
       reuse: what a skipped layer uses (default :class:`~jaxcache.ResidualReuse`: the layer's
         stored residual added to its current input, as Learning-to-Cache reuses).
-      uncond: the negative condition for guidance (None: unguided).
-      guidance_scale: the guidance scale.
       lam: the weight of the gates' L1 norm (their mean): larger computes less. 0 trains for
         quality alone.
       iterations: Adam steps (in all, counting those of a resumed checkpoint).
@@ -243,9 +233,9 @@ def train_router(
         raise ValueError(f"train_router: lam must be a finite number >= 0, got {lam!r}")
     if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
         raise ValueError(f"train_router: learning_rate must be > 0, got {learning_rate!r}")
-    if plan.cached_layers < 1:
+    if run.plan.cached_layers < 1:
         raise ValueError("train_router: the plan caches no layer (cached_layers == 0)")
-    rows = int(noise.shape[0])
+    rows = int(run.noise.shape[0])
     batch = rows if batch_size is None else batch_size
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or not (
         1 <= batch <= rows
@@ -253,24 +243,23 @@ def train_router(
         raise ValueError(f"train_router: batch_size must be an int in [1, {rows}], got "
                          f"{batch_size!r}")
     reuse = ResidualReuse() if reuse is None else reuse
-    identity = _identity(plan, params, solver, num_steps)
+    identity = _identity(run.plan, run.params, run.solver, run.num_steps)
     shape = (identity["evaluations"], identity["cached_layers"])
     settings = dict(lam=float(lam), batch_size=int(batch), learning_rate=float(learning_rate),
                     initial_logit=float(initial_logit), seed=int(seed), reuse=repr(reuse),
-                    rows=rows, guidance_scale=guidance_scale)
+                    rows=rows, guidance_scale=run.guidance_scale)
 
-    def run(policy, noise, cond, uncond, remat=False):
-        return sample(plan, params, noise, cond, solver=solver, num_steps=num_steps,
-                      policy=policy, reuse=reuse, uncond=uncond, guidance_scale=guidance_scale,
-                      remat=remat).sample.astype(jnp.float32)
+    def final(policy, noise, cond, uncond, remat=False):
+        rows = dataclasses.replace(run, noise=noise, cond=cond, uncond=uncond)
+        return rows.sample(policy=policy, reuse=reuse, remat=remat).sample.astype(jnp.float32)
 
     # The target: full compute, once, before training.
-    target = jax.lax.stop_gradient(run(None, noise, cond, uncond))
+    target = jax.lax.stop_gradient(final(None, run.noise, run.cond, run.uncond))
     optimizer = optax.adam(learning_rate)
 
     def loss(logits, noise, cond, uncond, target):
         gates = jax.nn.sigmoid(logits)
-        error = run(LayerGates(gates), noise, cond, uncond, remat) - target
+        error = final(LayerGates(gates), noise, cond, uncond, remat) - target
         return jnp.mean(jnp.square(error)) + lam * jnp.mean(gates), jnp.mean(gates)
 
     @jax.jit
@@ -301,8 +290,8 @@ def train_router(
     for iteration in range(done, iterations):
         index = batch_rows(iteration) if batch < rows else np.arange(rows)
         logits, opt_state, value, mean_gate = update(
-            logits, opt_state, take(noise, index), take(cond, index), take(uncond, index),
-            target[index])
+            logits, opt_state, take(run.noise, index), take(run.cond, index),
+            take(run.uncond, index), target[index])
         if log is not None or progress:
             value, mean_gate = float(value), float(mean_gate)
             bar.show(iteration + 1, value, mean_gate)

@@ -40,7 +40,7 @@ from jaxcache.policies.base import RefreshPolicy
 from jaxcache.policies.step_mask import StepMaskPolicy
 from jaxcache.reuse.base import ReuseMode
 from jaxcache.reuse.output import OutputReuse
-from jaxcache.sampler import sample
+from jaxcache.tuning.run import CalibrationRun, takes_a_run
 
 PyTree = Any
 
@@ -140,18 +140,11 @@ class RefinedSchedule(NamedTuple):
     probes: tuple[tuple[tuple[int, ...], float], ...]
 
 
+@takes_a_run
 def measure_segments(
-    plan,
-    params,
-    noise: jax.Array,
-    cond: PyTree,
+    run: CalibrationRun,
     *,
-    solver,
-    num_steps: int,
     reuse: ReuseMode | None = None,
-    uncond: PyTree = None,
-    guidance_scale: float | None = None,
-    key: jax.Array | None = None,
     max_length: int = 8,
     previous: str = "adjacent",
     log: Callable[[int, int], None] | None = None,
@@ -164,16 +157,10 @@ def measure_segments(
     ``previous="adjacent"``, ``max_length`` times that with ``"pairs"``.
 
     Args:
-      plan: the cache plan to sample with (a body of at least one layer).
-      params: its split parameters (:meth:`~jaxcache.CachePlan.split`).
-      noise: the calibration batch's initial noise.
-      cond: its condition.
-      solver: the solver to sample with.
-      num_steps: the step count to sample with.
+      run: the batch and how it is sampled, passed as ``plan, params, noise, cond, *, solver,
+        num_steps, uncond=None, guidance_scale=None, key=None`` (:class:`CalibrationRun`): a
+        plan with a body of at least one layer, a calibration batch of its own.
       reuse: the reuse mode to sample with (default :class:`~jaxcache.OutputReuse`).
-      uncond: the negative condition for guidance.
-      guidance_scale: the guidance scale.
-      key: the PRNG key of an ancestral solver.
       max_length: the longest segment measured, from refresh to refresh (>= 2): a schedule
         planned from these errors never goes longer without refreshing.
       previous: the forecast's previous refresh: ``"adjacent"`` (the step before the
@@ -198,9 +185,8 @@ def measure_segments(
     if previous not in PREVIOUS:
         raise ValueError(f"measure_segments: previous must be one of {PREVIOUS}, got {previous!r}")
     if previous == "pairs":
-        _check_pairs(reuse, solver.times(num_steps)[0])
-    runner = _Runner(plan, params, noise, cond, solver, num_steps, reuse, uncond,
-                     guidance_scale, key, "mse", stores=previous == "pairs")
+        _check_pairs(reuse, run.solver.times(run.num_steps)[0])
+    runner = _Runner(run, reuse, "mse", stores=previous == "pairs")
     steps = runner.steps
     jobs = []  # (h, i, j) of every run, in order
     for i in range(steps):
@@ -232,19 +218,12 @@ def measure_segments(
                          runs=runner.runs, reuse=repr(runner.reuse))
 
 
+@takes_a_run
 def refine_schedule(
-    plan,
-    params,
-    noise: jax.Array,
-    cond: PyTree,
+    run: CalibrationRun,
     *,
     start: RefreshPolicy | Sequence[RefreshPolicy],
-    solver,
-    num_steps: int,
     reuse: ReuseMode | None = None,
-    uncond: PyTree = None,
-    guidance_scale: float | None = None,
-    key: jax.Array | None = None,
     shift: int = 2,
     max_rounds: int = 50,
     metric: str = "mse_db",
@@ -259,19 +238,13 @@ def refine_schedule(
     samples that are not the ones you score.
 
     Args:
-      plan: the cache plan to sample with (a body of at least one layer).
-      params: its split parameters.
-      noise: the calibration batch's initial noise.
-      cond: its condition.
+      run: the batch and how it is sampled, passed as ``plan, params, noise, cond, *, solver,
+        num_steps, uncond=None, guidance_scale=None, key=None`` (:class:`CalibrationRun`): a
+        plan with a body of at least one layer, a calibration batch of its own.
       start: a policy whose schedule is known before sampling, step 0 refreshing
         (:class:`~jaxcache.StepMaskPolicy`, e.g. from :func:`~jaxcache.tuning.plan_path`;
         :class:`~jaxcache.IntervalPolicy`), or several.
-      solver: the solver to sample with.
-      num_steps: the step count to sample with.
       reuse: the reuse mode to sample with.
-      uncond: the negative condition for guidance.
-      guidance_scale: the guidance scale.
-      key: the PRNG key of an ancestral solver.
       shift: the farthest one refresh moves in one move (>= 1).
       max_rounds: the most moves from each start (>= 0; 0 measures the starts only).
       metric: one of :data:`METRICS`: ``"mse_db"`` (the mean of each sample's squared error
@@ -299,10 +272,8 @@ def refine_schedule(
     starts = [start] if isinstance(start, RefreshPolicy) else list(start)
     if not starts:
         raise ValueError("refine_schedule: give at least one start")
-    evaluations = len(solver.times(num_steps)[0])
-    masks = [_mask_of(s, evaluations, "refine_schedule: start") for s in starts]
-    runner = _Runner(plan, params, noise, cond, solver, num_steps, reuse, uncond,
-                     guidance_scale, key, metric)
+    masks = [_mask_of(s, run.evaluations, "refine_schedule: start") for s in starts]
+    runner = _Runner(run, reuse, metric)
     steps = runner.steps
     scores: dict[tuple[int, ...], float] = {}
 
@@ -404,18 +375,15 @@ def _per_sample_mse(sample_: jax.Array, reference: jax.Array) -> jax.Array:
 class _Runner:
     """Samples the calibration batch under any mask, with one compiled program."""
 
-    def __init__(self, plan, params, noise, cond, solver, num_steps, reuse, uncond,
-                 guidance_scale, key, metric, stores=False):
-        if getattr(plan, "cached_layers", None) == 0:
+    def __init__(self, run: CalibrationRun, reuse, metric, stores=False):
+        if getattr(run.plan, "cached_layers", None) == 0:
             raise ValueError("the plan caches no layer, so no schedule changes the sample")
-        self.steps = len(solver.times(num_steps)[0])
+        self.run = run
+        self.steps = run.evaluations
         self.reuse = reuse if reuse is not None else OutputReuse()  # the sampler's default
         self.metric = metric
         self.stores = stores  # masks the stores too (one program for every keep mask)
         self.runs = 0
-        self.common = dict(solver=solver, num_steps=num_steps, uncond=uncond,
-                           guidance_scale=guidance_scale, key=key)
-        self.plan, self.params, self.noise, self.cond = plan, params, noise, cond
         # The reference is the same program with every step computed, so a mask of every
         # step measures exactly 0 (and no second program compiles).
         self.reference = self._sample(np.ones(self.steps, bool), None)
@@ -426,8 +394,7 @@ class _Runner:
             keep = np.ones(self.steps, bool) if keep is None else keep
             mode = _StoreWhere(self.reuse, jnp.asarray(keep))
         self.runs += 1
-        return sample(self.plan, self.params, self.noise, self.cond,
-                      policy=_TracedMask(jnp.asarray(mask)), reuse=mode, **self.common).sample
+        return self.run.sample(policy=_TracedMask(jnp.asarray(mask)), reuse=mode).sample
 
     def start(self, mask: np.ndarray, keep: np.ndarray | None = None) -> jax.Array:
         """Dispatches one run; :meth:`finish` reads its error."""

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import jax
 import numpy as np
 
 from jaxcache.policies.sencache import SenCachePolicy
-from jaxcache.sampler import sample
+from jaxcache.tuning.run import CalibrationRun, takes_a_run
 
 PyTree = Any
 
@@ -50,18 +49,8 @@ class SenCacheSensitivities(NamedTuple):
         return SenCachePolicy(tolerance, sensitivity_x=self.x, sensitivity_t=self.t, **settings)
 
 
-def calibrate_sencache(
-    plan,
-    params,
-    noise: jax.Array,
-    cond: PyTree,
-    *,
-    solver,
-    num_steps: int,
-    uncond: PyTree = None,
-    guidance_scale: float | None = None,
-    key: jax.Array | None = None,
-) -> SenCacheSensitivities:
+@takes_a_run
+def calibrate_sencache(run: CalibrationRun) -> SenCacheSensitivities:
     """SenCache's sensitivities ``a_x``, ``a_t`` for this model, from one full-compute run.
 
     The run computes every step (tolerance 0) and probes every one after the first, so each
@@ -70,15 +59,9 @@ def calibrate_sencache(
     solver, step count and guidance): the drift per step depends on them.
 
     Args:
-      plan: a cache plan of the model (any: SenCache skips the whole network).
-      params: its split parameters.
-      noise: the calibration batch's initial noise.
-      cond: its condition.
-      solver: the solver to sample with.
-      num_steps: the step count to sample with (at least 2).
-      uncond: the negative condition for guidance.
-      guidance_scale: the guidance scale.
-      key: the PRNG key of an ancestral solver.
+      run: the batch and how it is sampled, passed as ``plan, params, noise, cond, *, solver,
+        num_steps, uncond=None, guidance_scale=None, key=None`` (:class:`CalibrationRun`): any
+        plan of the model (SenCache skips the whole network), at least 2 steps.
 
     Returns:
       A :class:`SenCacheSensitivities`; ``.policy(tolerance)`` gives the policy.
@@ -92,11 +75,8 @@ def calibrate_sencache(
       ...                                   num_steps=20)                    # doctest: +SKIP
       >>> policy = found.policy(tolerance=0.1)                            # doctest: +SKIP
     """
-    evaluations = len(solver.times(num_steps)[0])
-    probing = SenCachePolicy(0.0, warmup_steps=max(evaluations, 2), final_steps=0)
-    out = sample(plan, params, noise, cond, solver=solver, num_steps=num_steps,
-                 policy=probing, uncond=uncond, guidance_scale=guidance_scale, key=key,
-                 record=("sensitivity",))
+    probing = SenCachePolicy(0.0, warmup_steps=max(run.evaluations, 2), final_steps=0)
+    out = run.sample(policy=probing, record=("sensitivity",))
     per_step = np.asarray(out.sensitivities, np.float64)
     finite = np.isfinite(per_step)
     if not finite[:, 0].any() or not finite[:, 1].any():

@@ -12,30 +12,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import numpy as np
 
 from jaxcache._checks import check_int
 from jaxcache.policies.teacache import TeaCachePolicy
-from jaxcache.sampler import sample
-
-PyTree = Any
+from jaxcache.tuning.run import CalibrationRun, takes_a_run
 
 __all__ = ["calibrate_teacache", "fit_teacache_coefficients", "teacache_calibration_data"]
 
 
-def teacache_calibration_data(
-    plan,
-    params,
-    noise: jax.Array,
-    cond: PyTree,
-    *,
-    solver,
-    num_steps: int,
-    uncond: PyTree = None,
-    guidance_scale: float | None = None,
-    key: jax.Array | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+@takes_a_run
+def teacache_calibration_data(run: CalibrationRun) -> tuple[np.ndarray, np.ndarray]:
     """Runs full compute and records TeaCache's input and output change at every step.
 
     For every step after the first and every row (sample and guidance branch): ``x``, the
@@ -46,17 +33,13 @@ def teacache_calibration_data(
     One :func:`jaxcache.sample` run: TeaCache at threshold 0, which computes every step (the
     uncached trajectory), recording ``out.signals`` (``x``) and ``out.output_changes`` (``y``).
 
+    The plan's network must provide ``modulated_input``; more samples give a steadier fit;
+    with ``uncond`` and ``guidance_scale`` each branch's rows are recorded apart, as TeaCache's
+    authors advise.
+
     Args:
-      plan: a :class:`~jaxcache.CachePlan` whose network provides ``modulated_input``.
-      params: ``plan.split(params)``.
-      noise: ``[batch, ...]`` initial samples (more samples give a steadier fit).
-      cond: the conditions.
-      solver: the solver the model will be sampled with.
-      num_steps: its step count.
-      uncond: the negative condition, with ``guidance_scale``, to calibrate guided sampling
-        (each branch's rows are recorded apart, as TeaCache's authors advise).
-      guidance_scale: the guidance scale.
-      key: the PRNG key of an ancestral solver (as for :func:`jaxcache.sample`).
+      run: the batch and how it is sampled, passed as ``plan, params, noise, cond, *, solver,
+        num_steps, uncond=None, guidance_scale=None, key=None`` (:class:`CalibrationRun`).
 
     Returns:
       ``(x, y)``, float64 arrays of one pair per row for every model evaluation after the
@@ -66,19 +49,16 @@ def teacache_calibration_data(
     Raises:
       ValueError: if the network has no ``modulated_input`` or ``num_steps < 2``.
     """
-    if plan.network.modulated_input is None:
+    if run.plan.network.modulated_input is None:
         raise ValueError(
             "TeaCache calibration reads the first layer's modulated input; this Network has no "
             "modulated_input"
         )
-    check_int(num_steps, "num_steps", minimum=2)
-    if solver.uses_key and key is None:
-        raise ValueError(f"{type(solver).__name__} draws noise: pass key=jax.random.key(seed)")
-    out = sample(
-        plan, params, noise, cond, solver=solver, num_steps=num_steps,
-        policy=TeaCachePolicy(threshold=0.0), uncond=uncond, guidance_scale=guidance_scale,
-        key=key, record=("signal", "output_change"),
-    )
+    check_int(run.num_steps, "num_steps", minimum=2)
+    if run.solver.uses_key and run.key is None:
+        raise ValueError(f"{type(run.solver).__name__} draws noise: pass "
+                         "key=jax.random.key(seed)")
+    out = run.sample(policy=TeaCachePolicy(threshold=0.0), record=("signal", "output_change"))
     x = np.asarray(out.signals, np.float64)[1:].ravel()
     y = np.asarray(out.output_changes, np.float64)[1:].ravel()
     return x, y
@@ -117,19 +97,8 @@ def fit_teacache_coefficients(x: Any, y: Any, degree: int = 4) -> tuple[float, .
     return tuple(float(c) for c in np.polyfit(x, y, degree))
 
 
-def calibrate_teacache(
-    plan,
-    params,
-    noise: jax.Array,
-    cond: PyTree,
-    *,
-    solver,
-    num_steps: int,
-    uncond: PyTree = None,
-    guidance_scale: float | None = None,
-    degree: int = 4,
-    key: jax.Array | None = None,
-) -> tuple[float, ...]:
+@takes_a_run
+def calibrate_teacache(run: CalibrationRun, *, degree: int = 4) -> tuple[float, ...]:
     """TeaCache's rescaling coefficients for any network, fitted from full-compute runs.
 
     :func:`teacache_calibration_data` then :func:`fit_teacache_coefficients`. Calibrate with
@@ -140,11 +109,13 @@ def calibrate_teacache(
       ...                                   solver=jaxcache.FlowMatchEuler(), num_steps=20)
       >>> policy = TeaCachePolicy(threshold=0.3, coefficients=coefficients)  # doctest: +SKIP
 
+    Args:
+      run: the batch and how it is sampled, passed as ``plan, params, noise, cond, *, solver,
+        num_steps, uncond=None, guidance_scale=None, key=None`` (:class:`CalibrationRun`).
+      degree: the polynomial's degree (TeaCache uses 4).
+
     Returns:
       The coefficients, highest power first.
     """
-    x, y = teacache_calibration_data(
-        plan, params, noise, cond, solver=solver, num_steps=num_steps, uncond=uncond,
-        guidance_scale=guidance_scale, key=key,
-    )
+    x, y = teacache_calibration_data.on_run(run)
     return fit_teacache_coefficients(x, y, degree)

@@ -15,12 +15,11 @@ import dataclasses
 import math
 from typing import Any, NamedTuple
 
-import jax
 import numpy as np
 
 from jaxcache.policies.base import RefreshPolicy
 from jaxcache.policies.sencache import SenCachePolicy, is_whole_network
-from jaxcache.sampler import sample
+from jaxcache.tuning.run import CalibrationRun, takes_a_run
 
 PyTree = Any
 
@@ -52,21 +51,14 @@ class ThresholdChoice(NamedTuple):
     probes: tuple[tuple[float, float], ...]
 
 
+@takes_a_run
 def threshold_for(
-    plan,
-    params,
-    noise: jax.Array,
-    cond: PyTree,
+    run: CalibrationRun,
     *,
     policy: RefreshPolicy,
-    solver,
-    num_steps: int,
     target_fraction: float | None = None,
     layer_budget: float | None = None,
     reuse=None,
-    uncond: PyTree = None,
-    guidance_scale: float | None = None,
-    key: jax.Array | None = None,
     per_sample: bool = False,
     tolerance: float | None = None,
     start: float = 1.0,
@@ -87,10 +79,9 @@ def threshold_for(
     the least.
 
     Args:
-      plan: the cache plan to sample with (a body of at least one layer).
-      params: its split parameters (:meth:`~jaxcache.CachePlan.split`).
-      noise: the batch's initial noise (the user's own: the share depends on it).
-      cond: its condition.
+      run: the batch and how it is sampled, passed as ``plan, params, noise, cond, *, solver,
+        num_steps, uncond=None, guidance_scale=None, key=None`` (:class:`CalibrationRun`): a
+        plan with a body of at least one layer; your own noise (the share depends on it).
       policy: a policy that decides on the device and has a ``threshold`` field
         (:class:`~jaxcache.FirstBlockPolicy`, :class:`~jaxcache.TeaCachePolicy`,
         :class:`~jaxcache.DBCachePolicy`), or a :class:`~jaxcache.SenCachePolicy`, whose
@@ -98,16 +89,11 @@ def threshold_for(
         other settings are kept. A SenCache skip skips the whole network, so its fraction
         and layer evaluations count every layer; with sensitivities estimated in the program,
         its warm-up probes are not counted (give calibrated ones for an exact count).
-      solver: the solver to sample with.
-      num_steps: the step count to sample with.
       target_fraction: the fraction of model evaluations whose body may run, in ``(0, 1]``.
       layer_budget: instead, the layer evaluations the run may make, head and tail included
         (counted as :attr:`jaxcache.SampleResult.layer_evaluations`; per sample with
         ``per_sample``). At least the layers outside the body at every evaluation.
       reuse: the reuse mode to sample with (it changes the trajectory, so the share).
-      uncond: the negative condition for guidance.
-      guidance_scale: the guidance scale.
-      key: the PRNG key of an ancestral solver.
       per_sample: count each row's own computed steps, averaged over the rows (a sample's
         compute as if sampled alone), rather than the steps the batch ran the body on.
       tolerance: how far below the target the fraction may stop, in fractions of the model
@@ -129,7 +115,8 @@ def threshold_for(
     """
     if not isinstance(policy, RefreshPolicy) or not dataclasses.is_dataclass(policy):
         raise TypeError(f"threshold_for: policy must be a RefreshPolicy instance, got {policy!r}")
-    evaluations = len(solver.times(num_steps)[0])
+    evaluations = run.evaluations
+    plan = run.plan
     if policy.static_schedule(evaluations) is not None:
         raise ValueError(
             f"threshold_for: {type(policy).__name__}'s schedule is known before sampling, so "
@@ -148,7 +135,7 @@ def threshold_for(
         raise ValueError("threshold_for: give one of target_fraction= and layer_budget=")
     if not isinstance(per_sample, bool):
         raise TypeError(f"threshold_for: per_sample must be a bool, got {per_sample!r}")
-    depth = plan.total_layers(params)
+    depth = plan.total_layers(run.params)
     # What runs every evaluation (head and tail) and what a skip saves (the body, were it
     # computed every evaluation); a policy that skips the whole network saves every layer.
     skippable = depth if whole else plan.cached_layers
@@ -184,11 +171,7 @@ def threshold_for(
 
     def fraction_at(threshold: float) -> float:
         # Always a Python float: one argument type, so one compiled program for every probe.
-        out = sample(
-            plan, params, noise, cond, solver=solver, num_steps=num_steps,
-            policy=_with_threshold(policy, threshold), reuse=reuse,
-            uncond=uncond, guidance_scale=guidance_scale, key=key,
-        )
+        out = run.sample(policy=_with_threshold(policy, threshold), reuse=reuse)
         computed = out.body_computed if per_sample else out.refreshed
         fraction = float(np.mean(np.asarray(computed)))
         probes.append((threshold, fraction))
