@@ -15,13 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import random_models as rand
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxcache as jc
 from jaxcache import DDIM, DDPM, DPMSolverPP2M, EulerAncestral
-
-import random_models as rand
 
 SCHEDULE_SOLVERS = [DDIM, DDPM, EulerAncestral, DPMSolverPP2M]
 
@@ -81,7 +80,9 @@ def test_default_is_ddpms_linear_schedule_bitwise():
 
 @settings(max_examples=20, deadline=None)
 @given(
-    T=st.integers(1, 1500),
+    # A few lengths (each one a new shape for the served float32 table, compiled anew), the
+    # edge cases among them; the betas vary freely.
+    T=st.sampled_from([1, 2, 3, 10, 999, 1000, 1500]),
     beta_start=st.floats(1e-5, 0.01),
     width=st.floats(0.0, 0.03),
     schedule=st.sampled_from(["linear", "scaled_linear"]),
