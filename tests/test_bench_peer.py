@@ -15,7 +15,7 @@ import pathlib
 import pytest
 
 import jaxcache as jc
-from jaxcache.evaluation import bench
+from jaxcache.evaluation import bench, loops
 from jaxcache.evaluation.bench import BenchSettings, build_model, run_benchmark
 from jaxcache.evaluation.named import named_plan, named_policy
 
@@ -113,7 +113,7 @@ def test_constants_per_step_needs_a_network_with_constants(capsys):
     network = jc.Network(condition=lambda p, c: c, embed=lambda p, x, t, c: (x, None),
                          layer=lambda p, h, ctx: h, final=lambda p, h, ctx: h)
     with pytest.raises(ValueError, match="per-layer constants"):
-        bench.constants_per_step_network(network)
+        loops.constants_per_step_network(network)
     assert bench.main(["--size", "tiny", "--frames", "4"]) == 2
     assert "no config fields ['frames']" in capsys.readouterr().err
     assert bench.main(["--model", "wan", "--size", "tiny", "--cfg-cache", "2"]) == 2
