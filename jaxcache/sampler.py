@@ -1032,13 +1032,18 @@ def _scan_steps(step, carry, xs, keys):
 
     for start, reps, items in _row_runs(ids):
         span = sum(count for _, count in items)
-        run_xs = jax.tree.map(lambda a, s=start, n=reps * span: a[s : s + n], xs)
-        if reps == 1:
-            carry, _ = pattern(items)(carry, run_xs)
-        else:
-            grouped = jax.tree.map(lambda a, shape=(reps, span): a.reshape(shape), run_xs)
-            carry, _ = jax.lax.scan(pattern(items), carry, grouped)
+        carry = _run_repeated(pattern(items), carry, xs, start, reps, span)
     return carry
+
+
+def _run_repeated(body, carry, xs, start: int, reps: int, span: int):
+    """``body`` (``(carry, xs of span steps) -> (carry, _)``) over ``reps`` runs of ``span``
+    steps from step ``start``: once inline, or scanned over the runs (one copy in the program)."""
+    run_xs = jax.tree.map(lambda a: a[start : start + reps * span], xs)
+    if reps == 1:
+        return body(carry, run_xs)[0]
+    grouped = jax.tree.map(lambda a: a.reshape((reps, span) + a.shape[1:]), run_xs)
+    return jax.lax.scan(body, carry, grouped)[0]
 
 
 # ------------------------------------------------------------------ recorded per-step values
@@ -1287,13 +1292,7 @@ class _Loop:
                                         carry, plain_xs)
                 continue
             _, start, reps, lengths = run
-            span = sum(lengths)
-            run_xs = jax.tree.map(lambda a, s=start, n=reps * span: a[s : s + n], xs)
-            if reps == 1:
-                carry, _ = pattern(lengths)(carry, run_xs)
-            else:
-                grouped = jax.tree.map(lambda a, shape=(reps, span): a.reshape(shape), run_xs)
-                carry, _ = jax.lax.scan(pattern(lengths), carry, grouped)
+            carry = _run_repeated(pattern(lengths), carry, xs, start, reps, sum(lengths))
         return carry
 
     # ------------------------------------------------------------------ device decisions
