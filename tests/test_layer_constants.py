@@ -25,6 +25,8 @@ from hypothesis import strategies as st
 import jaxcache as jc
 from jaxcache.stack import LayerInputs, LayerList, bind_layers, run_layers
 
+import toy_networks
+
 B, N, T, D, LAYERS, VOCAB = 3, 6, 5, 8, 4, 10
 STEPS = 6
 
@@ -186,24 +188,9 @@ def test_a_batch_of_four_equals_the_four_alone(policy):
 
 
 # ------------------------------------------------------------------------- the program
-def _text_projections(jaxpr, rows, depth=0, found=None):
-    """``(loop depth, weight shape)`` of every dot_general projecting the text states
-    ``[rows, T, D]`` by a weight ``[..., D, D]``, walking into nested jaxprs."""
-    found = [] if found is None else found
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            lhs, rhs = (tuple(v.aval.shape) for v in eqn.invars)
-            if lhs == (rows, T, D) and rhs[-2:] == (D, D):
-                found.append((depth, rhs))
-        inner = depth + (name in ("scan", "while"))
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    _text_projections(sub.jaxpr, rows, inner, found)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    _text_projections(sub, rows, inner, found)
-    return found
+def _text_projections(jaxpr, rows):
+    """``(loop depth, weight shape)`` of every projection of the text states ``[rows, T, D]``."""
+    return toy_networks.projections(jaxpr, (rows, T, D), D)
 
 
 def _program(network, policy, steps=STEPS, plan_args=(2, 1)):

@@ -21,6 +21,8 @@ import jaxcache as jc
 from jaxcache.models import WAN_CONFIGS, Wan, WanConfig, create_model, get_config
 from jaxcache.models import wan as wan_module
 
+import toy_networks
+
 B = 2
 
 
@@ -177,25 +179,12 @@ def _port_network():
     )
 
 
-def _kv_projections(jaxpr, rows, depth=0, found=None):
+def _kv_projections(jaxpr, rows):
     """Loop depths of the dot_generals that project the text states ``[rows, L, D]`` by a
     block's key or value weight ``[..., D, D]``."""
     cfg = _model().config
-    found = [] if found is None else found
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            lhs, rhs = (tuple(v.aval.shape) for v in eqn.invars)
-            if lhs == (rows, cfg.text_len, cfg.width) and rhs[-2:] == (cfg.width, cfg.width):
-                found.append(depth)
-        inner = depth + (name in ("scan", "while"))
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    _kv_projections(sub.jaxpr, rows, inner, found)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    _kv_projections(sub, rows, inner, found)
-    return found
+    return [depth for depth, _ in
+            toy_networks.projections(jaxpr, (rows, cfg.text_len, cfg.width), cfg.width)]
 
 
 def test_the_text_keys_and_values_are_computed_once_not_per_step():

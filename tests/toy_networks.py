@@ -7,10 +7,9 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import random_models as rand
 
 import jaxcache as jc
-
-import random_models as rand
 
 D = 8
 LAYERS = 6
@@ -150,3 +149,25 @@ def inputs(batch=3, seed=3):
     cond = rand.randint(k2, (batch,), 1, VOCAB)
     uncond = jnp.zeros((batch,), jnp.int32)
     return noise, cond, uncond
+
+
+def projections(jaxpr, lhs_shape: tuple[int, ...], width: int, depth: int = 0, found=None):
+    """``(loop depth, weight shape)`` of every dot_general projecting an operand of
+    ``lhs_shape`` by a weight ``[..., width, width]`` (a text state's key or value projection),
+    walking into the nested jaxprs of loops and calls; depth counts the enclosing scans and
+    while loops (0: outside every loop)."""
+    found = [] if found is None else found
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            lhs, rhs = (tuple(v.aval.shape) for v in eqn.invars)
+            if lhs == tuple(lhs_shape) and rhs[-2:] == (width, width):
+                found.append((depth, rhs))
+        inner = depth + (name in ("scan", "while"))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    projections(sub.jaxpr, lhs_shape, width, inner, found)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    projections(sub, lhs_shape, width, inner, found)
+    return found
