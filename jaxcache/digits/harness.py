@@ -52,7 +52,7 @@ from jaxcache.network import Network
 from jaxcache.nnx import from_nnx
 from jaxcache.plan import CachePlan
 from jaxcache.policies import IntervalPolicy, RefreshPolicy
-from jaxcache.policies.sencache import SenCachePolicy, is_whole_network
+from jaxcache.policies.sencache import is_whole_network
 from jaxcache.reuse import (
     HermiteForecast,
     OutputReuse,
@@ -466,8 +466,7 @@ class Evaluator:
         if is_whole_network(setting.policy):  # a skip saves every layer and the step's own
             per_evaluation = float(np.sum(work.layers)) + work.step
             budget = (work.total(evaluations) / speedup - work.condition) / per_evaluation
-            if isinstance(setting.policy, SenCachePolicy):  # its probes: within the budget
-                budget -= setting.policy.probe_evaluations(evaluations)
+            budget -= setting.policy.probe_evaluations(evaluations)  # within the budget
             budget *= len(work.layers)
         else:
             budget = (work.total(evaluations) / speedup - work.condition
@@ -530,7 +529,7 @@ class Evaluator:
             images = jnp.clip(out.sample, -1.0, 1.0)
             own = layers_per_sample(out, plan, whole_network=is_whole_network(setting.policy))
             layers, steps = own.layers, own.steps
-            if isinstance(setting.policy, SenCachePolicy):  # its estimate's extra evaluations
+            if setting.policy is not None:  # evaluations beyond its steps (SenCache's probes)
                 probes = setting.policy.probe_evaluations(len(layers))
                 layers = np.concatenate([layers, np.ones((probes, layers.shape[1]))])
                 steps = np.concatenate([steps, np.ones(probes)])

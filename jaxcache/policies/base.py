@@ -89,6 +89,12 @@ class RefreshPolicy(abc.ABC):
         """
         return None
 
+    def probe_evaluations(self, num_steps: int) -> int:
+        """Evaluations of the whole network the policy adds to a run of ``num_steps`` model
+        evaluations, beyond the steps it computes (0, the default; SenCache's warm-up probes
+        while it estimates its sensitivities)."""
+        return 0
+
     @abc.abstractmethod
     def decide(self, state: PyTree, step: jax.Array, signal: PyTree) -> tuple[jax.Array, PyTree]:
         """Whether to refresh at ``step``.
