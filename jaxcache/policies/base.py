@@ -33,6 +33,7 @@ step schedule; a policy with none of them decides on the device. A per-layer pol
 from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import Any, ClassVar
 
 import jax
@@ -88,6 +89,18 @@ class RefreshPolicy(abc.ABC):
           None, or ``[num_steps, cached_layers]`` numbers (see :class:`~jaxcache.LayerGates`).
         """
         return None
+
+    def with_threshold(self, threshold: float) -> RefreshPolicy:
+        """This policy with its threshold at ``threshold``: the knob
+        :func:`jaxcache.tuning.threshold_for` searches (larger skips more).
+
+        Raises:
+          TypeError: for a policy without a ``threshold`` field (one that has another knob
+            overrides this method: SenCache's tolerance).
+        """
+        if "threshold" not in {f.name for f in dataclasses.fields(self)}:
+            raise TypeError(f"{type(self).__name__} has no threshold")
+        return dataclasses.replace(self, threshold=threshold)
 
     def probe_evaluations(self, num_steps: int) -> int:
         """Evaluations of the whole network the policy adds to a run of ``num_steps`` model

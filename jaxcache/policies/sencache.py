@@ -34,6 +34,7 @@ forecast of it: :class:`~jaxcache.TaylorForecast` of order 1 is the first-order 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar, NamedTuple
 
 import jax
@@ -151,6 +152,12 @@ class SenCachePolicy(RefreshPolicy):
     def estimates(self) -> bool:
         """Whether the sensitivities are estimated in the program (not given)."""
         return self.sensitivity_x is None
+
+    def with_threshold(self, threshold: float) -> SenCachePolicy:
+        """This policy with its tolerance at ``threshold`` (the early tolerance kept in the same
+        ratio to it): SenCache's knob for :func:`jaxcache.tuning.threshold_for`."""
+        ratio = self.early_tolerance / self.tolerance if self.tolerance > 0 else 1.0
+        return dataclasses.replace(self, tolerance=threshold, early_tolerance=threshold * ratio)
 
     def probe_evaluations(self, evaluations: int) -> int:
         """The extra evaluations of the whole network a run of ``evaluations`` makes to

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxcache.policies.base import RefreshPolicy
-from jaxcache.policies.sencache import SenCachePolicy, is_whole_network
+from jaxcache.policies.sencache import is_whole_network
 from jaxcache.tuning.run import CalibrationRun, takes_a_run
 
 PyTree = Any
@@ -123,12 +123,12 @@ def threshold_for(
             "no threshold changes it; give a policy that decides on the device"
         )
     whole = is_whole_network(policy)
-    if not isinstance(policy, SenCachePolicy) and "threshold" not in {
-        f.name for f in dataclasses.fields(policy)
-    }:
+    try:
+        policy.with_threshold(0.0)
+    except TypeError:
         raise TypeError(
             f"threshold_for searches a policy's threshold; {type(policy).__name__} has none"
-        )
+        ) from None
     if plan.cached_layers < 1 and not whole:
         raise ValueError("threshold_for: the plan caches no layer, so no threshold skips any")
     if (target_fraction is None) == (layer_budget is None):
@@ -171,7 +171,7 @@ def threshold_for(
 
     def fraction_at(threshold: float) -> float:
         # Always a Python float: one argument type, so one compiled program for every probe.
-        out = run.sample(policy=_with_threshold(policy, threshold), reuse=reuse)
+        out = run.sample(policy=policy.with_threshold(threshold), reuse=reuse)
         computed = out.body_computed if per_sample else out.refreshed
         fraction = float(np.mean(np.asarray(computed)))
         probes.append((threshold, fraction))
@@ -180,7 +180,7 @@ def threshold_for(
     def choice(threshold: float, fraction: float) -> ThresholdChoice:
         return ThresholdChoice(
             threshold, fraction, float(always + fraction * body),
-            _with_threshold(policy, threshold), tuple(probes),
+            policy.with_threshold(threshold), tuple(probes),
         )
 
     if target >= 1:  # threshold 0 computes every step
@@ -207,16 +207,6 @@ def threshold_for(
         else:
             high, reached = middle, fraction
     return choice(high, reached)
-
-
-def _with_threshold(policy: RefreshPolicy, threshold: float) -> RefreshPolicy:
-    """``policy`` with its knob at ``threshold``: SenCache's tolerance (the early tolerance kept
-    in the same ratio to it), every other policy's ``threshold``."""
-    if isinstance(policy, SenCachePolicy):
-        ratio = policy.early_tolerance / policy.tolerance if policy.tolerance > 0 else 1.0
-        return dataclasses.replace(policy, tolerance=threshold,
-                                   early_tolerance=threshold * ratio)
-    return dataclasses.replace(policy, threshold=threshold)
 
 
 def _number(value: Any, name: str) -> float:
