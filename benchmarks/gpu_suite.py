@@ -4,6 +4,7 @@
     python benchmarks/gpu_suite.py qwen-image-scanned [OUTDIR]   # 60 double-stream blocks, b1
     python benchmarks/gpu_suite.py flux [OUTDIR]                 # FLUX.1: 19 + 38 blocks, b1
     python benchmarks/gpu_suite.py wan-peer [OUTDIR]   # Wan 2.1 1.3B, 81 frames 480p, the peer's
+    python benchmarks/gpu_suite.py wan-peer-17f [OUTDIR]  # the same at 17 frames (7800 tokens)
     python benchmarks/gpu_suite.py dit-peer [OUTDIR]   # DiT-XL/2 guided: CFG-Cache, SenCache
 
 Each row is one ``jaxcache.evaluation.bench.run_benchmark`` call on a model built once (random,
@@ -45,6 +46,9 @@ FLUX = dict(model=("mmdit", "flux"), common=dict(batch=1, steps=50, dtype="bfloa
 WAN = dict(model=("wan", "wan-1.3b"),
            common=dict(batch=1, steps=50, dtype="bfloat16", repeats=2, solver="unipc", shift=3.0,
                        guidance=5.0))
+# The same model on 5 latent frames (17 video frames at 480p, 7800 video tokens): a tenth of the
+# full input's time a step, so every peer row fits one device call.
+WAN_17F = dict(WAN, common=dict(WAN["common"], overrides={"frames": 5}))
 # DiT-XL/2 as in DIT, with guidance (4, DiT's sampling scale) for CFG-Cache.
 DIT_GUIDED = dict(DIT, common=dict(DIT["common"], guidance=4.0))
 # cached_layers: 14 of 28 (DiT), 25 of 60 (Qwen-Image), 24 of 57 (FLUX: 19 double + 5 single)
@@ -165,6 +169,7 @@ SUITES = {
     # The JAX peer's caches with the library's defaults (cuDNN attention in bfloat16 on a GPU:
     # XLA's would hold Wan's 32760 x 32760 attention scores). Interval rows cache every layer.
     "wan-peer": _suite(WAN, 30, list(PEER_ROWS)),
+    "wan-peer-17f": _suite(WAN_17F, 30, list(PEER_ROWS)),
     "dit-peer": _suite(DIT_GUIDED, 28, [
         "cfg-cache", "cfg-cache+interval/taylor1", "interval/taylor1/host", "sencache/output"]),
 }
