@@ -1,10 +1,10 @@
 """StepCache: a cache of layer outputs reused across denoising steps, as an immutable pytree.
 
-This is the JAX port of the reference step cache (see the mapping table in docs/design.md). Each of the
-two slot streams is stored as one stacked buffer ``[num_layers, *slot_shape]`` per leaf plus a
+This is the JAX port of the reference step cache (see the mapping table in docs/design.md). Each of
+the two slot streams is stored as one stacked buffer ``[num_layers, *slot_shape]`` per leaf plus a
 ``[num_layers]`` filled-mask, so a traced layer index (inside a ``lax.scan`` over layers) can read
-and write a slot. Shapes are fixed at creation, so a cache can be a ``lax.scan`` carry. Every
-method that "mutates" returns a new cache.
+and write a slot. Shapes are fixed at creation, so a cache can be a ``lax.scan`` carry. Every method
+that "mutates" returns a new cache.
 
 Semantics follow the reference exactly:
 
