@@ -12,8 +12,8 @@ value known while tracing (the input's shape, for a final layer that unpatchifie
 
 This module is the abstraction only: any pure JAX code builds a ``Network`` directly, and the
 adapters build one from a model as written, :func:`jaxcache.from_nnx` (:mod:`jaxcache.nnx`) for
-Flax NNX and :func:`jaxcache.from_linen` (:mod:`jaxcache.linen`) for Linen.
-``jaxcache.network.from_nnx`` and ``jaxcache.network.Blocks`` still name them.
+Flax NNX and :func:`jaxcache.from_linen` (:mod:`jaxcache.linen`) for Linen. Neither is
+imported here: the adapters stand above the abstraction.
 
 Time: solvers work in ``t`` in ``[0, 1]`` (1 is noise). A model trained on another time scale
 declares it once with :class:`TimeConvention` (``Network.time``); the network converts ``t``
@@ -53,24 +53,9 @@ __all__ = [
     "Static",
     "TimeConvention",
     "check_parity",
-    "from_nnx",  # noqa: F822 (the NNX adapter's, re-exported by __getattr__ below)
     "num_layers",
     "stack_trees",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # Names that lived here before the adapters had modules of their own, imported on first use
-    # (jaxcache.nnx and jaxcache._adapters import this module): ``jaxcache.network.from_nnx``.
-    if name == "from_nnx":
-        from jaxcache.nnx import from_nnx
-
-        return from_nnx
-    if name == "Blocks":
-        from jaxcache._adapters import Blocks
-
-        return Blocks
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _TIME_KINDS = ("continuous", "index", "scaled", "truncated")

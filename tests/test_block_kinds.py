@@ -15,12 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import random_models as rand
 from flax import nnx
 
 import jaxcache as jc
 from jaxcache.stack import LayerList
-
-import random_models as rand
 
 B, T_IMG, T_TXT, D, IN = 2, 8, 4, 8, 4
 DOUBLE, SINGLE = 2, 2

@@ -54,6 +54,7 @@ def test_the_shipped_models_load_as_their_architecture():
 
 def test_a_parameter_given_as_a_list_is_named_in_a_short_message():
     import jaxcache as jc
+
     from toy_networks import single_stream
 
     network, params = single_stream()

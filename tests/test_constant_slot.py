@@ -9,10 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import random_models as rand
 
 import jaxcache as jc
-
-import random_models as rand
 
 B, L, D, LAYERS, VOCAB = 3, 4, 8, 4, 10
 SOLVER = jc.FlowMatchEuler(shift=3.0)

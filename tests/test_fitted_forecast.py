@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import random_models as rand
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,7 +13,6 @@ from jaxcache.evaluation.program import host_round_trips, runtime_decisions
 from jaxcache.reuse import Position
 
 import toy_networks
-import random_models as rand
 
 SOLVER = jc.FlowMatchEuler(shift=3.0)
 STEPS = 12

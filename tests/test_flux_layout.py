@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import random_models as rand
 from flax import nnx
 
 import jaxcache
@@ -21,8 +22,6 @@ from jaxcache.models import MMDiTSingleBlock, create_model, get_config
 from jaxcache.network import num_layers
 from jaxcache.stack import layer_at
 from jaxcache.work import network_work
-
-import random_models as rand
 
 BATCH = 2
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import random_models as rand
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,9 +23,8 @@ from jaxcache.models import (
     get_config,
     layers,
 )
-from jaxcache.network import from_nnx, num_layers
-
-import random_models as rand
+from jaxcache.network import num_layers
+from jaxcache.nnx import from_nnx
 
 ARCHS = ("dit", "mmdit")
 BATCH = 2

@@ -17,7 +17,8 @@ from flax import nnx
 from random_models import random_model
 
 import jaxcache as jc
-from jaxcache.network import Network, NetworkParams, from_nnx, num_layers
+from jaxcache.network import Network, NetworkParams, num_layers
+from jaxcache.nnx import from_nnx
 from jaxcache.stack import layer_at, run_layers, stack_length
 
 import toy_networks as toy

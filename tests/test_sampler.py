@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import random_models as rand
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,7 +13,6 @@ import jaxcache as jc
 from jaxcache import sampler as sampler_module
 
 import toy_networks
-import random_models as rand
 from reference import reference_sample
 
 ALL_LAYERS = jc.OutputReuse(all_layers=True)

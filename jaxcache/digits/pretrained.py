@@ -52,7 +52,7 @@ from jaxcache.digits._files import write_atomically
 from jaxcache.digits.data import NUM_CLASSES
 from jaxcache.models import ModelConfig
 from jaxcache.models.factory import ARCHITECTURES
-from jaxcache.network import from_nnx
+from jaxcache.nnx import from_nnx
 from jaxcache.plan import CachePlan
 from jaxcache.policies import RefreshPolicy
 from jaxcache.sampler import SampleResult, sample

@@ -1,6 +1,6 @@
 """Reference diffusion transformers for jaxcache (Flax NNX).
 
-Two architectures, both exposing the four pieces :func:`jaxcache.network.from_nnx` splits:
+Two architectures, both exposing the four pieces :func:`jaxcache.from_nnx` splits:
 
 * :class:`DiT`: single stream, Z-Image style; the caption states are the cache's constant.
 * :class:`MMDiT`: dual stream, FLUX / SD3 / Qwen-Image style; the hidden state is the pair
@@ -16,7 +16,7 @@ Example:
   >>> import jax.numpy as jnp
   >>> from flax import nnx
   >>> from jaxcache.models import create_model
-  >>> from jaxcache.network import from_nnx
+  >>> from jaxcache.nnx import from_nnx
   >>> model = create_model("dit", "tiny", rngs=nnx.Rngs(0))
   >>> network, params = from_nnx(model)
   >>> x = jnp.zeros((1, 8, 8, 4))

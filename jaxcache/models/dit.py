@@ -2,7 +2,7 @@
 
 Caption tokens are refined once (step-independent: the cache's constant slot), then appended to
 the image tokens; every main block is an adaLN DiT block over the joint sequence, modulated by
-the timestep embedding. The model exposes the four pieces :func:`jaxcache.network.from_nnx`
+the timestep embedding. The model exposes the four pieces :func:`jaxcache.from_nnx`
 needs: ``condition_encoder``, ``embedder``, ``blocks`` (stacked) and ``final_layer``.
 
 Example:
@@ -121,7 +121,7 @@ class DiTFinalLayer(pieces.FinalLayer):
 class DiT(nnx.Module):
     """Single-stream diffusion transformer (Z-Image style) with stacked main blocks.
 
-    Pieces (the :func:`jaxcache.network.from_nnx` protocol):
+    Pieces (the :func:`jaxcache.from_nnx` protocol):
 
     * ``condition_encoder(cond) -> constant``: int32 caption ids ``[B, L]`` to ``[B, L, D]``.
     * ``embedder(x, t, constant) -> (h, c)``: ``h`` is ``[B, T_img + L, D]``, ``c`` is ``[B, D]``.

@@ -531,7 +531,7 @@ def stack_blocks(
 
     Every parameter of the returned module has a leading axis of length ``num_layers``; each
     layer gets its own random initialisation. Call it on one layer's slice at a time (see
-    :func:`scan_blocks`); that is the layout :func:`jaxcache.network.from_nnx` expects.
+    :func:`scan_blocks`); that is the layout :func:`jaxcache.from_nnx` expects.
 
     Args:
       make_block: constructor ``rngs -> block``.

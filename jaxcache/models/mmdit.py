@@ -3,12 +3,12 @@
 Image and text tokens keep separate weights (modulation, projections, MLPs) and meet only in a
 joint attention over ``concat(text, image)``. The hidden state is the pair ``(image, text)``,
 which maps onto the two slot streams of a step cache. The model exposes the four pieces
-:func:`jaxcache.network.from_nnx` needs.
+:func:`jaxcache.from_nnx` needs.
 
 With ``config.single_depth > 0`` the double-stream blocks are followed by FLUX.1's
 single-stream blocks (:class:`MMDiTSingleBlock`), which work on the concatenated
 ``concat([text, image])`` tokens with one set of weights; the model then has two block stacks
-(``block_stacks = ("blocks", "single_blocks")``), which :func:`jaxcache.network.from_nnx`
+(``block_stacks = ("blocks", "single_blocks")``), which :func:`jaxcache.from_nnx`
 turns into a network of two block kinds whose layer indices run across both.
 
 Example:
@@ -234,7 +234,7 @@ class MMDiTFinalLayer(pieces.FinalLayer):
 class MMDiT(nnx.Module):
     """Dual-stream diffusion transformer (FLUX / SD3 / Qwen-Image style) with stacked blocks.
 
-    Pieces (the :func:`jaxcache.network.from_nnx` protocol):
+    Pieces (the :func:`jaxcache.from_nnx` protocol):
 
     * ``condition_encoder(cond) -> constant``: int32 text ids ``[B, L]`` to ``[B, L, D]``.
     * ``embedder(x, t, constant) -> ((image, text), c)``: image ``[B, T_img, D]``, text
@@ -257,7 +257,7 @@ class MMDiT(nnx.Module):
       dual_stream: True: the hidden state is ``(image, text)``; a cache keeps image states in
         slot stream 1 and text states in stream 2.
       block_stacks: ``("blocks", "single_blocks")`` when there are single-stream blocks (the
-        stacks :func:`jaxcache.network.from_nnx` reads, in layer order); not set otherwise.
+        stacks :func:`jaxcache.from_nnx` reads, in layer order); not set otherwise.
     """
 
     dual_stream = True
