@@ -84,16 +84,16 @@ PLANNED_ROWS = ["magcache/residual", "planned/residual", "planned/taylor1", "lay
 # whole stack, as the peer's caches skip it) every 3 evaluations, which 5 does not divide, so
 # some refreshes run the conditional branch alone.
 CFG = dict(cfg_cache=5, cfg_warmup=17)
-PEER_ROWS = {
+PEER_ROWS = {  # in the order they matter, so a run cut short keeps the first
     "cfg-cache": dict(CFG, policy="none", host_loop=True),
     "cfg-cache+interval/taylor1": dict(CFG, **INTERVAL, reuse="taylor", host_loop=True),
-    "interval/taylor1/host": dict(INTERVAL, reuse="taylor", host_loop=True),
-    # SenCache: its tolerance searched to half the steps; its last prediction reused.
-    "sencache/output": dict(policy="sencache", refresh_target=0.5, host_loop=True),
-    "magcache/residual/host": dict(policy="magcache", refresh_target=0.5, host_loop=True),
     # Wan's text keys and values recomputed at every layer call (a port without the hook), in
     # the cached program and in uncached sampling (policy none: "cached" is the uncached one).
     "interval/taylor1/kv-per-step": dict(INTERVAL, reuse="taylor", constants_per_step=True),
+    # SenCache: its tolerance searched to half the steps; its last prediction reused.
+    "sencache/output": dict(policy="sencache", refresh_target=0.5, host_loop=True),
+    "interval/taylor1/host": dict(INTERVAL, reuse="taylor", host_loop=True),
+    "magcache/residual/host": dict(policy="magcache", refresh_target=0.5, host_loop=True),
     "none/kv-per-step": dict(policy="none", constants_per_step=True),
 }
 ROWS.update(PEER_ROWS)
