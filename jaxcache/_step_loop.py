@@ -387,6 +387,9 @@ class StepLoop:
 
             def run(carry):
                 trips, prediction, probe, state = carry
+                if not estimates:  # no probe: one trip at t, nothing to select
+                    out = predict(z, t)
+                    return (trips - 1, *self.vary((out, probe, store(state, out))))
                 probing = trips > computes  # the probe goes first
                 out = predict(z, jnp.where(probing, t_previous, t))
                 stored = store(state, out)
