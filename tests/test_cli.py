@@ -107,7 +107,7 @@ def _assert_refused(main, argv, message, tmp_path, capsys):
 # ------------------------------------------------------------------------------- digits job
 def test_digits_job_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
-    code = _digits_main()(["--arch", "both", "--per-class", "2", "--repeats", "1",
+    code = _digits_main()(["--arch", "both", "--per-class", "1", "--repeats", "1",
                            "--out", str(out)])
     assert code == 0
     text = capsys.readouterr().out
@@ -130,8 +130,8 @@ def test_digits_job_end_to_end(tmp_path, capsys):
 
 def test_digits_job_interval_one_is_identical(tmp_path, capsys):
     out = tmp_path / "o"
-    # Two per class, as in the end-to-end run: its compiled full-compute program serves here.
-    assert _digits_main()(["--arch", "dit", "--interval", "1", "--per-class", "2",
+    # One per class, as in the end-to-end run: its compiled full-compute program serves here.
+    assert _digits_main()(["--arch", "dit", "--interval", "1", "--per-class", "1",
                            "--reuse", "taylor1", "--repeats", "1", "--out", str(out)]) == 0
     full, *cached = json.loads((out / "results.json").read_text())["results"]["dit"]
     for row in cached:

@@ -14,6 +14,7 @@ jittable, the set-level ones work on the host in float64.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -127,10 +128,18 @@ def ssim(
     if not filter_sigma > 0:
         raise ValueError(f"filter_sigma must be positive, got {filter_sigma}")
     lo = -r / 2 if low is None else float(low)
+    return _ssim_program(a, b, jnp.float32(lo), jnp.float32(r), int(filter_size),
+                         float(filter_sigma))
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _ssim_program(a, b, lo, r, filter_size, filter_sigma):
+    """SSIM of checked images as one compiled program (op by op, each new image shape would
+    compile every one of dm-pix's operations on its own)."""
     # dm-pix mixes Python floats and int32 arrays, which strict dtype promotion refuses.
     with jax.numpy_dtype_promotion("standard"):
         value = _dm_pix().ssim((a - lo) / r, (b - lo) / r, max_val=1.0,
-                           filter_size=int(filter_size), filter_sigma=float(filter_sigma))
+                               filter_size=filter_size, filter_sigma=filter_sigma)
     # Flat regions of identical images make the clipped (co)variances differ by rounding;
     # pin identical pairs to exactly 1, the value SSIM defines for them.
     same = jnp.all(a == b, axis=(1, 2, 3))
