@@ -52,28 +52,56 @@ def pytest_unconfigure(config):
         del os.environ["JAXCACHE_TEST_XLA_CACHE"]
 
 
-# The longest modules on the two-core CI machine, longest first; every other module follows in
-# name order. With ``--dist loadfile`` (pyproject.toml) a worker takes the next module whenever
-# it runs out, so the long ones start first and the run ends on short ones, instead of a long
-# module starting last while the other worker idles. ``test_sharding.py`` runs its checks in one
-# subprocess for most of its time, so it goes first.
+# Every module by its time on the two-core CI machine, longest first (measured 2026-12-08 with
+# --durations=0; modules not listed follow in name order). With ``--dist loadfile``
+# (pyproject.toml) a worker takes the next module whenever it runs out, so the long ones start
+# first and the run ends on short ones: longest-first keeps the two workers' finishing times
+# within the shortest module's. ``test_sharding.py`` runs its checks in one subprocess for most
+# of its time, so it goes first. Re-measure and re-order when a module grows by much.
 LONGEST_FIRST = (
     "test_sharding.py",
-    "test_byom.py",
-    "test_pretrained.py",
-    "test_sampler.py",
     "test_cli.py",
-    "test_main_job.py",
-    "test_tuning.py",
-    "test_block_kinds.py",
+    "test_pretrained.py",
+    "test_byom.py",
+    "test_sampler.py",
     "test_solvers_stateful.py",
-    "test_flux_layout.py",
-    "test_models.py",
+    "test_layer_constants.py",
+    "test_docs.py",
+    "test_layer_mask.py",
+    "test_block_kinds.py",
+    "test_cfg_cache.py",
+    "test_wan.py",
     "test_policies.py",
     "test_fitted_forecast.py",
+    "test_planned_study.py",
+    "test_flux_layout.py",
+    "test_metrics.py",
+    "test_program.py",
+    "test_harness.py",
+    "test_unipc.py",
     "test_reuse.py",
-    "test_docs.py",
+    "test_bench_peer.py",
+    "test_models.py",
+    "test_sencache.py",
+    "test_linen_kinds.py",
+    "test_router.py",
+    "test_planner.py",
+    "test_digits.py",
+    "test_time_conventions.py",
+    "test_main_job.py",
     "test_readme.py",
+    "test_tuning.py",
+    "test_named.py",
+    "test_layout.py",
+    "test_network.py",
+    "test_magcache.py",
+    "test_errors_early.py",
+    "test_constant_slot.py",
+    "test_training_schedules.py",
+    "test_solvers.py",
+    "test_plan.py",
+    "test_step_cache.py",
+    "test_checkpoint_guards.py",
 )
 
 
