@@ -162,8 +162,10 @@ SUITES = {
     "flux-dbcache": _suite(FLUX, 24, ["dbcache/residual"]),
     "flux-fitted": _suite(FLUX, 24, ["interval/output", "interval/taylor1", "interval/fitted1"]),
     # Planned schedules (step masks and a per-(step, layer) mask) with the library's defaults.
-    "dit-planned": _suite(DIT, 14, ["layer-mask/residual", "planned/taylor1",
-                                    "magcache/residual"]),
+    # The step-mask rows first (not measured yet); per-layer output reuse beside residual
+    # reuse tells whether the residual's extra read and add is the per-layer mask's gap.
+    "dit-planned": _suite(DIT, 14, ["planned/taylor1", "magcache/residual", "layer-mask/output",
+                                    "layer-mask/residual"]),
     "dit-planned-all": _suite(DIT, 14, ["interval/output", *PLANNED_ROWS]),
     "flux-planned": _suite(FLUX, 24, ["layer-mask/residual", "planned/residual"]),
     # The JAX peer's caches with the library's defaults (cuDNN attention in bfloat16 on a GPU:

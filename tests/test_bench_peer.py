@@ -124,6 +124,11 @@ def test_the_peer_suites_rows_are_valid_settings():
     spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks/gpu_suite.py")
     suite_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(suite_module)
+    # Every suite's every row is a setting the bench accepts (a bad row would cost a device
+    # call before it failed).
+    for suite in suite_module.SUITES.values():
+        for _, row in suite["rows"]:
+            BenchSettings(*suite["model"], **suite["common"], **row, hand_loop=False)
     for name in ("wan-peer", "dit-peer"):
         suite = suite_module.SUITES[name]
         rows = [BenchSettings(*suite["model"], **suite["common"], **row, hand_loop=False)
