@@ -58,3 +58,36 @@ def test_the_searched_family_fits_gains_to_its_own_schedule(settings):
 def test_unknown_families_are_refused_before_fitting():
     with pytest.raises(ValueError, match="unknown families or modes"):
         planned.planned_settings(None, STEPS, families=("nope",), seed=1)
+
+
+@pytest.mark.parametrize("errors, want", [
+    # (Taylor on its schedule, fitted gains on it, refitted gains on the moved schedule)
+    ((-40.0, -37.0, -38.0), "taylor"),   # fitting made it worse: gains of one kept
+    ((-40.0, -41.0, -40.5), "fitted"),   # fitting helped, moving did not
+    ((-40.0, -41.0, -42.0), "moved"),    # the schedule searched again with the gains won
+])
+def test_the_fitted_row_keeps_what_measures_best_on_the_fitting_batch(errors, want):
+    from types import SimpleNamespace
+
+    taylor_error, fitted_error, moved_error = errors
+    searched = jc.StepMaskPolicy((True, False, True, False, False, True))
+    moved = jc.StepMaskPolicy((True, False, False, True, False, True))
+    gains = {"fitted": jc.FittedForecast(gains=np.full((STEPS, 1), 2.0, np.float32), order=1),
+             "moved": jc.FittedForecast(gains=np.full((STEPS, 1), 3.0, np.float32), order=1)}
+
+    def search(starts, reuse, max_rounds=None):
+        if isinstance(reuse, jc.TaylorForecast):
+            return SimpleNamespace(policy=searched, error=taylor_error, start_error=taylor_error)
+        if reuse is gains["fitted"]:  # from the searched schedule, moving to another
+            return SimpleNamespace(policy=moved, error=-39.0, start_error=fitted_error)
+        assert reuse is gains["moved"] and starts == moved and max_rounds == 0
+        return SimpleNamespace(policy=moved, error=moved_error, start_error=moved_error)
+
+    def fit(policy):
+        return gains["fitted"] if policy == searched else gains["moved"]
+
+    policy, reuse, _ = planned._searched_and_fitted(search, fit, ["start"], STEPS)
+    expected = {"taylor": (searched, 1.0), "fitted": (searched, 2.0), "moved": (moved, 3.0)}
+    assert policy == expected[want][0]
+    assert isinstance(reuse, jc.FittedForecast)
+    np.testing.assert_array_equal(np.asarray(reuse.gains), expected[want][1])
