@@ -75,9 +75,9 @@ def test_the_fitted_row_keeps_what_measures_best_on_the_fitting_batch(errors, wa
     gains = {"fitted": jc.FittedForecast(gains=np.full((STEPS, 1), 2.0, np.float32), order=1),
              "moved": jc.FittedForecast(gains=np.full((STEPS, 1), 3.0, np.float32), order=1)}
 
+    taylor = SimpleNamespace(policy=searched, error=taylor_error, start_error=taylor_error)
+
     def search(starts, reuse, max_rounds=None):
-        if isinstance(reuse, jc.TaylorForecast):
-            return SimpleNamespace(policy=searched, error=taylor_error, start_error=taylor_error)
         if reuse is gains["fitted"]:  # from the searched schedule, moving to another
             return SimpleNamespace(policy=moved, error=-39.0, start_error=fitted_error)
         assert reuse is gains["moved"] and starts == moved and max_rounds == 0
@@ -86,7 +86,7 @@ def test_the_fitted_row_keeps_what_measures_best_on_the_fitting_batch(errors, wa
     def fit(policy):
         return gains["fitted"] if policy == searched else gains["moved"]
 
-    policy, reuse, _ = planned._searched_and_fitted(search, fit, ["start"], STEPS)
+    policy, reuse, _ = planned._searched_and_fitted(taylor, search, fit, STEPS)
     expected = {"taylor": (searched, 1.0), "fitted": (searched, 2.0), "moved": (moved, 3.0)}
     assert policy == expected[want][0]
     assert isinstance(reuse, jc.FittedForecast)

@@ -86,10 +86,11 @@ def _magcache_within(calibration, evaluations: int, refreshes: int) -> jc.MagCac
     return policy(high)
 
 
-def _searched_and_fitted(search, fit, starts, evaluations: int):
+def _searched_and_fitted(taylor, search, fit, evaluations: int):
     """The searched schedule with the fitted forecast's gains, where fitting helps.
 
-    The schedule is searched with the Taylor forecast, gains are fitted to it, the schedule is
+    ``taylor`` is the schedule searched with the Taylor forecast (a
+    :class:`~jaxcache.tuning.RefinedSchedule`); gains are fitted to it, the schedule is
     searched again with them and the gains fitted again where it moved. The fit minimises the
     batch's mean squared error, led by its worst samples, while the search (and the study's
     mean PSNR) weighs every sample alike, and on some schedules the fitted gains measure worse
@@ -99,7 +100,6 @@ def _searched_and_fitted(search, fit, starts, evaluations: int):
     Returns:
       ``(policy, gains, what was kept)``.
     """
-    taylor = search(starts, jc.TaylorForecast(1))
     gains = fit(taylor.policy)
     moved = search(taylor.policy, gains)  # its start_error: the searched schedule with gains
     candidates = [(taylor.error, taylor.policy, jc.FittedForecast.taylor(evaluations, 1),
@@ -175,9 +175,6 @@ def planned_settings(
     def search(starts, reuse, **kw):
         return refine_schedule.on_run(batch, start=starts, reuse=reuse, **kw)
 
-    def refine(starts, reuse) -> jc.RefreshPolicy:
-        return search(starts, reuse).policy
-
     def add_step_mask(family: str, k: int, policy: jc.RefreshPolicy, names=modes):
         for name in names:
             settings.append(Setting(family, name, num_steps, Body(), policy, REUSE_MODES[name],
@@ -200,14 +197,17 @@ def planned_settings(
                     return [jc.IntervalPolicy(k),
                             plan_refreshes(calibration, refreshes=refreshes, reuse=mode)]
 
+                found = {}
                 for name in modes:
-                    policy = refine(starts(_PLANNER_MODE.get(name, "residual")),
-                                    REUSE_MODES[name])
-                    settings.append(Setting(family, name, num_steps, Body(), policy,
-                                            REUSE_MODES[name], knob=k))
+                    found[name] = search(starts(_PLANNER_MODE.get(name, "residual")),
+                                         REUSE_MODES[name])
+                    settings.append(Setting(family, name, num_steps, Body(),
+                                            found[name].policy, REUSE_MODES[name], knob=k))
                 if fitted:
-                    policy, gains, how = _searched_and_fitted(
-                        search, fit, starts("taylor1"), evaluations)
+                    # The Taylor row's search is the fitted row's first (searched once).
+                    taylor = found.get("taylor1") or search(starts("taylor1"),
+                                                            REUSE_MODES["taylor1"])
+                    policy, gains, how = _searched_and_fitted(taylor, search, fit, evaluations)
                     settings.append(Setting(family, "fitted1", num_steps, Body(), policy, gains,
                                             knob=k))
                     log(f"{family} at interval {k}'s compute: schedule searched, {how}")
